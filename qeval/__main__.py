@@ -1,0 +1,44 @@
+"""``python -m qeval [overrides]``: the Hydra entry point and nothing else."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from qeval.validate import CONFIG_DIR, ConfigError, check_overrides
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from qeval.report_table import print_rows
+    from qeval.run import run
+
+    try:
+        result = run(cfg)
+    except ConfigError as e:
+        print(f"qeval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if result["status"] == "skipped":
+        return
+    print_rows(result["rows"])
+    print(f"qeval: {result['status']}: {result['run_dir']}")
+    if result["status"] == "failed" and HydraConfig.get().mode != RunMode.MULTIRUN:
+        sys.exit(1)
+
+
+def entry() -> None:
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as e:
+        print(f"qeval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    main()
+
+
+if __name__ == "__main__":
+    entry()

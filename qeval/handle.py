@@ -1,0 +1,71 @@
+"""What a task evaluates: the (already quantized) model, its tokenizer and a cache factory.
+
+Tasks never look at the method. They ask the handle for a fresh cache per batch (so a KV method
+is on the path of every generation) and read back the measured statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from qeval.kv_cache import QevalCache, held_bytes, packed_layout_bytes
+from qeval.methods.base import Method
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    kv_bytes_held: int = 0        # the largest cache measured, in bytes of its tensors
+    kv_bytes_packed: int = 0      # what a packed layout of that cache would need
+
+    def observe_cache(self, cache, method: Method) -> None:
+        held = held_bytes(cache)
+        if held > self.kv_bytes_held:
+            self.kv_bytes_held = held
+            self.kv_bytes_packed = packed_layout_bytes(cache, method)
+
+
+@dataclass
+class Handle:
+    model: torch.nn.Module
+    tokenizer: object
+    method: Method
+    kv_semantics: str = "cache"
+    stats: Stats = field(default_factory=Stats)
+
+    def progress_bar(self, total: int, desc: str):
+        """A progress bar with ETA for a task's samples (silent when stderr is not a terminal)."""
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, unit="sample", disable=None, leave=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def new_cache(self, attention_mask: torch.Tensor | None = None):
+        """A fresh cache for one batch. ``cache`` semantics: the method's quantizing cache;
+        ``simulated`` or no KV quantization: a plain ``DynamicCache`` (the attention function
+        does the quantizing)."""
+        if self.kv_semantics == "cache" and self.method.quantizes_kv:
+            n_layers = self.model.config.get_text_config().num_hidden_layers
+            return QevalCache(self.method, n_layers, attention_mask)
+        return DynamicCache(config=self.model.config)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int, **gen_kwargs) -> list[str]:
+        """Greedy (unless told otherwise) continuation of each prompt, left-padded as a batch."""
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+        enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        cache = self.new_cache(enc["attention_mask"])
+        gen_kwargs.setdefault("do_sample", False)
+        out = self.model.generate(**enc, past_key_values=cache, max_new_tokens=max_new_tokens,
+                                  pad_token_id=self.tokenizer.pad_token_id, **gen_kwargs)
+        new = out[:, enc["input_ids"].shape[1]:]
+        self.stats.prompt_tokens += int(enc["attention_mask"].sum())
+        self.stats.generated_tokens += int((new != self.tokenizer.pad_token_id).sum())
+        self.stats.observe_cache(cache, self.method)
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)

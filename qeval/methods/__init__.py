@@ -1,0 +1,3 @@
+"""Quantization methods; importing a module registers it (one import line per method)."""
+
+from qeval.methods import group, uniform  # noqa: F401

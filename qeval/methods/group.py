@@ -1,0 +1,22 @@
+"""Round-to-nearest min-max in groups of g consecutive elements (group-wise quantization).
+
+Weights: groups of ``w_group_size`` along the input (reduction) dimension, the layout of
+GPTQ/AWQ-style int4 kernels. Activations: groups of ``a_group_size`` channels per token. K/V:
+groups of ``kv_group_size`` channels of each head per token.
+"""
+
+from __future__ import annotations
+
+from qeval.methods.base import Granularity, Method
+from qeval.registry import register_method
+
+
+@register_method("group")
+class Group(Method):
+    allowed_bits = (2, 3, 4, 5, 6, 7, 8, 16)
+
+    def __init__(self, cfg, knobs):
+        super().__init__(cfg, knobs)
+        self.w_gran = Granularity(axis=-1, group_size=knobs.w_group_size)
+        self.a_gran = Granularity(axis=-1, group_size=knobs.a_group_size)
+        self.k_gran = self.v_gran = Granularity(axis=-1, group_size=knobs.kv_group_size)

@@ -1,0 +1,88 @@
+"""Model loading: hub id | local directory | tiny random config -> (model, tokenizer).
+
+Every path ends in the same Auto classes, so an embedded or random model exercises the code a
+hub model runs through.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII, built in memory (no download)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", padding_side="left")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def model_config(model_cfg, vocab_size: int | None = None):
+    """The architecture config, without weights: what validation reads before anything loads."""
+    if model_cfg.get("random_config"):
+        kw = dict(model_cfg.random_config)
+        model_type = kw.pop("model_type")
+        kw.setdefault("vocab_size", vocab_size or len(char_tokenizer()))
+        return AutoConfig.for_model(model_type, **kw)
+    return AutoConfig.from_pretrained(model_cfg.path, revision=model_cfg.get("revision"),
+                                      trust_remote_code=model_cfg.get("trust_remote_code", False))
+
+
+def load(model_cfg, device: str = "auto", dtype: str = "auto", attn: str = "sdpa", seed: int = 0):
+    """Load (model, tokenizer) in eval mode; a multi-GPU node spreads a large model with
+    ``device_map=auto``."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if model_cfg.get("random_config"):
+        tokenizer = char_tokenizer()
+        config = model_config(model_cfg, len(tokenizer))
+        config.pad_token_id = tokenizer.pad_token_id
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dt, attn_implementation=attn).to(dev)
+    else:
+        kw = dict(revision=model_cfg.get("revision"), trust_remote_code=model_cfg.get("trust_remote_code", False))
+        tokenizer = AutoTokenizer.from_pretrained(model_cfg.path, **kw)
+        many_gpus = dev.type == "cuda" and torch.cuda.device_count() > 1 and device == "auto"
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.path, dtype=dt, attn_implementation=attn,
+            device_map="auto" if many_gpus else {"": dev}, **kw)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def is_available_offline(path: str) -> bool:
+    """A local directory, or a hub id whose config is already in the Hugging Face cache."""
+    if os.path.isdir(path):
+        return True
+    from huggingface_hub import try_to_load_from_cache
+    hit = try_to_load_from_cache(path, "config.json")
+    return isinstance(hit, str)

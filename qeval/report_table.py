@@ -1,0 +1,18 @@
+"""The compact table a run prints at the end."""
+
+from __future__ import annotations
+
+COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "kv_semantics", "task", "metric",
+           "length", "depth", "value", "n", "kv_bytes_held", "kv_bytes_packed", "seconds", "status"]
+
+
+def print_rows(rows: list[dict], full: bool = False) -> None:
+    import pandas as pd
+    if not rows:
+        return
+    df = pd.DataFrame(rows)
+    if not full and "length" in df:  # keep the overall numbers; per-cell rows are in rows.jsonl
+        df = df[df["length"].isna()]
+    cols = [c for c in COLUMNS if c in df and df[c].notna().any()]
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))

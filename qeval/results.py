@@ -1,0 +1,95 @@
+"""Rows, run identity and atomic writes.
+
+A row is one measured number with every knob that produced it flattened beside it. A run's
+identity is the hash of its resolved config minus launcher and output keys, so a rerun can skip
+what is done; tables are then one ``pivot_table`` away and no config is ever parsed back out of a
+directory name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+# keys that say where or how a run is launched, not what it computes
+NON_IDENTITY_KEYS = ("hydra", "results_dir", "force")
+
+
+def config_hash(cfg: dict) -> str:
+    ident = {k: v for k, v in cfg.items() if k not in NON_IDENTITY_KEYS}
+    blob = json.dumps(ident, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": platform.python_version()}
+    for pkg in ("qeval", "torch", "transformers", "lm_eval", "triton", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def device_name(device) -> str:
+    import torch
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same directory, then rename: readers never see half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_run(run_dir: Path, result: dict, rows: list[dict], config_yaml: str) -> None:
+    write_atomic(run_dir / "config.yaml", config_yaml)
+    write_atomic(run_dir / "rows.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    # result.json last: its presence with status "ok" marks the run as finished
+    write_atomic(run_dir / "result.json", json.dumps(result, indent=2, default=str))
+
+
+def read_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "result.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,122 @@
+"""One run: validate -> load -> apply targets -> evaluate tasks -> write rows."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from qeval import models, results, simulated_attention
+from qeval.handle import Handle
+from qeval.methods.base import Bits, Knobs
+from qeval.registry import METHODS, TASKS, load_all
+from qeval.targets import quantize_linears
+from qeval.validate import ConfigError, check_against_model, check_config, check_model_available
+
+
+def build_method(cfg):
+    cls = METHODS[cfg.method.name]
+    k = cfg.k_bits if cfg.get("k_bits") is not None else cfg.kv_bits
+    v = cfg.v_bits if cfg.get("v_bits") is not None else cfg.kv_bits
+    knobs = Knobs(Bits(cfg.w_bits, cfg.a_bits, k, v), cfg.w_group_size, cfg.a_group_size,
+                  cfg.kv_group_size, cfg.kv_semantics)
+    return cls(cfg.method, knobs)
+
+
+def validate(cfg):
+    """Every check that needs no weights; returns the architecture config."""
+    load_all()
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"method={cfg.method.name}: no implementation is registered for this method yet "
+                          f"(available: {', '.join(sorted(METHODS))})")
+    for name in cfg.task:
+        if name not in TASKS:
+            raise ConfigError(f"task={name}: no implementation is registered for this task yet "
+                              f"(available: {', '.join(sorted(TASKS))})")
+    check_config(cfg, METHODS[cfg.method.name])
+    check_model_available(cfg.model)
+    arch = models.model_config(cfg.model)
+    check_against_model(cfg, arch)
+    return arch
+
+
+def prepare(cfg):
+    """Load the model and apply every target; returns (handle, facts about the quantized model)."""
+    method = build_method(cfg)
+    model, tokenizer = models.load(cfg.model, cfg.device, cfg.dtype, cfg.attn, cfg.seed)
+    facts = quantize_linears(model, method)
+    if cfg.kv_semantics == "simulated" and method.quantizes_kv:
+        model.set_attn_implementation(simulated_attention.register(method, cfg.attn))
+    return Handle(model, tokenizer, method, cfg.kv_semantics), facts
+
+
+def _peak_memory(device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+
+
+def base_row(cfg, method, run_id: str) -> dict:
+    c = OmegaConf.to_container(cfg, resolve=True)
+    b = method.bits
+    return {
+        "run_id": run_id, "model": cfg.model.name, "model_path": cfg.model.get("path"),
+        "method": cfg.method.name, **method.describe(),
+        "w_bits": b.w, "a_bits": b.a, "kv_bits": cfg.kv_bits, "k_bits": b.k, "v_bits": b.v,
+        "w_group_size": cfg.w_group_size, "a_group_size": cfg.a_group_size,
+        "kv_group_size": cfg.kv_group_size, "kv_semantics": cfg.kv_semantics,
+        "dtype": str(models.resolve_dtype(cfg.dtype, models.resolve_device(cfg.device))).removeprefix("torch."),
+        "attn": cfg.attn, "seed": cfg.seed,
+        "config_hash": run_id, "git_commit": results.git_commit(),
+        **{f"version.{k}": v for k, v in results.library_versions().items()},
+        "config": c,
+    }
+
+
+def run(cfg) -> dict:
+    """Run every task of one configuration; always writes result.json, ``ok`` or ``failed``."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    run_id = results.config_hash(container)
+    run_dir = Path(cfg.results_dir) / "runs" / run_id
+    if not cfg.force and results.read_status(run_dir) == "ok":
+        print(f"qeval: {run_id} already done in {run_dir} (force=true recomputes)")
+        return {"status": "skipped", "run_dir": str(run_dir)}
+    validate(cfg)
+    torch.manual_seed(cfg.seed)
+    method = build_method(cfg)
+    rows, status, error = [], "ok", None
+    device = models.resolve_device(cfg.device)
+    start = time.perf_counter()
+    try:
+        handle, facts = prepare(cfg)
+        base = base_row(cfg, method, run_id) | facts | {"device": results.device_name(handle.device)}
+        for name, task_cfg in cfg.task.items():
+            handle.stats.__init__()
+            t0 = time.perf_counter()
+            task_rows = TASKS[name](handle, task_cfg)
+            seconds = time.perf_counter() - t0
+            peak, peak_kind = _peak_memory(handle.device)
+            s = handle.stats
+            for r in task_rows:
+                rows.append(base | {"task": name, "split": task_cfg.get("split", "test")} | r | {
+                    "seconds": seconds, "prompt_tokens": s.prompt_tokens,
+                    "generated_tokens": s.generated_tokens,
+                    "tokens_per_s": (s.prompt_tokens + s.generated_tokens) / seconds if seconds else None,
+                    "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+                    "kv_bytes_held": s.kv_bytes_held, "kv_bytes_packed": s.kv_bytes_packed,
+                    "status": "ok"})
+    except Exception as e:  # a failing cell is recorded as a row, never lost
+        status, error = "failed", f"{type(e).__name__}: {e}"
+        traceback.print_exc(file=sys.stderr)
+        rows.append(base_row(cfg, method, run_id) | {"device": str(device), "task": ",".join(cfg.task),
+                                                      "metric": None, "value": None, "status": "failed",
+                                                      "error": error})
+    result = {"run_id": run_id, "status": status, "error": error,
+              "seconds": time.perf_counter() - start, "rows": rows}
+    results.write_run(run_dir, result, rows, OmegaConf.to_yaml(cfg, resolve=True))
+    return result | {"run_dir": str(run_dir)}

@@ -1,0 +1,61 @@
+"""``simulated`` KV semantics (Qllm-Eval): every K/V is quantized right before attention.
+
+This is an attention function registered with transformers' ``AttentionInterface`` under a name
+unique to the run, so the quantizer lives in this closure (a qeval object) rather than on HF
+modules, and it works whether or not a cache is passed (a stock one-pass forward included). The
+matching mask function is registered under the same name: without it the mask arrives as None
+and padded batches silently go wrong.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from qeval.methods.base import Method
+
+_ids = itertools.count()
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Plain softmax attention over (B, H, T, D) with GQA key/value heads repeated."""
+    n_rep = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(n_rep, dim=1)
+    value = value.repeat_interleave(n_rep, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def _pad_positions(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
+    """(B, 1, kv_len, 1) True where a key is padding. The last query row of a causal mask sees
+    every real key, so what it cannot see is padding."""
+    if attention_mask is None:
+        return None
+    last = attention_mask[:, 0, -1, :kv_len]
+    allowed = last if last.dtype == torch.bool else last == 0
+    pad = ~allowed
+    return pad[:, None, :, None] if pad.any() else None
+
+
+def register(method: Method, base: str) -> str:
+    """Register a quantize-then-attend function over ``base`` (sdpa | eager); returns its name."""
+    attend = {"sdpa": sdpa_attention_forward, "eager": eager_attention}[base]
+    name = f"qeval_simulated_{base}_{next(_ids)}"
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        pad = _pad_positions(attention_mask, key.shape[-2])
+        key, value = method.quantize_kv(key, value, pad)
+        return attend(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, {"sdpa": sdpa_mask, "eager": eager_mask}[base])
+    return name
