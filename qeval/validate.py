@@ -100,6 +100,8 @@ def check_config(cfg, method_cls) -> None:
         raise ConfigError(f"dtype={cfg.dtype}: allowed: auto, float32, float16, bfloat16")
     if cfg.attn not in ("sdpa", "eager"):
         raise ConfigError(f"attn={cfg.attn}: allowed: sdpa, eager")
+    if cfg.backend not in ("auto", "torch", "triton"):
+        raise ConfigError(f"backend={cfg.backend}: allowed: auto, torch, triton")
     method_cls.check(cfg)
 
 
