@@ -51,7 +51,7 @@ def prepare(cfg):
     model, tokenizer = models.load(cfg.model, cfg.device, cfg.dtype, cfg.attn, cfg.seed)
     facts = quantize_linears(model, method)
     if cfg.kv_semantics == "simulated" and method.quantizes_kv:
-        model.set_attn_implementation(simulated_attention.register(method, cfg.attn))
+        simulated_attention.install(model, method, cfg.attn)
     return Handle(model, tokenizer, method, cfg.kv_semantics), facts
 
 
@@ -78,6 +78,23 @@ def base_row(cfg, method, run_id: str) -> dict:
     }
 
 
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _failed_without_method(cfg, run_id: str, run_dir: Path, error: str) -> dict:
+    print(f"qeval: failed: {error}", file=sys.stderr)
+    row = {"run_id": run_id, "config_hash": run_id, "model": cfg.model.name, "method": cfg.method.name,
+           "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits,
+           "kv_semantics": cfg.kv_semantics, "task": ",".join(cfg.task), "metric": None, "value": None,
+           "status": "failed", "error": error, "config": OmegaConf.to_container(cfg, resolve=True)}
+    result = {"run_id": run_id, "status": "failed", "error": error, "seconds": 0.0, "rows": [row]}
+    results.write_run(run_dir, result, [row], OmegaConf.to_yaml(cfg, resolve=True))
+    return result | {"run_dir": str(run_dir)}
+
+
 def run(cfg) -> dict:
     """Run every task of one configuration; always writes result.json, ``ok`` or ``failed``."""
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -86,7 +103,14 @@ def run(cfg) -> dict:
     if not cfg.force and results.read_status(run_dir) == "ok":
         print(f"qeval: {run_id} already done in {run_dir} (force=true recomputes)")
         return {"status": "skipped", "run_dir": str(run_dir)}
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        if not _in_sweep():
+            raise
+        # one bad cell of a sweep (say a group size that does not divide one model) must not
+        # stop the other cells: record it as a failed row like any other failure
+        return _failed_without_method(cfg, run_id, run_dir, f"ConfigError: {e}")
     torch.manual_seed(cfg.seed)
     method = build_method(cfg)
     rows, status, error = [], "ok", None

@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from qeval.methods.base import Method
 
 _ids = itertools.count()
+_calls: dict[str, int] = {}
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -52,10 +53,28 @@ def register(method: Method, base: str) -> str:
     name = f"qeval_simulated_{base}_{next(_ids)}"
 
     def attention(module, query, key, value, attention_mask, **kwargs):
+        _calls[name] += 1
         pad = _pad_positions(attention_mask, key.shape[-2])
         key, value = method.quantize_kv(key, value, pad)
         return attend(module, query, key, value, attention_mask, **kwargs)
 
+    _calls[name] = 0
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, {"sdpa": sdpa_mask, "eager": eager_mask}[base])
+    return name
+
+
+def install(model, method: Method, base: str) -> str:
+    """Switch ``model`` to quantize-then-attend, and prove the function is really called: some
+    architectures (Falcon, for one) do not dispatch through ``AttentionInterface``, and there the
+    switch would silently measure full precision."""
+    name = register(method, base)
+    model.set_attn_implementation(name)
+    before = _calls[name]
+    with torch.no_grad():
+        model(input_ids=torch.ones(1, 2, dtype=torch.long, device=model.device))
+    if _calls[name] == before:
+        from qeval.validate import ConfigError
+        raise ConfigError(f"kv_semantics=simulated: {type(model).__name__} does not route attention through "
+                          f"transformers' AttentionInterface, so K/V would not be quantized; use kv_semantics=cache")
     return name

@@ -1,0 +1,35 @@
+"""Tiny randomly initialised models of several families, built from configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from qeval.models import char_tokenizer
+
+# family -> config overrides; every one small enough to run a forward in milliseconds
+FAMILIES = {
+    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, sliding_window=None),
+    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "gemma": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=16),
+    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                word_embed_proj_dim=64),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True,
+                   num_kv_heads=2),
+}
+
+
+def tiny_model(family: str = "llama", attn: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    tok = char_tokenizer()
+    cfg = AutoConfig.for_model(family, vocab_size=len(tok), max_position_embeddings=512,
+                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, **FAMILIES[family])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn).eval()
+    return model, tok
