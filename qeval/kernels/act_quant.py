@@ -1,0 +1,108 @@
+"""Per-token dynamic activation quantization to int8 codes for the W8A8 / W4A8 GEMMs.
+
+Same numerics as :func:`qeval.quant.quantize` with ``axis=-1, group_size=None`` (per token, min-max,
+``2**bits - 1`` levels, guarded scale, round half to even like ``torch.round``), so the integer
+codes equal the reference exactly. The GEMMs want signed int8 operands for the tensor cores, so an
+asymmetric code ``c`` in ``[0, 2**bits - 1]`` is returned as ``c - 2**(bits-1)`` with the zero
+folded accordingly: ``x ~= scale * q + zero`` with
+
+    asymmetric: zero = min + 2**(bits-1) * scale        symmetric: zero = 0
+
+One program per token, two passes over its K values (statistics, then codes): x is read twice
+and 1 byte per element written, the producer's output never round-trips in float.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qeval.kernels import _env  # noqa: F401  (interpreter choice before @triton.jit)
+from qeval.quant import quantize
+
+
+@triton.jit
+def _round_half_even(v):
+    f = tl.floor(v)
+    d = v - f
+    odd = f - 2.0 * tl.floor(f * 0.5)   # 1.0 when f is odd
+    return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd))
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr,        # (M, K) float, row stride stride_xm
+    q_ptr,        # (M, K) int8 signed codes
+    s_ptr,        # (M,) float32 scale
+    z_ptr,        # (M,) float32 folded zero
+    K, stride_xm,
+    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0)
+    x_row = x_ptr + row * stride_xm
+    lo_v = tl.full((BLOCK_K,), float("inf"), tl.float32)
+    hi_v = tl.full((BLOCK_K,), float("-inf"), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        lo_v = tl.minimum(lo_v, tl.where(mask, x, float("inf")))
+        hi_v = tl.maximum(hi_v, tl.where(mask, x, float("-inf")))
+    lo = tl.min(lo_v, axis=0)
+    hi = tl.max(hi_v, axis=0)
+    if SYMMETRIC:
+        qmax: tl.constexpr = 2 ** (BITS - 1) - 1
+        scale = tl.math.div_rn(tl.maximum(tl.abs(hi), tl.abs(lo)), qmax * 1.0)
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        base = 0.0
+        zero = 0.0
+        q_lo = -qmax - 1.0
+        q_hi = qmax * 1.0
+        shift = 0.0
+    else:
+        qmax: tl.constexpr = 2**BITS - 1
+        scale = tl.math.div_rn(hi - lo, qmax * 1.0)
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        base = lo
+        half = 2.0 ** (BITS - 1)
+        zero = lo + half * scale
+        q_lo = 0.0
+        q_hi = qmax * 1.0
+        shift = half
+    tl.store(s_ptr + row, scale)
+    tl.store(z_ptr + row, zero)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        c = _round_half_even(tl.math.div_rn(x - base, scale))
+        c = tl.minimum(tl.maximum(c, q_lo), q_hi) - shift
+        tl.store(q_ptr + row * K + offs, c.to(tl.int8), mask=mask)
+
+
+def quantize_per_token(x: torch.Tensor, bits: int = 8, symmetric: bool = False):
+    """(M, K) float -> (q (M, K) int8, scale (M,) float32, zero (M,) float32)."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits}: int8 activation codes hold 2-8 bits")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), device=x.device, dtype=torch.int8)
+    scale = torch.empty(m, device=x.device, dtype=torch.float32)
+    zero = torch.empty(m, device=x.device, dtype=torch.float32)
+    block_k = min(1024, triton.next_power_of_2(k))
+    _act_quant_kernel[(m,)](x, q, scale, zero, k, x.stride(0), BITS=bits, SYMMETRIC=symmetric,
+                            BLOCK_K=block_k)
+    return q, scale, zero
+
+
+def quantize_per_token_reference(x: torch.Tensor, bits: int = 8, symmetric: bool = False):
+    """Torch reference through :func:`qeval.quant.quantize`, in the kernel's signed-code form."""
+    p = quantize(x, bits, -1, None, symmetric)
+    # codes (M, 1, K), scale/zero (M, 1, 1)
+    scale = p.scale.reshape(-1)
+    if symmetric:
+        return p.codes.reshape(x.shape).to(torch.int8), scale, torch.zeros_like(scale)
+    half = 2 ** (bits - 1)
+    return (p.codes.reshape(x.shape) - half).to(torch.int8), scale, p.zero.reshape(-1) + half * scale
