@@ -1,0 +1,137 @@
+"""W4A8 (and any 2-8 bit weight in groups) x per-token int8 activations, int8 tensor cores.
+
+The weight stays packed (:class:`qeval.kernels.pack.PackedWeight`, groups of G along K); each tile
+is decoded to signed int8 in registers (``code - 2**(bits-1)``) and multiplied with the int8
+activation codes. Group scales cannot enter an integer accumulator, so the K loop runs group by
+group (QServe's "per-group" W4A8 scheme, arXiv 2405.04532): an exact int32 dot over one group, then
+
+    acc[m, n] += s[g, n] * sum_{k in g} q c  +  z[g, n] * sum_{k in g} q
+    out[m, n]  = sx[m] * acc[m, n] + zx[m] * wsum[n]
+
+with the zeros folded for signed codes and ``wsum[n] = sum_k w[n, k]`` computed once at load
+time (see :mod:`qeval.kernels.w8a8_gemm` for the algebra). Reference: :func:`w4a8_matmul_reference`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from qeval.kernels import _env  # noqa: F401  (interpreter choice before @triton.jit)
+from qeval.kernels.act_quant import quantize_per_token, quantize_per_token_reference
+from qeval.kernels.pack import PackedWeight, codes_per_word
+
+
+@dataclass
+class GroupedInt8Weight:
+    """A packed weight plus the folded zeros and row sums the integer GEMM needs."""
+
+    packed: PackedWeight   # words (ceil(K / C), N) int32, scale (K // G, N)
+    zero: torch.Tensor     # (K // G, N) float32, folded for signed codes: w = scale * (code - half) + zero
+    wsum: torch.Tensor     # (N,) float32, sum over K of the dequantized weight
+
+    @property
+    def nbytes(self) -> int:
+        # the packed weight's own zeros are replaced by the folded ones, not held twice
+        p = self.packed
+        return p.words.nbytes + p.scale.nbytes + self.zero.nbytes + self.wsum.nbytes
+
+    @classmethod
+    def from_packed(cls, p: PackedWeight) -> "GroupedInt8Weight":
+        half = 2 ** (p.bits - 1)
+        zero = p.zero.float() + (half - p.offset) * p.scale.float()          # (K // G, N)
+        # (N, K) -> (N, K // G, G): dequantized row sums in the folded form the kernel uses
+        codes = (p.codes() - half).float().reshape(p.out_features, -1, p.group_size)
+        wsum = (codes.sum(-1) * p.scale.float().t() + p.group_size * zero.t()).sum(-1)
+        slim = PackedWeight(p.words, p.scale, p.zero[:0], p.bits, p.group_size, p.in_features,
+                            p.out_features, p.offset)
+        return cls(slim, zero.contiguous(), wsum)
+
+
+@triton.jit
+def _w4a8_kernel(
+    q_ptr,        # (M, K) int8 activation codes
+    sx_ptr,       # (M,) float32 activation scale
+    zx_ptr,       # (M,) float32 activation zero (folded)
+    w_ptr,        # (ceil(K / CPW), N) int32 packed weight codes
+    s_ptr,        # (K // G, N) weight scale
+    z_ptr,        # (K // G, N) float32 weight zero (folded)
+    wsum_ptr,     # (N,) float32
+    b_ptr,        # (N,) bias (read only when HAS_BIAS)
+    out_ptr,      # (M, N) output dtype
+    M, N, K, G,
+    BITS: tl.constexpr, CPW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, K // G):
+        dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        qsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for kk in range(0, G, BLOCK_K):
+            in_group = kk + tl.arange(0, BLOCK_K)
+            offs_k = g * G + in_group
+            k_mask = in_group < G
+            q = tl.load(q_ptr + offs_m[:, None] * K + offs_k[None, :],
+                        mask=m_mask[:, None] & k_mask[None, :], other=0)
+            words = tl.load(w_ptr + (offs_k // CPW)[:, None] * N + offs_n[None, :],
+                            mask=k_mask[:, None] & n_mask[None, :], other=0)
+            codes = (words >> ((offs_k % CPW) * BITS)[:, None]) & ((1 << BITS) - 1)
+            # masked k read word 0 -> code 0 -> -half; harmless because q is 0 there
+            c = (codes - (1 << (BITS - 1))).to(tl.int8)               # (BLOCK_K, BLOCK_N)
+            dot = tl.dot(q, c, dot)
+            qsum += tl.sum(q.to(tl.int32), axis=1)
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0)
+        acc += dot.to(tl.float32) * s[None, :] + qsum.to(tl.float32)[:, None] * z[None, :]
+    sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
+    zx = tl.load(zx_ptr + offs_m, mask=m_mask, other=0.0)
+    wsum = tl.load(wsum_ptr + offs_n, mask=n_mask, other=0.0)
+    out = sx[:, None] * acc + zx[:, None] * wsum[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+def w4a8_matmul(x: torch.Tensor, w: GroupedInt8Weight, bias: torch.Tensor | None = None, a_bits: int = 8,
+                a_symmetric: bool = False) -> torch.Tensor:
+    """x (..., K) float -> per-token int8 codes -> (..., N) in x's dtype."""
+    p = w.packed
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, p.in_features)   # (..., K) -> (M, K)
+    q, sx, zx = quantize_per_token(x2, a_bits, a_symmetric)
+    m, k, n = x2.shape[0], p.in_features, p.out_features
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    block_m, block_n = (16, 64) if m <= 16 else (64, 64)
+    # int8 mma wants K >= 32 per step; a block never crosses a group boundary
+    block_k = max(32, min(128, triton.next_power_of_2(p.group_size)))
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _w4a8_kernel[grid](q, sx, zx, p.words, p.scale, w.zero, w.wsum, bias if bias is not None else w.wsum,
+                       out, m, n, k, p.group_size, BITS=p.bits, CPW=codes_per_word(p.bits),
+                       HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out.reshape(*lead, n)
+
+
+def w4a8_matmul_reference(x: torch.Tensor, w: GroupedInt8Weight, bias: torch.Tensor | None = None,
+                          a_bits: int = 8, a_symmetric: bool = False) -> torch.Tensor:
+    """Torch reference: dequantize both operands in float32, matmul, cast."""
+    p = w.packed
+    x2 = x.reshape(-1, p.in_features)
+    q, sx, zx = quantize_per_token_reference(x2, a_bits, a_symmetric)
+    xd = sx[:, None] * q.float() + zx[:, None]                                     # (M, K)
+    half = 2 ** (p.bits - 1)
+    # (K // G, N) -> (N, K)
+    scale = p.scale.float().t().repeat_interleave(p.group_size, dim=1)
+    zero = w.zero.t().repeat_interleave(p.group_size, dim=1)
+    wd = (p.codes() - half).float() * scale + zero                                 # (N, K)
+    out = xd @ wd.t() + (0 if bias is None else bias.float())
+    return out.to(x.dtype).reshape(*x.shape[:-1], p.out_features)
