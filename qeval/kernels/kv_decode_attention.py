@@ -1,0 +1,295 @@
+"""Fused decode attention over a packed low-bit KV cache plus its full-precision residual.
+
+One decode query per sequence attends to ``T`` positions: the first ``TK_Q`` keys and ``TV_Q``
+values live as int32 words in KIVI's layout (:mod:`qeval.kernels.kv_pack`; arXiv:2402.02750), the
+rest in full-precision residual tensors (KIVI keeps keys in full precision until R of them fill a
+block, and values in a sliding window of the last R tokens, so ``TK_Q != TV_Q`` in general).
+
+The kernel reads every byte of the cache once; the physical limit is bytes / bandwidth. Choices:
+
+- the query heads of a GQA group share one tile of ``BLOCK_H >= 16`` rows (``tl.dot`` needs 16),
+  so a KV word is read once per group, not once per query head;
+- tiles are one key group (G tokens): the key scale folds into the query,
+  ``q . (c * s + z) = (q * s) . c + q . z``, so the inner product runs on raw codes;
+- values are dequantized in registers (per-token scales vary across channel groups) before
+  ``p @ v``;
+- split-KV: programs ``(batch * kv_head, split)`` each run an online softmax over a slice of
+  tiles and write (max, sum, unnormalized output); a second small kernel merges the slices, so
+  long contexts fill the GPU even at batch 1.
+
+Positions ``< kv_start[b]`` (left padding) are masked out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from qeval.kernels._env import INTERPRETING
+from qeval.kernels.kv_pack import check_layout, codes_per_word, dequantize_keys, dequantize_values
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _unpack_rows(words, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """(ROWS // FPI, COLS) words -> (ROWS, COLS) float codes: word w holds rows w*FPI ..."""
+    FPI: tl.constexpr = 32 // BITS
+    shifts = (tl.arange(0, FPI) * BITS).to(tl.uint32)
+    w = words.to(tl.uint32, bitcast=True)
+    codes = (w[:, None, :] >> shifts[None, :, None]) & (2**BITS - 1)
+    return tl.reshape(codes, (ROWS, COLS)).to(tl.float32)
+
+
+@triton.jit
+def _unpack_cols(words, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """(ROWS, COLS // FPI) words -> (ROWS, COLS) float codes: word w holds columns w*FPI ..."""
+    FPI: tl.constexpr = 32 // BITS
+    shifts = (tl.arange(0, FPI) * BITS).to(tl.uint32)
+    w = words.to(tl.uint32, bitcast=True)
+    codes = (w[:, :, None] >> shifts[None, None, :]) & (2**BITS - 1)
+    return tl.reshape(codes, (ROWS, COLS)).to(tl.float32)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,        # (B, Hq, D) activation dtype, strides (sq_b, sq_h, 1)
+    kw_ptr,       # (B*Hkv, TK_Q // FPI_K, D) int32: packed keys
+    ks_ptr, kz_ptr,   # (B*Hkv, TK_Q // G, D): key scale / zero
+    vw_ptr,       # (B*Hkv, TV_Q, D // FPI_V) int32: packed values
+    vs_ptr, vz_ptr,   # (B*Hkv, TV_Q, D // G): value scale / zero
+    kr_ptr,       # (B, Hkv, TK_R, D) residual keys, strides (skr_b, skr_h, skr_t, 1)
+    vr_ptr,       # (B, Hkv, TV_R, D) residual values, strides (svr_b, svr_h, svr_t, 1)
+    start_ptr,    # (B,) int32: first real position (left padding before it)
+    pm_ptr, pl_ptr,   # (B*Hq, S) fp32: running max (log2 units) and sum per split
+    pacc_ptr,     # (B*Hq, S, D) fp32: unnormalized output per split
+    Hkv, D, T, TK_Q, TV_Q, TK_R, TV_R, qk_scale, tiles_per_split,
+    sq_b, sq_h, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b = bh // Hkv
+    kvh = bh % Hkv
+    FPI_K: tl.constexpr = 32 // K_BITS
+    FPI_V: tl.constexpr = 32 // V_BITS
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    hmask = h < GROUP
+    dmask = d < D
+    q = tl.load(q_ptr + b * sq_b + (kvh * GROUP + h)[:, None] * sq_h + d[None, :],
+                mask=hmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    start = tl.load(start_ptr + b)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    n_wk = TK_Q // FPI_K
+    n_gk = TK_Q // G
+    VW: tl.constexpr = BLOCK_D // FPI_V
+    vwc = tl.arange(0, VW)
+    n_wv = D // FPI_V
+    n_gv = D // G
+    n_tiles = tl.cdiv(T, G)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
+    for tile in range(tile_lo, tile_hi):
+        t0 = tile * G
+        t = t0 + tl.arange(0, G)
+        # -- scores (BLOCK_H, G) ------------------------------------------------------------
+        if t0 < TK_Q:   # TK_Q is a multiple of G: the tile is one whole key group
+            wr = tile * (G // FPI_K) + tl.arange(0, G // FPI_K)
+            kwords = tl.load(kw_ptr + bh * n_wk * D + wr[:, None] * D + d[None, :],
+                            mask=dmask[None, :], other=0)
+            kcodes = _unpack_rows(kwords, K_BITS, G, BLOCK_D)
+            ks = tl.load(ks_ptr + (bh * n_gk + tile) * D + d, mask=dmask, other=0.0).to(tl.float32)
+            kz = tl.load(kz_ptr + (bh * n_gk + tile) * D + d, mask=dmask, other=0.0).to(tl.float32)
+            qs = (q * ks[None, :]).to(DOT_DTYPE)
+            s = tl.dot(qs, tl.trans(kcodes.to(DOT_DTYPE))) + tl.sum(q * kz[None, :], axis=1)[:, None]
+        else:
+            r = t - TK_Q
+            k = tl.load(kr_ptr + b * skr_b + kvh * skr_h + r[:, None] * skr_t + d[None, :],
+                        mask=(r < TK_R)[:, None] & dmask[None, :], other=0.0)
+            s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)))
+        valid = (t < T) & (t >= start)
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        # -- online softmax ----------------------------------------------------------------
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a fully masked tile: no NaN
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+        # -- values (G, BLOCK_D): packed, residual, or a tile that straddles TV_Q ---------------
+        in_q = t < TV_Q
+        packed_mask = in_q[:, None] & dmask[None, :]
+        v = tl.zeros([G, BLOCK_D], tl.float32)
+        if t0 < TV_Q:
+            vwords = tl.load(vw_ptr + (bh * TV_Q + t[:, None]) * n_wv + vwc[None, :],
+                            mask=in_q[:, None] & (vwc < n_wv)[None, :], other=0)
+            vcodes = _unpack_cols(vwords, V_BITS, G, BLOCK_D)
+            # per-token scales of channel group d // G (gathered; the repeats hit L1)
+            sp = (bh * TV_Q + t[:, None]) * n_gv + (d // G)[None, :]
+            vs = tl.load(vs_ptr + sp, mask=packed_mask, other=0.0).to(tl.float32)
+            vz = tl.load(vz_ptr + sp, mask=packed_mask, other=0.0).to(tl.float32)
+            v += vcodes * vs + vz
+        if t0 + G > TV_Q:
+            r = t - TV_Q
+            rmask = (t >= TV_Q) & (r < TV_R)
+            v += tl.load(vr_ptr + b * svr_b + kvh * svr_h + r[:, None] * svr_t + d[None, :],
+                         mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+
+    row = bh * GROUP + h   # = b * Hq + kvh * GROUP + h
+    tl.store(pm_ptr + row * n_splits + split, m_i, mask=hmask)
+    tl.store(pl_ptr + row * n_splits + split, l_i, mask=hmask)
+    tl.store(pacc_ptr + (row * n_splits + split)[:, None] * D + d[None, :], acc,
+             mask=hmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    pm_ptr, pl_ptr,   # (B*Hq, S) fp32
+    pacc_ptr,     # (B*Hq, S, D) fp32
+    out_ptr,      # (B, Hq, D) output dtype, strides (so_b, so_h, 1)
+    Hq, S, D, so_b, so_h,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    smask = sp < S
+    m = tl.load(pm_ptr + row * S + sp, mask=smask, other=float("-inf"))
+    l = tl.load(pl_ptr + row * S + sp, mask=smask, other=0.0)
+    acc = tl.load(pacc_ptr + (row * S + sp)[:, None] * D + d[None, :],
+                  mask=smask[:, None] & (d < D)[None, :], other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)                     # empty splits (m = -inf) weigh 0
+    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    b = row // Hq
+    hq = row % Hq
+    tl.store(out_ptr + b * so_b + hq * so_h + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def default_splits(batch_heads: int, n_tiles: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU twice over, at least 4 tiles per split."""
+    if device.type != "cuda":
+        return max(1, min(n_tiles, 2))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, batch_heads)
+    return max(1, min(want, triton.cdiv(n_tiles, 4), 128))
+
+
+def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res, *,
+                     k_bits: int, v_bits: int, group_size: int, sm_scale: float | None = None,
+                     kv_start: torch.Tensor | None = None, n_splits: int | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query per sequence over packed + residual K/V.
+
+    q: (B, Hq, D) or (B, Hq, 1, D); packed tensors as :mod:`kv_pack` returns them with
+    ``Hkv = Hq / group`` heads; k_res / v_res: (B, Hkv, TK_R | TV_R, D), any token stride;
+    kv_start: (B,) int, first non-padding position. Returns (B, Hq, D) (or ``out``, filled).
+    """
+    check_layout(k_bits, group_size)
+    check_layout(v_bits, group_size)
+    squeeze = q.dim() == 4
+    if squeeze:
+        q = q[:, :, 0]
+    B, Hq, D = q.shape
+    Hkv = k_res.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} are not a multiple of kv heads {Hkv}")
+    if q.dtype not in _DOT or (q.dtype == torch.bfloat16 and INTERPRETING):
+        raise ValueError(f"dtype {q.dtype}: supported fp16, bf16 (GPU only), fp32")
+    tk_q = k_words.shape[2] * codes_per_word(k_bits)
+    tv_q = v_words.shape[2]
+    tk_r, tv_r = k_res.shape[2], v_res.shape[2]
+    T = tk_q + tk_r
+    if tv_q + tv_r != T or tk_q % group_size:
+        raise ValueError(f"inconsistent cache: keys {tk_q}+{tk_r}, values {tv_q}+{tv_r}, "
+                         f"G={group_size}")
+    if D % group_size:
+        raise ValueError(f"head_dim={D} is not a multiple of group_size={group_size}")
+    if q.stride(-1) != 1 or k_res.stride(-1) != 1 or v_res.stride(-1) != 1:
+        raise ValueError("q and the residual tensors need contiguous channels")
+    k_words, k_scale, k_zero, v_words, v_scale, v_zero = (
+        t.contiguous() for t in (k_words, k_scale, k_zero, v_words, v_scale, v_zero))
+    group = Hq // Hkv
+    n_tiles = max(1, triton.cdiv(T, group_size))
+    S = n_splits or default_splits(B * Hkv, n_tiles, q.device)
+    S = max(1, min(S, n_tiles))
+    tiles_per_split = triton.cdiv(n_tiles, S)
+    S = triton.cdiv(n_tiles, tiles_per_split)
+    if kv_start is None:
+        kv_start = torch.zeros(B, dtype=torch.int32, device=q.device)
+    kv_start = kv_start.to(device=q.device, dtype=torch.int32).contiguous()
+    pm = torch.empty(B * Hq, S, dtype=torch.float32, device=q.device)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty(B * Hq, S, D, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    o3 = out[:, :, 0] if out.dim() == 4 else out
+    scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * LOG2E
+    block_d = max(16, triton.next_power_of_2(D))
+    _decode_split_kernel[(B * Hkv, S)](
+        q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res, kv_start,
+        pm, pl, pacc,
+        Hkv, D, T, tk_q, tv_q, tk_r, tv_r, scale, tiles_per_split,
+        q.stride(0), q.stride(1), k_res.stride(0), k_res.stride(1), k_res.stride(2),
+        v_res.stride(0), v_res.stride(1), v_res.stride(2),
+        K_BITS=k_bits, V_BITS=v_bits, G=group_size, GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, DOT_DTYPE=_DOT[q.dtype],
+        num_warps=4)
+    _merge_splits_kernel[(B * Hq,)](pm, pl, pacc, o3, Hq, S, D, o3.stride(0), o3.stride(1),
+                                    BLOCK_S=max(2, triton.next_power_of_2(S)), BLOCK_D=block_d)
+    return out
+
+
+def dequantized_cache(k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res, *,
+                      k_bits: int, v_bits: int, group_size: int, dtype: torch.dtype):
+    """Full (B, Hkv, T, D) K and V in ``dtype``: unpack, dequantize, append the residual."""
+    k = torch.cat([dequantize_keys(k_words, k_scale, k_zero, k_bits, group_size, dtype),
+                   k_res.to(dtype)], dim=2)
+    v = torch.cat([dequantize_values(v_words, v_scale, v_zero, v_bits, group_size, dtype),
+                   v_res.to(dtype)], dim=2)
+    return k, v
+
+
+def decode_attention_torch(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res,
+                           *, k_bits: int, v_bits: int, group_size: int,
+                           sm_scale: float | None = None, kv_start: torch.Tensor | None = None,
+                           use_sdpa: bool = False) -> torch.Tensor:
+    """Reference (fp32 softmax attention) or, with ``use_sdpa``, dequantize-then-attend with
+    ``scaled_dot_product_attention`` in the activation dtype (the baseline the kernel beats)."""
+    q3 = q[:, :, 0] if q.dim() == 4 else q
+    B, Hq, D = q3.shape
+    dtype = q3.dtype if use_sdpa else torch.float32
+    k, v = dequantized_cache(k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res,
+                             k_bits=k_bits, v_bits=v_bits, group_size=group_size, dtype=dtype)
+    T = k.shape[2]
+    mask = None
+    if kv_start is not None:
+        pos = torch.arange(T, device=q3.device)
+        mask = (pos[None, :] >= kv_start.to(q3.device)[:, None])[:, None, None, :]  # (B,1,1,T)
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    if use_sdpa:
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q3[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        return o[:, :, 0]
+    rep = Hq // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    s = torch.einsum("bhd,bhtd->bht", q3.float(), k) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask[:, :, 0], float("-inf"))
+    return torch.einsum("bht,bhtd->bhd", torch.softmax(s, dim=-1), v).to(q3.dtype)
