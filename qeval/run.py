@@ -49,7 +49,7 @@ def prepare(cfg):
     """Load the model and apply every target; returns (handle, facts about the quantized model)."""
     method = build_method(cfg)
     model, tokenizer = models.load(cfg.model, cfg.device, cfg.dtype, cfg.attn, cfg.seed)
-    facts = quantize_linears(model, method)
+    facts = quantize_linears(model, method, cfg.backend)
     if cfg.kv_semantics == "simulated" and method.quantizes_kv:
         simulated_attention.install(model, method, cfg.attn)
     return Handle(model, tokenizer, method, cfg.kv_semantics), facts

@@ -1,4 +1,18 @@
-"""W and WA targets: every ``nn.Linear`` except the LM head becomes a ``QuantLinear``."""
+"""W and WA targets: every ``nn.Linear`` except the LM head becomes a quantized Linear.
+
+Two implementations, chosen by the top-level ``backend`` knob:
+
+- ``torch``: :class:`QuantLinear` holds the fake-quantized float weight and fake-quantizes each
+  input (the accuracy reference; it saves no memory).
+- ``triton``: :class:`PackedQuantLinear` holds the weight packed (:mod:`qeval.kernels.pack`) and runs
+  the Triton kernels: the dequant-fused weight-only GEMM for W, the int8 GEMMs for WA. On a machine
+  without CUDA the kernels run in Triton's interpreter (slow, for tests).
+- ``auto``: ``triton`` on CUDA where the method's layout is one the kernels hold, else ``torch``.
+
+The packed path only takes layouts it reproduces exactly: the packed weight, dequantized, must
+equal the method's own ``quantize_weight`` bit for bit before its scales are rounded to the storage
+dtype, so a method that quantizes weights some other way is refused instead of silently changed.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +21,9 @@ from torch import nn
 from transformers.quantizers.base import get_keys_to_not_convert
 
 from qeval.methods.base import Method
+from qeval.quant import FULL_PRECISION_BITS
+
+BACKENDS = ("auto", "torch", "triton")
 
 
 class QuantLinear(nn.Module):
@@ -21,6 +38,10 @@ class QuantLinear(nn.Module):
         self.quantize_input = quantize_input
         self.packed_bytes = method.weight_packed_bytes(linear.weight)
 
+    @property
+    def weight_bytes_held(self) -> int:
+        return self.weight.nbytes
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantize_input:
             x = self.method.quantize_activation(x)
@@ -31,22 +52,123 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, w_bits={b.w}, a_bits={b.a if self.quantize_input else 16}"
 
 
-def quantize_linears(model: nn.Module, method: Method) -> dict:
-    """Swap Linears in place (W when w_bits < 16, WA when a_bits < 16); returns byte counts."""
+class UnsupportedLayout(ValueError):
+    """The method's quantization is not one the packed kernels hold; the message says why."""
+
+
+def packed_layout(method: Method, quantize_input: bool) -> dict:
+    """The :func:`qeval.kernels.pack.pack_weight` arguments that reproduce ``method``'s weights."""
+    from qeval.kernels.pack import PACKABLE_BITS
+    b, wg, ag = method.bits, method.w_gran, method.a_gran
+    if b.w not in PACKABLE_BITS:
+        raise UnsupportedLayout(f"w_bits={b.w}: the packed kernels hold {PACKABLE_BITS}")
+    if wg.per_sequence or wg.axis not in (None, -1):
+        raise UnsupportedLayout(f"weight granularity {wg}: the kernels group along the input dimension")
+    if quantize_input and (b.a > 8 or b.a < 2 or ag.per_sequence or ag.axis != -1 or ag.group_size is not None):
+        raise UnsupportedLayout(f"a_bits={b.a} with activation granularity {ag}: the int8 GEMMs take "
+                                "2-8 bit activations quantized per token (a_group_size=null)")
+    return {"bits": b.w, "group_size": wg.group_size, "symmetric": method.symmetric,
+            "per_tensor": wg.axis is None}
+
+
+class PackedQuantLinear(nn.Module):
+    """A Linear held packed and run by the Triton kernels (W: weight-only GEMM, WA: int8 GEMMs)."""
+
+    def __init__(self, linear: nn.Linear, method: Method, quantize_input: bool):
+        super().__init__()
+        from qeval.kernels.pack import dequantize_packed, pack_weight, param_dtype_for
+        from qeval.kernels.w4a8_gemm import GroupedInt8Weight
+        from qeval.kernels.w8a8_gemm import Int8Weight
+        w = linear.weight.data
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        layout = packed_layout(method, quantize_input)
+        p = pack_weight(w, **layout)
+        if not torch.equal(dequantize_packed(p, w.dtype), method.quantize_weight(w)):
+            raise UnsupportedLayout(f"method={method.name}: its weights are not round-to-nearest min-max "
+                                    "in the packed layout")
+        p = p.with_param_dtype(param_dtype_for(w.dtype))
+        self.bias = linear.bias
+        self.method = method
+        self.quantize_input = quantize_input
+        self.packed_bytes = method.weight_packed_bytes(w)
+        if not quantize_input:
+            self.weight_store, self.kernel = p, "wq_gemm"
+        elif p.group_size == p.in_features and p.bits == 8:
+            self.weight_store, self.kernel = Int8Weight.from_packed(p), "w8a8_gemm"
+        else:
+            self.weight_store, self.kernel = GroupedInt8Weight.from_packed(p), "w4a8_gemm"
+
+    @property
+    def weight_bytes_held(self) -> int:
+        return self.weight_store.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "wq_gemm":
+            from qeval.kernels.wq_gemm import wq_matmul
+            return wq_matmul(x, self.weight_store, self.bias)
+        a = dict(a_bits=self.method.bits.a, a_symmetric=self.method.symmetric)
+        if self.kernel == "w8a8_gemm":
+            from qeval.kernels.w8a8_gemm import w8a8_matmul
+            return w8a8_matmul(x, self.weight_store, self.bias, **a)
+        from qeval.kernels.w4a8_gemm import w4a8_matmul
+        return w4a8_matmul(x, self.weight_store, self.bias, **a)
+
+    def extra_repr(self) -> str:
+        b = self.method.bits
+        return (f"{self.in_features}, {self.out_features}, w_bits={b.w}, "
+                f"a_bits={b.a if self.quantize_input else 16}, kernel={self.kernel}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> ``triton`` on CUDA, ``torch`` elsewhere."""
+    if backend not in BACKENDS:
+        from qeval.validate import ConfigError
+        raise ConfigError(f"backend={backend}: allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def _make_linear(module: nn.Linear, method: Method, quantize_input: bool, backend: str, strict: bool):
+    if backend == "triton" and method.bits.w < FULL_PRECISION_BITS:
+        try:
+            return PackedQuantLinear(module, method, quantize_input)
+        except UnsupportedLayout as e:
+            if strict:
+                from qeval.validate import ConfigError
+                raise ConfigError(f"backend=triton: {e}") from e
+    elif backend == "triton" and strict:
+        from qeval.validate import ConfigError
+        raise ConfigError(f"backend=triton: w_bits={method.bits.w}: the kernels need quantized weights "
+                          "(activation-only quantization runs with backend=torch)")
+    return QuantLinear(module, method, quantize_input)
+
+
+def quantize_linears(model: nn.Module, method: Method, backend: str = "auto") -> dict:
+    """Swap Linears in place (W when w_bits < 16, WA when a_bits < 16); returns byte counts.
+
+    ``weight_bytes_held`` is measured from the tensors the swapped layers hold (packed words plus
+    scales and zeros on the triton path, the float weight on the torch path); ``weight_bytes_packed``
+    is the formula of :func:`qeval.quant.packed_bytes`.
+    """
     if method.bits.w >= 16 and method.bits.a >= 16:
         return {}
+    device = next(model.parameters()).device
+    chosen = resolve_backend(backend, device)
     skip = set(get_keys_to_not_convert(model))
-    swapped, held, packed = 0, 0, 0
+    swapped, held, packed, kernels = 0, 0, 0, set()
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name.split(".")[-1] in skip or name in skip:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        q = QuantLinear(module, method, quantize_input=method.bits.a < 16)
+        q = _make_linear(module, method, method.bits.a < 16, chosen, strict=backend == "triton")
         setattr(parent, child, q)
         swapped += 1
-        held += q.weight.nbytes
+        held += q.weight_bytes_held
         packed += q.packed_bytes
+        kernels.add(getattr(q, "kernel", "torch"))
     if swapped == 0:
         raise ValueError("no nn.Linear layers found to quantize in this model")
-    return {"linears_quantized": swapped, "weight_bytes_held": held, "weight_bytes_packed": packed}
+    return {"linears_quantized": swapped, "weight_bytes_held": held, "weight_bytes_packed": packed,
+            "linear_backend": ",".join(sorted(kernels))}

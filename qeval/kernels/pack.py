@@ -16,7 +16,7 @@ so dequantization is always ``(code - offset) * scale + zero``, the arithmetic o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -70,6 +70,10 @@ class PackedWeight:
     out_features: int       # N
     offset: int             # 0 (asymmetric) or 2**(bits-1) (symmetric codes stored unsigned)
 
+    def with_param_dtype(self, dtype: torch.dtype) -> "PackedWeight":
+        """The same codes with scales and zeros held in ``dtype``."""
+        return replace(self, scale=self.scale.to(dtype), zero=self.zero.to(dtype))
+
     @property
     def nbytes(self) -> int:
         return self.words.nbytes + self.scale.nbytes + self.zero.nbytes
@@ -87,7 +91,8 @@ def param_dtype_for(dtype: torch.dtype) -> torch.dtype:
 
 def pack_weight(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool = False,
                 per_tensor: bool = False) -> PackedWeight:
-    """Quantize ``w (N, K)`` with :func:`qeval.quant.quantize` and pack it.
+    """Quantize ``w (N, K)`` with :func:`qeval.quant.quantize` and pack it (float32 scales and zeros,
+    so the result dequantizes exactly like fake quantization; see :meth:`PackedWeight.with_param_dtype`).
 
     ``group_size`` None means one group per output channel (G = K); ``per_tensor`` takes one
     min/max over the whole tensor and repeats it for every column, which the group layout holds.
@@ -107,9 +112,8 @@ def pack_weight(w: torch.Tensor, bits: int, group_size: int | None, symmetric: b
         scale = q.scale[..., 0].t()
         zero = q.zero[..., 0].t()
     offset = 2 ** (bits - 1) if symmetric else 0
-    pdt = param_dtype_for(w.dtype)
-    return PackedWeight(pack_codes(codes.to(torch.int32) + offset, bits), scale.to(pdt).contiguous(),
-                        zero.to(pdt).contiguous(), bits, g, k, n, offset)
+    return PackedWeight(pack_codes(codes.to(torch.int32) + offset, bits), scale.float().contiguous(),
+                        zero.float().contiguous(), bits, g, k, n, offset)
 
 
 def dequantize_packed(p: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
