@@ -1,0 +1,107 @@
+"""Bit packing and the weight-only dequant-fused GEMM against their torch references.
+
+Runs the kernels under TRITON_INTERPRET=1 on a CPU (set before triton is imported) and compiled on
+a GPU when one exists. Odd shapes hit every mask; outputs are poisoned with NaN before each launch
+so an element the kernel forgot to write shows up.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from qeval.kernels.pack import (PackedWeight, codes_per_word, dequantize_packed, pack_codes,  # noqa: E402
+                                pack_weight, unpack_codes)
+from qeval.kernels.wq_gemm import wq_matmul, wq_matmul_reference  # noqa: E402
+from qeval.quant import fake_quantize, quantize, sqnr_db  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every float buffer a launcher allocates starts as NaN (integer buffers as 0x55)."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(0x55)
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_roundtrip_and_layout(bits):
+    k = 37  # not a multiple of any codes-per-word: the last word is partly padding
+    codes = torch.randint(0, 2**bits, (5, k), dtype=torch.int32)
+    words = pack_codes(codes, bits)
+    c = codes_per_word(bits)
+    assert words.dtype == torch.int32 and words.shape == (-(-k // c), 5)
+    assert torch.equal(unpack_codes(words, bits, k), codes)
+    # the documented bit positions: code k of column n at bits (k % C) * bits of word k // C
+    n, kk = 3, 21
+    assert (int(words[kk // c, n]) >> ((kk % c) * bits)) & (2**bits - 1) == int(codes[n, kk])
+    with pytest.raises(ValueError):
+        pack_codes(codes + 2**bits, bits)
+
+
+@pytest.mark.parametrize("bits,group,symmetric,per_tensor", [
+    (4, 32, False, False), (3, 64, False, False), (8, None, False, False), (4, 32, True, False),
+    (4, None, False, True)])
+def test_packed_weight_dequantizes_like_fake_quantization(bits, group, symmetric, per_tensor):
+    w = torch.randn(24, 128) * 0.05
+    p = pack_weight(w, bits, group, symmetric, per_tensor)
+    axis = None if per_tensor else -1
+    assert torch.equal(dequantize_packed(p, torch.float32), fake_quantize(w, bits, axis, group, symmetric))
+    q = quantize(w, bits, axis, None if per_tensor else (group or 128), symmetric)
+    assert torch.equal(p.codes() - p.offset, q.codes.reshape(w.shape).int())
+    # bytes held: the packed words plus one scale and zero per group and column
+    n_groups = 1 if per_tensor or group is None else 128 // group
+    assert p.nbytes == -(-128 // codes_per_word(bits)) * 24 * 4 + 2 * n_groups * 24 * 4
+    half = p.with_param_dtype(torch.float16)
+    assert half.scale.dtype == torch.float16 and half.nbytes < p.nbytes
+
+
+SHAPES = [  # (M, K, N, G): decode batch 1 and 5, prefill 37 and 70; N never a multiple of 64
+    (1, 256, 72, 128), (5, 192, 50, 64), (37, 96, 33, 32), (70, 128, 130, 128), (3, 100, 20, None)]
+
+
+@pytest.mark.parametrize("bits", [4, 3, 8])
+@pytest.mark.parametrize("m,k,n,g", SHAPES)
+def test_wq_gemm_matches_reference(bits, m, k, n, g, poisoned_outputs):
+    torch.manual_seed(m + k + n)
+    w = torch.randn(n, k, device=DEVICE) * 0.05
+    x = torch.randn(m, k + 7, device=DEVICE)[:, :k]     # a view: row stride K + 7, not K
+    bias = torch.randn(n, device=DEVICE)
+    p = pack_weight(w, bits, g)
+    out = wq_matmul(x, p, bias)
+    ref = wq_matmul_reference(x, p, bias)
+    assert out.shape == (m, n) and torch.isfinite(out).all()
+    # float32 end to end: only the summation order differs, so the error is a few ulps of |x| |w| K
+    tol = 1e-5 * x.abs().max() * w.abs().max() * k + 1e-6
+    err = (out - ref).abs()
+    assert err.max() <= tol, f"max diff {err.max():.3g}, mean {err.mean():.3g}, tol {tol:.3g}"
+
+
+def test_wq_gemm_split_k_and_half_precision(poisoned_outputs):
+    """Forced split-K sums the same partials; float16 weights and activations stay within fp16 noise."""
+    torch.manual_seed(0)
+    w, x = torch.randn(40, 512, device=DEVICE) * 0.05, torch.randn(2, 512, device=DEVICE)
+    p = pack_weight(w, 4, 128)
+    ref = wq_matmul_reference(x, p)
+    for split in (1, 3, 4):
+        assert (wq_matmul(x, p, split_k=split) - ref).abs().max() < 1e-4
+    if DEVICE == "cuda":  # the interpreter has float16 but no fast path worth testing on a CPU
+        h = p.with_param_dtype(torch.float16)
+        out = wq_matmul(x.half(), h)
+        assert sqnr_db(wq_matmul_reference(x.half(), h), out) > 50
+
+
+def test_wq_gemm_rejects_a_mismatched_input():
+    p = pack_weight(torch.randn(8, 64), 4, 32)
+    assert isinstance(p, PackedWeight)
+    with pytest.raises(ValueError, match="input features"):
+        wq_matmul(torch.randn(2, 32), p)
