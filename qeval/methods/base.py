@@ -129,6 +129,12 @@ class Method:
                 + packed_bytes(values.numel(), self.bits.v, None, self.v_gran.n_groups(values.shape),
                                symmetric=self.symmetric))
 
+    def attention_implementation(self, base: str) -> str | None:
+        """Name of a registered attention function this method's ``cache`` semantics needs on top
+        of ``base`` (sdpa | eager), or None to keep the model's own. H2O uses it to see the
+        softmax scores; round-to-nearest methods need none."""
+        return None
+
     def describe(self) -> dict:
         """Method parameters as flat row columns (``method.<name>``)."""
         return {f"method.{k}": v for k, v in self.cfg.items() if k != "name"}

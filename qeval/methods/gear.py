@@ -1,0 +1,151 @@
+"""GEAR: near-lossless KV cache compression = quantization + sparse outliers + low rank
+(Kang et al., arXiv 2403.05527).
+
+A block X (B, H, n, D) of K or V is compressed as X ~ Q + S + L:
+
+- S, sparse outliers: the top and bottom ``outlier_ratio / 2`` of X's entries per (row, head) are
+  stored exactly (fp16 value + int32 index) and kept out of the quantizer's min/max;
+- Q, the backbone: asymmetric min-max with ``2**bits - 1`` levels at every width (the reference
+  outlier path uses ``bits**2 - 1``, which is right only at 2 and 4 bits). ``backbone=kivi``: keys
+  per channel over G tokens, values per token over G channels; ``backbone=uniform``: per token;
+- L, low rank: the remaining error E = X - Q - S fitted by ``power_iterations`` of block power
+  iteration, L = U U^T E with U orthonormal, so ||E - L|| <= ||E|| always. Rank
+  ``rank_prefill`` for the prompt and ``rank_decode`` for streamed blocks, or
+  ``rank_ratio * min(n, D)`` when set. The random start is one fixed (D, r) matrix shared by every
+  row and head, so a sequence gives the same result alone or in a batch.
+
+``cache`` semantics: the prompt's first L - (L mod n_b) tokens are compressed as one block (rank
+``rank_prefill``), then every ``stream_block`` new tokens (rank ``rank_decode``); newer tokens stay
+in full precision until their block is full. ``simulated``: each attention call's whole K/V, per
+sequence with its padding stripped, is compressed as one prefill block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qeval.methods.base import Method
+from qeval.methods.kivi import fake_quantize_keys, fake_quantize_values
+from qeval.methods.kv_blocks import BlockCompressedLayer, per_row_real
+from qeval.quant import FULL_PRECISION_BITS, fake_quantize, packed_bytes
+from qeval.registry import register_method
+
+BACKBONES = ("kivi", "uniform")
+OUTLIER_BYTES = 2 + 4   # fp16 value + int32 index per stored outlier
+
+
+def levels(bits: int) -> int:
+    """Quantization levels (largest code) GEAR uses: ``2**bits - 1`` at every width."""
+    return 2**bits - 1
+
+
+def outlier_mask(x: torch.Tensor, ratio: float) -> torch.Tensor | None:
+    """(B, H, n, D) -> bool mask of the top and bottom ``ratio / 2`` entries per (row, head)."""
+    b, h, n, d = x.shape
+    k = int(ratio / 2 * n * d)
+    if k == 0:
+        return None
+    flat = x.float().reshape(b, h, n * d)                       # (B, H, n, D) -> (B, H, n * D)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask.scatter_(-1, flat.topk(k, dim=-1).indices, True)
+    mask.scatter_(-1, flat.topk(k, dim=-1, largest=False).indices, True)
+    return mask.reshape(b, h, n, d)
+
+
+def low_rank(e: torch.Tensor, rank: int, iterations: int, seed: int = 0) -> torch.Tensor:
+    """Rank-``rank`` approximation U U^T E of (..., n, D) by block power iteration."""
+    d = e.shape[-1]
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(d, rank, generator=g).to(e.device, e.dtype)    # (D, r), shared by all rows/heads
+    u = torch.linalg.qr(e @ v).Q                                    # (..., n, r)
+    for _ in range(iterations - 1):
+        u = torch.linalg.qr(e @ (e.transpose(-1, -2) @ u)).Q
+    return u @ (u.transpose(-1, -2) @ e)
+
+
+def gear_compress(x: torch.Tensor, bits: int, quantizer, outlier_ratio: float, rank: int,
+                  iterations: int) -> tuple[torch.Tensor, int, int]:
+    """X -> (Q + S + L in X's dtype, number of outliers, rank used). ``quantizer(x, exclude)``
+    is the backbone; with no outliers and rank 0 the result is exactly the backbone's."""
+    mask = outlier_mask(x, outlier_ratio) if outlier_ratio > 0 else None
+    q = quantizer(x, mask)
+    if mask is None and rank == 0:
+        return q, 0, 0
+    xf = x.float()
+    q = q.float() if mask is None else torch.where(mask, xf, q.float())
+    rank = min(rank, *x.shape[-2:])
+    if rank > 0:
+        q = q + low_rank(xf - q, rank, iterations)
+    return q.to(x.dtype), 0 if mask is None else int(mask.sum()), rank
+
+
+@register_method("gear")
+class GEAR(Method):
+    targets = frozenset({"KV"})
+    allowed_bits = (2, 3, 4, 5, 6, 7, 8, 16)
+    semantics = ("cache", "simulated")
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        from qeval.validate import ConfigError
+        m = cfg.method
+        if m.backbone not in BACKBONES:
+            raise ConfigError(f"method.backbone={m.backbone}: allowed: {', '.join(BACKBONES)}")
+        if not isinstance(m.outlier_ratio, (int, float)) or not 0 <= m.outlier_ratio < 1:
+            raise ConfigError(f"method.outlier_ratio={m.outlier_ratio}: must be a fraction in [0, 1) (GEAR: 0.02)")
+        for key in ("rank_prefill", "rank_decode", "power_iterations", "group_size"):
+            if not isinstance(m[key], int) or m[key] < (1 if key in ("power_iterations", "group_size") else 0):
+                raise ConfigError(f"method.{key}={m[key]}: must be a non-negative integer "
+                                  f"({'positive' if key in ('power_iterations', 'group_size') else 'zero allowed'})")
+        if m.rank_ratio is not None and not 0 <= m.rank_ratio <= 1:
+            raise ConfigError(f"method.rank_ratio={m.rank_ratio}: must be null or a fraction in [0, 1]")
+        if not isinstance(m.stream_block, int) or m.stream_block <= 0 or (
+                m.backbone == "kivi" and m.stream_block % m.group_size):
+            raise ConfigError(f"method.stream_block={m.stream_block}: must be a positive multiple of "
+                              f"method.group_size={m.group_size} (the KIVI backbone groups keys over tokens)")
+
+    def __init__(self, cfg, knobs):
+        super().__init__(cfg, knobs)
+        self.backbone = cfg.backbone
+        self.group_size = int(cfg.group_size)
+        self.outlier_ratio = float(cfg.outlier_ratio)
+        self.iterations = int(cfg.power_iterations)
+
+    def rank(self, first: bool, n: int, d: int) -> int:
+        if self.cfg.rank_ratio is not None:
+            return round(self.cfg.rank_ratio * min(n, d))
+        return int(self.cfg.rank_prefill if first else self.cfg.rank_decode)
+
+    def quantizer(self, which: str):
+        """The backbone as ``f(x, exclude) -> x_hat`` for keys or values."""
+        bits = self.bits.k if which == "k" else self.bits.v
+        g = self.group_size
+        if self.backbone == "uniform":
+            return lambda x, ex: fake_quantize(x, bits, -1, None, exclude=ex)
+        if which == "k":
+            return lambda x, ex: fake_quantize_keys(x, bits, g, ex)
+        return lambda x, ex: fake_quantize_values(x, bits, g, ex)
+
+    def _packed(self, x: torch.Tensor, bits: int, n_out: int, rank: int) -> int:
+        b, h, n, d = x.shape
+        groups = (x.numel() // self.group_size if self.backbone == "kivi" and n % self.group_size == 0
+                  else x.numel() // d)
+        return (packed_bytes(x.numel() - n_out, bits, None, groups) + n_out * OUTLIER_BYTES
+                + b * h * rank * (n + d) * 2)
+
+    def compress(self, x: torch.Tensor, which: str, first: bool) -> tuple[torch.Tensor, int]:
+        bits = self.bits.k if which == "k" else self.bits.v
+        if bits >= FULL_PRECISION_BITS:
+            return x, x.numel() * 2
+        y, n_out, r = gear_compress(x, bits, self.quantizer(which), self.outlier_ratio,
+                                    self.rank(first, *x.shape[-2:]), self.iterations)
+        return y, self._packed(x, bits, n_out, r)
+
+    def quantize_kv(self, k, v, pad=None):
+        return per_row_real(k, v, pad, lambda kb, vb: (self.compress(kb, "k", True)[0],
+                                                       self.compress(vb, "v", True)[0]))
+
+    def make_cache_layer(self, layer_idx, seq):
+        nb = int(self.cfg.stream_block)
+        return BlockCompressedLayer(seq, keys=(nb, 0, lambda x, first: self.compress(x, "k", first)),
+                                    values=(nb, 0, lambda x, first: self.compress(x, "v", first)))

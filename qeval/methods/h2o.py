@@ -1,0 +1,201 @@
+"""H2O: heavy-hitter oracle eviction of the KV cache (Zhang et al., arXiv 2306.14048).
+
+Each KV head keeps the tokens with the largest accumulated softmax attention (heavy hitters) plus
+a window of the most recent tokens; everything else is evicted for good. Budgets are ratios of
+each sequence's prompt (``heavy_ratio``/``recent_ratio``, the paper's 10 % + 10 %) or absolute
+counts (``heavy_budget``/``recent_budget``).
+
+- Causal scores: a key's score is the sum of the probabilities that queries have already put on
+  it (the prompt's queries at prefill, then each generated token). The reference Llama simulation
+  ranks with attention from future queries; here a score never sees a query that comes later.
+- Per sequence: scores, budgets and evictions are per batch row (the reference real-drop cache
+  sums scores over the batch) and pad keys/queries carry no score.
+- GQA: a KV head is kept or dropped for all query heads that share it, so its score is the sum
+  over those query heads (and over this step's queries).
+- Eviction compacts each (row, head) to its kept slots in position order; rows with fewer kept
+  tokens are front-filled with invalid slots that the attention mask hides. ``get_seq_length``
+  stays the logical number of tokens seen, so positions keep counting correctly.
+
+Only ``cache`` semantics: eviction is a property of a cache that persists across steps; a single
+forward over full K/V (``simulated``) has nothing to evict. K/V are kept in the model's dtype
+(H2O does not quantize), so ``kv_bits`` must be 16.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from qeval.methods import h2o_attention
+from qeval.methods.base import Method, SequenceState
+from qeval.registry import register_method
+
+FP16_BYTES = 2
+
+
+class H2OLayer(DynamicLayer):
+    def __init__(self, method: "H2O", layer_idx: int, seq: SequenceState):
+        super().__init__()
+        self.method, self.layer_idx, self.seq = method, layer_idx, seq
+        self.length = 0                  # logical tokens seen (positions, generate() slicing)
+        self.valid = None                # (B, H, W) bool: slot holds a real, kept token
+        self.score = None                # (B, H, W) float32 accumulated attention
+        self.heavy: list[int] = []       # per row budgets
+        self.recent: list[int] = []
+        self.compacted = False
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        b, h, t, _ = key_states.shape
+        real = torch.ones(b, h, t, dtype=torch.bool, device=key_states.device)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            pad = self.seq.pad(0, t, b)
+            if pad is not None:
+                # (B, 1, T, 1) -> (B, H, T)
+                real &= ~pad[:, :, :, 0].expand(b, h, t)
+            self.valid = real[:, :, :0]
+            self.score = torch.zeros(b, h, 0, device=key_states.device)
+            self.heavy, self.recent = self.method.budgets(real[:, 0].sum(-1).tolist())
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.valid = torch.cat([self.valid, real], dim=-1)
+        self.score = torch.cat([self.score, self.score.new_zeros(b, h, t)], dim=-1)
+        self.length += t
+        if self.method.take_pending(self.layer_idx) is not None:
+            raise RuntimeError("method=h2o: the previous step's attention never reported its scores; the model "
+                               "must use the method's attention_implementation (see qeval.run.prepare)")
+        self.method.set_pending(self.layer_idx, self)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        held = self.keys.shape[-2] if self.is_initialized else 0
+        return held + query_length, 0
+
+    def allowed_slots(self, q_len: int, n_query_heads: int) -> torch.Tensor:
+        """(B, Hq, q, W) bool: valid slots, causal among this step's q newest slots."""
+        w = self.valid.shape[-1]
+        i = torch.arange(q_len, device=self.valid.device)[:, None]
+        j = torch.arange(w, device=self.valid.device)[None, :]
+        causal = j <= w - q_len + i                                   # (q, W)
+        rep = n_query_heads // self.valid.shape[1]
+        # (B, Hkv, W) -> (B, Hq, 1, W)
+        valid = self.valid.repeat_interleave(rep, dim=1)[:, :, None, :]
+        return valid & causal
+
+    def observe(self, probs: torch.Tensor) -> None:
+        """Add this step's attention, (B, Hq, q, W) float32, to the scores, then evict."""
+        b, hq, q, w = probs.shape
+        hkv = self.valid.shape[1]
+        query_real = self.valid[:, :, -q:].repeat_interleave(hq // hkv, dim=1)      # (B, Hq, q)
+        probs = probs * query_real[..., None]
+        # (B, Hq, q, W) -> (B, Hkv, Hq // Hkv, q, W) -> sum over shared query heads and queries
+        self.score += probs.reshape(b, hkv, hq // hkv, q, w).sum(dim=(2, 3)) * self.valid
+        self.evict()
+
+    def evict(self) -> None:
+        b, h, w = self.valid.shape
+        dev = self.valid.device
+        heavy = torch.tensor(self.heavy, device=dev)[:, None, None]
+        recent = torch.tensor(self.recent, device=dev)[:, None, None]
+        n_valid = self.valid.sum(-1, keepdim=True)                               # (B, H, 1)
+        over = n_valid > heavy + recent
+        if not bool(over.any()):
+            return
+        # recent window: the last `recent` valid slots (slots are in position order)
+        from_end = self.valid.flip(-1).cumsum(-1).flip(-1)                        # 1 = newest valid
+        is_recent = self.valid & (from_end <= recent)
+        candidate = self.valid & ~is_recent
+        cand_score = self.score.masked_fill(~candidate, float("-inf"))
+        # rank of each slot by score among candidates, highest first (ties: the older slot)
+        order = cand_score.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(w, device=dev).expand(b, h, w))
+        is_heavy = candidate & (rank < heavy)
+        keep = torch.where(over, is_recent | is_heavy, self.valid)
+        self._compact(keep)
+
+    def _compact(self, keep: torch.Tensor) -> None:
+        w = keep.shape[-1]
+        new_w = int(keep.sum(-1).max())
+        # kept slots last, in position order; invalid slots fill the front
+        key = keep.long() * w + torch.arange(w, device=keep.device)
+        idx = key.argsort(dim=-1)[..., w - new_w:]                               # (B, H, W')
+        gather = idx[..., None].expand(-1, -1, -1, self.keys.shape[-1])          # (B, H, W', D)
+        self.keys = self.keys.gather(2, gather)
+        self.values = self.values.gather(2, gather)
+        self.valid = keep.gather(-1, idx)
+        self.score = self.score.gather(-1, idx)
+        self.compacted = True
+
+    def packed_bytes(self) -> int:
+        """fp16 K and V of the kept tokens."""
+        if not self.is_initialized or self.keys.numel() == 0:
+            return 0
+        return int(self.valid.sum()) * self.keys.shape[-1] * 2 * FP16_BYTES
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.is_initialized:
+            return
+        idx = beam_idx.to(self.keys.device)
+        self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
+        self.valid, self.score = self.valid.index_select(0, idx), self.score.index_select(0, idx)
+        order = beam_idx.tolist()
+        self.heavy = [self.heavy[i] for i in order]
+        self.recent = [self.recent[i] for i in order]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("an evicting KV layer cannot be cropped (evicted tokens are gone)")
+
+
+@register_method("h2o")
+class H2O(Method):
+    targets = frozenset({"KV"})
+    allowed_bits = (16,)
+    semantics = ("cache",)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        from qeval.validate import ConfigError
+        m = cfg.method
+        for key in ("heavy_ratio", "recent_ratio"):
+            if not isinstance(m[key], (int, float)) or not 0 <= m[key] <= 1:
+                raise ConfigError(f"method.{key}={m[key]}: must be a fraction of the prompt in [0, 1]")
+        for key in ("heavy_budget", "recent_budget"):
+            if m[key] is not None and (not isinstance(m[key], int) or m[key] < 0):
+                raise ConfigError(f"method.{key}={m[key]}: must be null (use the ratio) or a token count >= 0")
+
+    def __init__(self, cfg, knobs):
+        super().__init__(cfg, knobs)
+        self._pending: dict[int, H2OLayer] = {}
+
+    @property
+    def quantizes_kv(self) -> bool:
+        # eviction compresses the cache at 16 bits: the method's cache must always be built
+        return True
+
+    def budgets(self, prompt_lengths: list[int]) -> tuple[list[int], list[int]]:
+        """Per row (heavy, recent) token counts from each sequence's real prompt length."""
+        c = self.cfg
+        heavy = [c.heavy_budget if c.heavy_budget is not None else int(c.heavy_ratio * n) for n in prompt_lengths]
+        recent = [c.recent_budget if c.recent_budget is not None else int(c.recent_ratio * n) for n in prompt_lengths]
+        return heavy, recent
+
+    def quantize_kv(self, k, v, pad=None):
+        raise ValueError("method=h2o evicts from a cache; it has no simulated (one-pass) form")
+
+    def make_cache_layer(self, layer_idx, seq):
+        return H2OLayer(self, layer_idx, seq)
+
+    def set_pending(self, layer_idx: int, layer: H2OLayer) -> None:
+        self._pending[layer_idx] = layer
+
+    def take_pending(self, layer_idx: int) -> H2OLayer | None:
+        return self._pending.pop(layer_idx, None)
+
+    def attention_implementation(self, base: str) -> str | None:
+        return h2o_attention.register(self, base)
+
+    def kv_packed_bytes(self, keys, values) -> int:
+        return (keys.numel() + values.numel()) * FP16_BYTES
