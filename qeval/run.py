@@ -52,6 +52,8 @@ def prepare(cfg):
     facts = quantize_linears(model, method, cfg.backend)
     if cfg.kv_semantics == "simulated" and method.quantizes_kv:
         simulated_attention.install(model, method, cfg.attn)
+    elif (attention := method.attention_implementation(cfg.attn)) is not None:
+        model.set_attn_implementation(attention)
     return Handle(model, tokenizer, method, cfg.kv_semantics), facts
 
 
