@@ -17,7 +17,9 @@ The kernel reads every byte of the cache once; the physical limit is bytes / ban
   tiles and write (max, sum, unnormalized output); a second small kernel merges the slices, so
   long contexts fill the GPU even at batch 1.
 
-Positions ``< kv_start[b]`` (left padding) are masked out.
+Rows are ragged: row ``b`` holds ``lengths[b]`` positions, its first ``k_quantized[b]`` keys and
+``v_quantized[b]`` values packed (buffers may have spare capacity), the rest at the start of the
+residual tensors. A left-padded batch is stored with each row's padding stripped.
 """
 
 from __future__ import annotations
@@ -57,16 +59,16 @@ def _unpack_cols(words, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constex
 @triton.jit
 def _decode_split_kernel(
     q_ptr,        # (B, Hq, D) activation dtype, strides (sq_b, sq_h, 1)
-    kw_ptr,       # (B*Hkv, TK_Q // FPI_K, D) int32: packed keys
-    ks_ptr, kz_ptr,   # (B*Hkv, TK_Q // G, D): key scale / zero
-    vw_ptr,       # (B*Hkv, TV_Q, D // FPI_V) int32: packed values
-    vs_ptr, vz_ptr,   # (B*Hkv, TV_Q, D // G): value scale / zero
-    kr_ptr,       # (B, Hkv, TK_R, D) residual keys, strides (skr_b, skr_h, skr_t, 1)
-    vr_ptr,       # (B, Hkv, TV_R, D) residual values, strides (svr_b, svr_h, svr_t, 1)
-    start_ptr,    # (B,) int32: first real position (left padding before it)
+    kw_ptr,       # (B*Hkv, CAP_K // FPI_K, D) int32: packed keys
+    ks_ptr, kz_ptr,   # (B*Hkv, CAP_K // G, D): key scale / zero
+    vw_ptr,       # (B*Hkv, CAP_V, D // FPI_V) int32: packed values
+    vs_ptr, vz_ptr,   # (B*Hkv, CAP_V, D // G): value scale / zero
+    kr_ptr,       # (B, Hkv, >= len - TK_Q, D) residual keys, strides (skr_b, skr_h, skr_t, 1)
+    vr_ptr,       # (B, Hkv, >= len - TV_Q, D) residual values, strides (svr_b, svr_h, svr_t, 1)
+    rows_ptr,     # (B, 3) int32: per row (length, TK_Q packed keys, TV_Q packed values)
     pm_ptr, pl_ptr,   # (B*Hq, S) fp32: running max (log2 units) and sum per split
     pacc_ptr,     # (B*Hq, S, D) fp32: unnormalized output per split
-    Hkv, D, T, TK_Q, TV_Q, TK_R, TV_R, qk_scale, tiles_per_split,
+    Hkv, D, CAP_K, CAP_V, qk_scale, tiles_per_split,
     sq_b, sq_h, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -84,13 +86,15 @@ def _decode_split_kernel(
     dmask = d < D
     q = tl.load(q_ptr + b * sq_b + (kvh * GROUP + h)[:, None] * sq_h + d[None, :],
                 mask=hmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    start = tl.load(start_ptr + b)
+    T = tl.load(rows_ptr + b * 3)
+    TK_Q = tl.load(rows_ptr + b * 3 + 1)
+    TV_Q = tl.load(rows_ptr + b * 3 + 2)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    n_wk = TK_Q // FPI_K
-    n_gk = TK_Q // G
+    n_wk = CAP_K // FPI_K
+    n_gk = CAP_K // G
     VW: tl.constexpr = BLOCK_D // FPI_V
     vwc = tl.arange(0, VW)
     n_wv = D // FPI_V
@@ -114,9 +118,9 @@ def _decode_split_kernel(
         else:
             r = t - TK_Q
             k = tl.load(kr_ptr + b * skr_b + kvh * skr_h + r[:, None] * skr_t + d[None, :],
-                        mask=(r < TK_R)[:, None] & dmask[None, :], other=0.0)
+                        mask=(t < T)[:, None] & dmask[None, :], other=0.0)
             s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)))
-        valid = (t < T) & (t >= start)
+        valid = t < T
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         # -- online softmax ----------------------------------------------------------------
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -131,17 +135,17 @@ def _decode_split_kernel(
         packed_mask = in_q[:, None] & dmask[None, :]
         v = tl.zeros([G, BLOCK_D], tl.float32)
         if t0 < TV_Q:
-            vwords = tl.load(vw_ptr + (bh * TV_Q + t[:, None]) * n_wv + vwc[None, :],
+            vwords = tl.load(vw_ptr + (bh * CAP_V + t[:, None]) * n_wv + vwc[None, :],
                             mask=in_q[:, None] & (vwc < n_wv)[None, :], other=0)
             vcodes = _unpack_cols(vwords, V_BITS, G, BLOCK_D)
             # per-token scales of channel group d // G (gathered; the repeats hit L1)
-            sp = (bh * TV_Q + t[:, None]) * n_gv + (d // G)[None, :]
+            sp = (bh * CAP_V + t[:, None]) * n_gv + (d // G)[None, :]
             vs = tl.load(vs_ptr + sp, mask=packed_mask, other=0.0).to(tl.float32)
             vz = tl.load(vz_ptr + sp, mask=packed_mask, other=0.0).to(tl.float32)
             v += vcodes * vs + vz
         if t0 + G > TV_Q:
             r = t - TV_Q
-            rmask = (t >= TV_Q) & (r < TV_R)
+            rmask = (t >= TV_Q) & (t < T)
             v += tl.load(vr_ptr + b * svr_b + kvh * svr_h + r[:, None] * svr_t + d[None, :],
                          mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         acc += tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
@@ -190,20 +194,34 @@ def default_splits(batch_heads: int, n_tiles: int, device: torch.device) -> int:
     return max(1, min(want, triton.cdiv(n_tiles, 4), 128))
 
 
+def row_lengths(k_words, v_words, k_res, k_bits: int, k_quantized=None, v_quantized=None,
+                lengths=None) -> torch.Tensor:
+    """(B, 3) int32 (length, packed keys, packed values); defaults: every buffer full."""
+    B, dev = k_words.shape[0], k_words.device
+    full = lambda n: torch.full((B,), n, dtype=torch.int32, device=dev)  # noqa: E731
+    tk = full(k_words.shape[2] * codes_per_word(k_bits)) if k_quantized is None else k_quantized
+    tv = full(v_words.shape[2]) if v_quantized is None else v_quantized
+    n = tk.to(dev) + k_res.shape[2] if lengths is None else lengths
+    return torch.stack([n.to(dev), tk.to(dev), tv.to(dev)], dim=1).to(torch.int32).contiguous()
+
+
 def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res, *,
                      k_bits: int, v_bits: int, group_size: int, sm_scale: float | None = None,
-                     kv_start: torch.Tensor | None = None, n_splits: int | None = None,
+                     k_quantized: torch.Tensor | None = None, v_quantized: torch.Tensor | None = None,
+                     lengths: torch.Tensor | None = None, n_splits: int | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per sequence over packed + residual K/V.
 
-    q: (B, Hq, D) or (B, Hq, 1, D); packed tensors as :mod:`kv_pack` returns them with
-    ``Hkv = Hq / group`` heads; k_res / v_res: (B, Hkv, TK_R | TV_R, D), any token stride;
-    kv_start: (B,) int, first non-padding position. Returns (B, Hq, D) (or ``out``, filled).
+    q: (B, Hq, D) or (B, Hq, 1, D). Packed tensors as :mod:`kv_pack` returns them for ``Hkv =
+    Hq / group`` heads, possibly with spare capacity along tokens. Per row ``b`` (all optional,
+    (B,) ints): ``k_quantized[b]`` packed keys (a multiple of G; default: the whole buffer),
+    ``v_quantized[b]`` packed values, ``lengths[b]`` positions in all (default: packed keys +
+    ``k_res.shape[2]``); row b's remaining keys/values are ``k_res[b, :, :lengths - k_quantized]``
+    and ``v_res[b, :, :lengths - v_quantized]``. Returns (B, Hq, D) in q's dtype (or ``out``).
     """
     check_layout(k_bits, group_size)
     check_layout(v_bits, group_size)
-    squeeze = q.dim() == 4
-    if squeeze:
+    if q.dim() == 4:
         q = q[:, :, 0]
     B, Hq, D = q.shape
     Hkv = k_res.shape[1]
@@ -211,28 +229,24 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
         raise ValueError(f"query heads {Hq} are not a multiple of kv heads {Hkv}")
     if q.dtype not in _DOT or (q.dtype == torch.bfloat16 and INTERPRETING):
         raise ValueError(f"dtype {q.dtype}: supported fp16, bf16 (GPU only), fp32")
-    tk_q = k_words.shape[2] * codes_per_word(k_bits)
-    tv_q = v_words.shape[2]
-    tk_r, tv_r = k_res.shape[2], v_res.shape[2]
-    T = tk_q + tk_r
-    if tv_q + tv_r != T or tk_q % group_size:
-        raise ValueError(f"inconsistent cache: keys {tk_q}+{tk_r}, values {tv_q}+{tv_r}, "
-                         f"G={group_size}")
     if D % group_size:
         raise ValueError(f"head_dim={D} is not a multiple of group_size={group_size}")
     if q.stride(-1) != 1 or k_res.stride(-1) != 1 or v_res.stride(-1) != 1:
         raise ValueError("q and the residual tensors need contiguous channels")
+    cap_k = k_words.shape[2] * codes_per_word(k_bits)
+    cap_v = v_words.shape[2]
+    if cap_k % group_size:
+        raise ValueError(f"packed keys hold {cap_k} tokens, not a multiple of G={group_size}")
     k_words, k_scale, k_zero, v_words, v_scale, v_zero = (
         t.contiguous() for t in (k_words, k_scale, k_zero, v_words, v_scale, v_zero))
+    rows = row_lengths(k_words, v_words, k_res, k_bits, k_quantized, v_quantized, lengths)
+    T = int(rows[:, 0].max()) if B else 0
     group = Hq // Hkv
     n_tiles = max(1, triton.cdiv(T, group_size))
     S = n_splits or default_splits(B * Hkv, n_tiles, q.device)
     S = max(1, min(S, n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, S)
     S = triton.cdiv(n_tiles, tiles_per_split)
-    if kv_start is None:
-        kv_start = torch.zeros(B, dtype=torch.int32, device=q.device)
-    kv_start = kv_start.to(device=q.device, dtype=torch.int32).contiguous()
     pm = torch.empty(B * Hq, S, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
     pacc = torch.empty(B * Hq, S, D, dtype=torch.float32, device=q.device)
@@ -242,9 +256,9 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
     scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * LOG2E
     block_d = max(16, triton.next_power_of_2(D))
     _decode_split_kernel[(B * Hkv, S)](
-        q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res, kv_start,
+        q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res, rows,
         pm, pl, pacc,
-        Hkv, D, T, tk_q, tv_q, tk_r, tv_r, scale, tiles_per_split,
+        Hkv, D, cap_k, cap_v, scale, tiles_per_split,
         q.stride(0), q.stride(1), k_res.stride(0), k_res.stride(1), k_res.stride(2),
         v_res.stride(0), v_res.stride(1), v_res.stride(2),
         K_BITS=k_bits, V_BITS=v_bits, G=group_size, GROUP=group,
@@ -257,7 +271,7 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
 
 def dequantized_cache(k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res, *,
                       k_bits: int, v_bits: int, group_size: int, dtype: torch.dtype):
-    """Full (B, Hkv, T, D) K and V in ``dtype``: unpack, dequantize, append the residual."""
+    """Full (B, Hkv, T, D) K and V in ``dtype`` for full buffers: dequantize, append the residual."""
     k = torch.cat([dequantize_keys(k_words, k_scale, k_zero, k_bits, group_size, dtype),
                    k_res.to(dtype)], dim=2)
     v = torch.cat([dequantize_values(v_words, v_scale, v_zero, v_bits, group_size, dtype),
@@ -267,29 +281,35 @@ def dequantized_cache(k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res,
 
 def decode_attention_torch(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res,
                            *, k_bits: int, v_bits: int, group_size: int,
-                           sm_scale: float | None = None, kv_start: torch.Tensor | None = None,
-                           use_sdpa: bool = False) -> torch.Tensor:
-    """Reference (fp32 softmax attention) or, with ``use_sdpa``, dequantize-then-attend with
-    ``scaled_dot_product_attention`` in the activation dtype (the baseline the kernel beats)."""
+                           sm_scale: float | None = None, k_quantized=None, v_quantized=None,
+                           lengths=None, use_sdpa: bool = False) -> torch.Tensor:
+    """Reference: per row, dequantize its packed prefix, append its residual, fp32 softmax
+    attention. With ``use_sdpa`` (full buffers only): dequantize-then-attend with
+    ``scaled_dot_product_attention`` in the activation dtype, the baseline the kernel must beat."""
     q3 = q[:, :, 0] if q.dim() == 4 else q
     B, Hq, D = q3.shape
-    dtype = q3.dtype if use_sdpa else torch.float32
-    k, v = dequantized_cache(k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res,
-                             k_bits=k_bits, v_bits=v_bits, group_size=group_size, dtype=dtype)
-    T = k.shape[2]
-    mask = None
-    if kv_start is not None:
-        pos = torch.arange(T, device=q3.device)
-        mask = (pos[None, :] >= kv_start.to(q3.device)[:, None])[:, None, None, :]  # (B,1,1,T)
     scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     if use_sdpa:
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q3[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        k, v = dequantized_cache(k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res,
+                                 k_bits=k_bits, v_bits=v_bits, group_size=group_size,
+                                 dtype=q3.dtype)
+        o = torch.nn.functional.scaled_dot_product_attention(q3[:, :, None], k, v, scale=scale,
+                                                             enable_gqa=True)
         return o[:, :, 0]
-    rep = Hq // k.shape[1]
-    k = k.repeat_interleave(rep, dim=1)
-    v = v.repeat_interleave(rep, dim=1)
-    s = torch.einsum("bhd,bhtd->bht", q3.float(), k) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask[:, :, 0], float("-inf"))
-    return torch.einsum("bht,bhtd->bhd", torch.softmax(s, dim=-1), v).to(q3.dtype)
+    rows = row_lengths(k_words, v_words, k_res, k_bits, k_quantized, v_quantized, lengths).tolist()
+    fpi_k, out = codes_per_word(k_bits), []
+    for b, (n, tk, tv) in enumerate(rows):
+        sl = slice(b, b + 1)
+        k = torch.cat([dequantize_keys(k_words[sl, :, :tk // fpi_k], k_scale[sl, :, :tk // group_size],
+                                       k_zero[sl, :, :tk // group_size], k_bits, group_size,
+                                       torch.float32),
+                       k_res[sl, :, :n - tk].float()], dim=2)
+        v = torch.cat([dequantize_values(v_words[sl, :, :tv], v_scale[sl, :, :tv],
+                                         v_zero[sl, :, :tv], v_bits, group_size, torch.float32),
+                       v_res[sl, :, :n - tv].float()], dim=2)
+        rep = Hq // k.shape[1]
+        # (1, Hkv, n, D) -> (1, Hq, n, D)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        s = torch.einsum("bhd,bhtd->bht", q3[sl].float(), k) * scale
+        out.append(torch.einsum("bht,bhtd->bhd", torch.softmax(s, dim=-1), v))
+    return torch.cat(out).to(q3.dtype)
