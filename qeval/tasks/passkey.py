@@ -53,6 +53,9 @@ def build_samples(tokenizer, lengths, depths, samples_per_cell: int, key_digits:
     probe = "9" * key_digits
     base = count_tokens(tokenizer, make_prompt(probe, 0, 0.0))
     per_filler = count_tokens(tokenizer, make_prompt(probe, 50, 0.0)) - base
+    if min(lengths) < base:
+        raise ValueError(f"task.passkey.lengths={min(lengths)}: shorter than the prompt without filler "
+                         f"({base} tokens with this tokenizer); allowed: lengths >= {base}")
     samples = []
     for length in lengths:
         n_filler = max(0, (length - base) * 50 // max(1, per_filler) + 1)

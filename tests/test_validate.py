@@ -1,0 +1,71 @@
+"""Bad input exits with one line naming the key, the value and what is allowed — before any model
+loads. The table below is the README's table of bad inputs."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from qeval.methods.base import Method
+from qeval.run import validate
+from qeval.validate import CONFIG_DIR, ConfigError, check_config, check_overrides
+
+# (command-line overrides, text the one-line error must contain)
+BAD_INPUTS = [
+    (["method=unifrom"], "method=unifrom: unknown method; did you mean 'uniform'?"),
+    (["model=llama-7b"], "model=llama-7b: unknown model; did you mean 'llama2-7b'?"),
+    (["task=paskey"], "task=paskey: unknown task; did you mean 'passkey'?"),
+    (["kv_bit=2"], "kv_bit=2: unknown key; did you mean 'kv_bits'?"),
+    (["w_bits=9"], "w_bits=9: method uniform supports 1, 2, 3, 4, 5, 6, 7, 8, 16 bits"),
+    (["method=group", "kv_bits=1"], "kv_bits=1: method group supports 2, 3, 4, 5, 6, 7, 8, 16 bits"),
+    (["method=group", "w_bits=4", "w_group_size=96"], "w_group_size=96: does not divide the Linear input width"),
+    (["method=group", "kv_bits=4", "kv_group_size=24"], "kv_group_size=24: does not divide head_dim=32"),
+    (["kv_semantics=serving"], "kv_semantics=serving: method uniform supports cache, simulated"),
+    (["method.kv_granularity=per_channel", "kv_bits=2"], "method.kv_granularity=per_channel: with kv_semantics=cache"),
+    (["method.w_granularity=per_row", "w_bits=4"], "method.w_granularity=per_row: allowed: per_tensor, per_channel"),
+    (["dtype=fp8"], "dtype=fp8: allowed: auto, float32, float16, bfloat16"),
+    (["model=llama2-7b"], "model.path=meta-llama/Llama-2-7b-hf: not a local directory and not in the Hugging Face cache"),
+]
+
+
+def error_for(overrides: list[str], tmp_path) -> str:
+    """What ``python -m qeval <overrides>`` reports, run in-process up to validation."""
+    try:
+        check_overrides(overrides)
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=overrides + [f"results_dir={tmp_path}"])
+        validate(cfg)
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
+@pytest.mark.parametrize("overrides,expected", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_key_and_value(overrides, expected, tmp_path):
+    msg = error_for(overrides, tmp_path)
+    assert expected in msg, msg
+    assert "\n" not in msg
+
+
+def test_kv_only_methods_refuse_weights():
+    class KVOnly(Method):
+        name = "kvonly"
+        targets = frozenset({"KV"})
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["w_bits=4"])
+    with pytest.raises(ConfigError, match="w_bits=4: method kvonly quantizes only the KV cache"):
+        check_config(cfg, KVOnly)
+
+
+@pytest.mark.parametrize("args,expected", [(["method=unifrom"], "did you mean 'uniform'"),
+                                           (["w_bits=9", "model=tiny-random"], "w_bits=9")])
+def test_command_line_exits_2_with_one_line_and_no_traceback(args, expected, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "qeval", *args, f"results_dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("qeval: error:") and expected in lines[0], p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+    assert not (tmp_path / "runs").exists()  # nothing ran, nothing written
