@@ -36,6 +36,7 @@ class Handle:
     method: Method
     kv_semantics: str = "cache"
     stats: Stats = field(default_factory=Stats)
+    run_dir: object = None        # the run directory, where tasks may keep per-sample outputs
 
     def progress_bar(self, total: int, desc: str):
         """A progress bar with ETA for a task's samples (silent when stderr is not a terminal)."""

@@ -120,6 +120,7 @@ def run(cfg) -> dict:
     start = time.perf_counter()
     try:
         handle, facts = prepare(cfg)
+        handle.run_dir = run_dir
         base = base_row(cfg, method, run_id) | facts | {"device": results.device_name(handle.device)}
         for name, task_cfg in cfg.task.items():
             handle.stats.__init__()

@@ -1,0 +1,161 @@
+"""lm-eval's ``HFLM`` over an already-quantized model, with the method's KV cache on the path.
+
+Stock ``HFLM`` never passes a cache: ``generate()`` builds a plain ``DynamicCache`` and
+log-likelihoods are scored in one forward pass over context + continuation. Under the ``cache``
+semantics (KIVI, GEAR: prefill attends in full precision, only what is stored is quantized) a
+one-pass score therefore never reads a quantized K/V, and MMLU-style tasks cannot move.
+
+``QevalLM`` changes exactly two things:
+
+* every ``generate()`` gets ``past_key_values=handle.new_cache(attention_mask)``;
+* ``scoring="prefill"`` scores a (context, continuation) pair in two steps, as a server would
+  after a prompt is cached: the context minus its last token is prefilled into a fresh method
+  cache, then the last context token and the continuation (minus its last token) are fed through
+  that cache. Every scored logit is computed by a query that reads the stored (quantized) context,
+  including the first continuation token, which is what a single-token answer ("A", "B", ...)
+  depends on. ``scoring="stock"`` keeps lm-eval's one-pass scoring.
+
+With 16 bits the cache is a plain ``DynamicCache`` and both paths reproduce stock ``HFLM``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
+
+from qeval.validate import ConfigError
+
+SCORINGS = ("prefill", "stock")
+TRUNCATIONS = ("left", "middle")
+
+
+class QevalLM(HFLM):
+    def __init__(self, handle, *, scoring: str = "prefill", batch_size: int = 1,
+                 max_length: int | None = None, truncation: str = "left",
+                 max_input_tokens: int | None = None, chat_template=None):
+        """``handle``: a :class:`qeval.handle.Handle`. ``truncation="middle"`` keeps the first and
+        last halves of a generation prompt longer than ``max_input_tokens`` (LongBench,
+        arXiv:2308.14508); ``"left"`` is lm-eval's own left truncation. ``chat_template``: a
+        callable ``(task_name) -> bool`` saying whether to wrap that task's prompts in the
+        tokenizer's chat template (only when the tokenizer has one)."""
+        if scoring not in SCORINGS:
+            raise ConfigError(f"scoring={scoring}: unknown scoring (allowed: {', '.join(SCORINGS)})")
+        if truncation not in TRUNCATIONS:
+            raise ConfigError(f"truncation={truncation}: unknown truncation (allowed: {', '.join(TRUNCATIONS)})")
+        super().__init__(pretrained=handle.model, tokenizer=handle.tokenizer, batch_size=batch_size,
+                         max_length=max_length, device=str(handle.device))
+        self.handle = handle
+        self.scoring = scoring
+        self.truncation_mode = truncation
+        self.max_input_tokens = max_input_tokens
+        self.chat_template = chat_template
+        # context string as sent -> (tokens before truncation, tokens after); read by the tasks
+        self.input_lengths: dict[str, tuple[int, int]] = {}
+
+    # ------------------------------------------------------------------ generation
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        mask = generation_kwargs.pop("attention_mask", None)
+        if mask is None:
+            mask = torch.ones_like(context)
+        cache = self.handle.new_cache(mask)
+        out = super()._model_generate(context, max_length, stop, attention_mask=mask,
+                                      past_key_values=cache, **generation_kwargs)
+        s = self.handle.stats
+        s.prompt_tokens += int(mask.sum())
+        s.generated_tokens += int((out[:, context.shape[1]:] != self.tokenizer.pad_token_id).sum())
+        s.observe_cache(cache, self.handle.method)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        """Middle truncation and the chat template act on the prompt text, before lm-eval
+        tokenizes it; lm-eval's left truncation is then a no-op for truncated prompts."""
+        for req in requests:
+            context, gen_kwargs = req.args
+            text = self._fit(context, gen_kwargs)
+            if self.chat_template is not None and self.tokenizer.chat_template \
+                    and self.chat_template(req.task_name):
+                text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                          tokenize=False, add_generation_prompt=True)
+            req.arguments = (text, gen_kwargs)
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
+    def _fit(self, context: str, gen_kwargs: dict) -> str:
+        """LongBench's truncation: if the prompt has more than ``budget`` tokens keep the first
+        and last ``budget / 2`` (the instruction and the question sit at the two ends)."""
+        toks = self.tok_encode(context)
+        budget = self.max_input_tokens or (self.max_length - gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+        text = context
+        if self.truncation_mode == "middle" and len(toks) > budget:
+            half = budget // 2
+            text = self.tok_decode(toks[:half], skip_special_tokens=True) + \
+                self.tok_decode(toks[len(toks) - (budget - half):], skip_special_tokens=True)
+        self.input_lengths[context] = (len(toks), min(len(toks), len(self.tok_encode(text)), budget))
+        return text
+
+    # ------------------------------------------------------------------ log-likelihood
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        if self.scoring == "stock":
+            self.handle.stats.prompt_tokens += sum(min(len(c) + len(t), self.max_length) for _, c, t in requests)
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 1
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = self.handle.progress_bar(len(requests), "loglikelihood (prefill + continuation)")
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            for i, answer in zip(idx, self._score_batch([requests[i] for i in idx])):
+                results[i] = answer
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            bar.update(len(idx))
+        bar.close()
+        return results
+
+    @torch.no_grad()
+    def _score_batch(self, batch) -> list[tuple[float, bool]]:
+        """Prefill ``prefix`` into a fresh method cache, then score ``tail`` through it.
+
+        For tokens ``x = (ctx + cont)[-(max_length + 1):]`` (lm-eval's left truncation):
+        prefix = x[:-(n + 1)], tail = x[-(n + 1):-1], targets = cont (n tokens), so position j
+        of the tail predicts cont[j]. Prefixes are left-padded, tails right-padded.
+        """
+        dev, pad_id = self.device, self.tokenizer.pad_token_id or 0
+        prefixes, tails, targets = [], [], []
+        for _, ctx, cont in batch:
+            x = (ctx + cont)[-(self.max_length + 1):]
+            n = len(cont)
+            prefixes.append(x[:-(n + 1)])
+            tails.append(x[-(n + 1):-1])
+            targets.append(cont)
+        B, Lp, Lt = len(batch), max(map(len, prefixes)), max(map(len, tails))
+        ids_p = torch.full((B, Lp), pad_id, dtype=torch.long, device=dev)
+        mask_p = torch.zeros((B, Lp), dtype=torch.long, device=dev)
+        ids_t = torch.full((B, Lt), pad_id, dtype=torch.long, device=dev)
+        mask_t = torch.zeros((B, Lt), dtype=torch.long, device=dev)
+        for b, (p, t) in enumerate(zip(prefixes, tails)):
+            if p:
+                ids_p[b, Lp - len(p):] = torch.tensor(p, device=dev)  # left padding
+                mask_p[b, Lp - len(p):] = 1
+            ids_t[b, :len(t)] = torch.tensor(t, device=dev)           # right padding
+            mask_t[b, :len(t)] = 1
+        mask = torch.cat([mask_p, mask_t], dim=1)  # (B, Lp + Lt): the cache excludes both paddings
+        cache = self.handle.new_cache(mask)
+        if Lp:
+            pos_p = (mask_p.cumsum(-1) - 1).clamp(min=0)
+            self.model(input_ids=ids_p, attention_mask=mask_p, position_ids=pos_p,
+                       past_key_values=cache, use_cache=True)
+        pos_t = mask_p.sum(-1, keepdim=True) + torch.arange(Lt, device=dev)[None]
+        logits = self.model(input_ids=ids_t, attention_mask=mask, position_ids=pos_t,
+                            past_key_values=cache, use_cache=True).logits  # (B, Lt, V)
+        logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+        s = self.handle.stats
+        s.prompt_tokens += int(mask.sum())
+        s.observe_cache(cache, self.handle.method)
+        answers = []
+        for b, cont in enumerate(targets):
+            lp = logprobs[b, :len(cont)]                         # (n, V)
+            want = torch.tensor(cont, device=dev)
+            greedy = bool((lp.argmax(-1) == want).all())
+            answers.append((float(lp.gather(-1, want[:, None]).sum()), greedy))
+        return answers

@@ -1,0 +1,225 @@
+"""GSM8K, MMLU, BBH and LongBench through lm-eval, with the method's KV cache on the path.
+
+lm-eval owns the prompts, few-shot examples, answer extraction and metrics (and their versions);
+qeval owns the model (:class:`qeval.lm_eval_model.QevalLM`) and the rows. One qeval task is one
+``simple_evaluate`` call over lm-eval task or group names (``cfg.lm_eval_tasks``).
+
+Data: from the Hugging Face hub by default. ``data_dir`` points every leaf task at local JSON
+lines instead, laid out as ``<data_dir>/<dataset_path>/<dataset_name or default>/<split>.jsonl``
+(what ``scripts/prefetch.py --data-dir`` writes); the redirect is a generated YAML per leaf task
+that ``include``s lm-eval's own and swaps only the dataset (``dataset_path: json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from qeval.lm_eval_model import QevalLM
+from qeval.registry import register_task
+from qeval.validate import ConfigError
+
+SPLIT_KEYS = ("test_split", "validation_split", "training_split", "fewshot_split")
+
+
+# ---------------------------------------------------------------------------- task tree
+def leaf_configs(manager, names) -> dict[str, dict]:
+    """Every leaf task under ``names`` (tasks, groups or tags) -> its merged YAML config
+    (with ``yaml_path``), read without building anything (building downloads the data)."""
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    out: dict[str, dict] = {}
+
+    def visit(name: str) -> None:
+        entry = manager.task_index.get(name)
+        if entry is None:
+            raise ConfigError(f"lm_eval_tasks: '{name}' is not an lm-eval task, group or tag")
+        if entry.kind == Kind.TAG:
+            for t in sorted(entry.tags):
+                visit(t)
+        elif entry.kind == Kind.GROUP:
+            for item in load_yaml(entry.yaml_path, resolve_func=False).get("task", []):
+                visit(item if isinstance(item, str) else item.get("task") or item.get("group"))
+        elif entry.yaml_path is not None:
+            out[name] = load_yaml(entry.yaml_path, resolve_func=False) | {"yaml_path": str(entry.yaml_path)}
+
+    for n in names:
+        visit(n)
+    return out
+
+
+def datasets_of(leaves: dict[str, dict]) -> list[tuple[str, str | None]]:
+    return sorted({(c.get("dataset_path"), c.get("dataset_name")) for c in leaves.values()}, key=str)
+
+
+def local_files(data_dir: Path, cfg: dict) -> Path:
+    return data_dir / cfg["dataset_path"] / (cfg.get("dataset_name") or "default")
+
+
+def needed_splits(cfg: dict, num_fewshot: int | None) -> list[str]:
+    """The eval split, plus the few-shot split when shots come from the data (not inline)."""
+    need = [cfg.get("test_split") or cfg.get("validation_split")]
+    shots = cfg.get("num_fewshot", 0) if num_fewshot is None else num_fewshot
+    inline = (cfg.get("fewshot_config") or {}).get("samples")
+    if shots and not inline:
+        need.append(cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split"))
+    return [s for s in need if s]
+
+
+def write_local_overrides(leaves: dict[str, dict], data_dir: Path, out_dir: Path, key: str,
+                          num_fewshot: int | None) -> None:
+    """One YAML per leaf: lm-eval's config with the dataset swapped for local JSON lines."""
+    for name, cfg in leaves.items():
+        folder = local_files(data_dir, cfg)
+        for split in needed_splits(cfg, num_fewshot):
+            if not (folder / f"{split}.jsonl").is_file():
+                raise ConfigError(f"{key}={data_dir}: {folder / f'{split}.jsonl'} is missing (dataset "
+                                  f"{cfg['dataset_path']}/{cfg.get('dataset_name')}, split {split}); "
+                                  f"write it with scripts/prefetch.py --data-dir {data_dir}")
+        files = {cfg[k]: str(folder / f"{cfg[k]}.jsonl") for k in SPLIT_KEYS
+                 if cfg.get(k) and (folder / f"{cfg[k]}.jsonl").is_file()}
+        override = {"include": cfg["yaml_path"], "task": name, "dataset_path": "json",
+                    "dataset_name": None, "dataset_kwargs": {"data_files": files}}
+        (out_dir / f"{name}.yaml").write_text(json.dumps(override, indent=1))  # JSON is YAML
+
+
+def load_tasks(name: str, cfg, tmp: Path):
+    """A TaskManager (local overrides included when ``data_dir`` is set) and its leaves."""
+    from lm_eval.tasks import TaskManager
+
+    import lm_eval.tasks
+
+    names = list(cfg.lm_eval_tasks)
+    # indexing all of lm-eval's YAMLs takes tens of seconds; a task names the folders it needs
+    root = Path(lm_eval.tasks.__file__).parent
+    dirs = [str(root / d) for d in cfg.lm_eval_dirs] if cfg.get("lm_eval_dirs") else []
+    manager = TaskManager(include_defaults=not dirs, include_path=dirs or None)
+    leaves = leaf_configs(manager, names)
+    if cfg.get("data_dir"):
+        data_dir = Path(cfg.data_dir).expanduser().resolve()
+        write_local_overrides(leaves, data_dir, tmp, f"task.{name}.data_dir", cfg.get("num_fewshot"))
+        manager = TaskManager(include_defaults=not dirs, include_path=dirs + [str(tmp)])
+    try:
+        loaded = manager.load(names)
+    except ConfigError:
+        raise
+    except Exception as e:  # datasets raises ConnectionError / DatasetNotFoundError / OSError offline
+        ds = ", ".join(f"{p}" + (f"/{n}" if n else "") for p, n in datasets_of(leaves)[:3])
+        more = f" (+{len(datasets_of(leaves)) - 3} more)" if len(datasets_of(leaves)) > 3 else ""
+        raise ConfigError(f"task={name}: dataset {ds}{more} could not be loaded ({type(e).__name__}); "
+                          f"run scripts/prefetch.py, or set task.{name}.data_dir=<dir with "
+                          f"<dataset_path>/<dataset_name>/<split>.jsonl>") from e
+    return manager, loaded, leaves
+
+
+# ---------------------------------------------------------------------------- rows
+def _n(results: dict, name: str) -> int:
+    if name in results.get("n-samples", {}):
+        return int(results["n-samples"][name]["effective"])
+    return sum(_n(results, c) for c in results.get("group_subtasks", {}).get(name, []))
+
+
+def _num(x):
+    return float(x) if isinstance(x, (int, float)) else None
+
+
+def rows_from_results(results: dict, scoring: str, leaves: dict[str, dict]) -> list[dict]:
+    """One row per (lm-eval task or group, metric) with lm-eval's names, stderr and version."""
+    rows = []
+    for name, metrics in results["results"].items():
+        for key, value in metrics.items():
+            if key in ("alias", "name", "sample_len") or "_stderr," in key or key.endswith("_stderr"):
+                continue
+            metric, _, filt = key.partition(",")
+            stderr = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
+            rows.append({"metric": key, "value": _num(value), "stderr": _num(stderr), "n": _n(results, name),
+                         "subtask": name, "is_group": name not in leaves,
+                         "task_version": results.get("versions", {}).get(name),
+                         "num_fewshot": results.get("n-shot", {}).get(name), "scoring": scoring})
+    return rows
+
+
+def task_mean_row(rows: list[dict], metric: str, label: str) -> dict | None:
+    """The unweighted mean of ``metric`` over leaf tasks (the LongBench paper's average)."""
+    leaf = [r for r in rows if not r["is_group"] and r["metric"] == metric and r["value"] is not None]
+    if not leaf:
+        return None
+    return {"metric": metric, "value": sum(r["value"] for r in leaf) / len(leaf), "stderr": None,
+            "n": sum(r["n"] for r in leaf), "subtask": label, "is_group": True, "task_version": None,
+            "num_fewshot": None, "scoring": leaf[0]["scoring"], "n_tasks": len(leaf)}
+
+
+def write_samples(run_dir, qeval_task: str, results: dict, lm: QevalLM) -> None:
+    """Per-sample predictions in ``<run_dir>/samples.jsonl``; lines of other qeval tasks kept."""
+    if run_dir is None:
+        return
+    path = Path(run_dir) / "samples.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line and json.loads(line).get("qeval_task") != qeval_task]
+    new = []
+    for sub, samples in results.get("samples", {}).items():
+        for s in samples:
+            line = {"qeval_task": qeval_task, "lm_eval_task": sub} | s
+            args = s.get("arguments") or []
+            prompt = args[0][0] if args and isinstance(args[0], (list, tuple)) and args[0] else None
+            if isinstance(prompt, str) and prompt in lm.input_lengths:
+                line["input_tokens"], line["input_tokens_truncated"] = lm.input_lengths[prompt]
+            new.append(json.dumps(line, default=str))
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("\n".join(kept + new) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- the task
+def no_chat_filter(cfg):
+    """LongBench's convention: no chat template for few-shot / code tasks (its pred.py list)."""
+    if not cfg.get("chat_template", False):
+        return None
+    skip = set(cfg.get("no_chat_tasks") or [])
+    return lambda task_name: not any(task_name == s or task_name.endswith(f"_{s}") for s in skip)
+
+
+def evaluate_lm_eval(name: str, handle, cfg) -> list[dict]:
+    from lm_eval import simple_evaluate
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"qeval-{name}-"))
+    try:
+        manager, loaded, leaves = load_tasks(name, cfg, tmp)
+        lm = QevalLM(handle, scoring=cfg.get("scoring", "prefill"), batch_size=cfg.batch_size,
+                     max_length=cfg.get("max_length"), truncation=cfg.get("truncation", "left"),
+                     max_input_tokens=cfg.get("max_input_tokens"), chat_template=no_chat_filter(cfg))
+        gen = {"max_gen_toks": int(cfg.max_gen_toks)} if cfg.get("max_gen_toks") else None
+        results = simple_evaluate(model=lm, tasks=list(cfg.lm_eval_tasks), task_manager=manager,
+                                  num_fewshot=cfg.get("num_fewshot"), limit=cfg.get("limit"),
+                                  bootstrap_iters=cfg.get("bootstrap_iters", 100000), gen_kwargs=gen,
+                                  log_samples=True, random_seed=cfg.get("seed", 0),
+                                  numpy_random_seed=cfg.get("seed", 0), torch_random_seed=cfg.get("seed", 0),
+                                  fewshot_random_seed=cfg.get("seed", 0))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = rows_from_results(results, lm.scoring, leaves)
+    if cfg.get("task_mean_metric"):
+        mean = task_mean_row(rows, cfg.task_mean_metric, f"{name} (mean over tasks)")
+        if mean:
+            rows.append(mean)
+    if lm.input_lengths:
+        sent = [v[1] for v in lm.input_lengths.values()]
+        for r in rows:
+            r["input_tokens_mean"] = sum(sent) / len(sent)
+    write_samples(getattr(handle, "run_dir", None), name, results, lm)
+    return rows
+
+
+def _register(name: str) -> None:
+    register_task(name)(lambda handle, cfg: evaluate_lm_eval(name, handle, cfg))
+
+
+for _name in ("gsm8k", "gsm8k_cot", "mmlu", "bbh", "longbench"):
+    _register(_name)
