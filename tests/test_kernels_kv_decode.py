@@ -53,9 +53,12 @@ def test_decode_matches_reference_on_ragged_rows(B, Hq, Hkv, D, G, kb, vb, split
     tk = torch.tensor([cap, G, 2 * G, 0][:B], dtype=torch.int32)
     n = tk + torch.tensor([5, G + 3, 0, 2 * G + 7][:B], dtype=torch.int32)
     tv = torch.clamp(n - torch.tensor([G + 2, 3, 2 * G + 7, 1][:B]), min=0).to(torch.int32)
-    assert ((n - tv) <= res_cap).all() and ((n - tk) <= res_cap).all()
+    # right-aligned residual windows: each row's residual ends at the buffer's end
+    ko, vo = res_cap - (n - tk), res_cap - (n - tv)
+    assert (ko >= 0).all() and (vo >= 0).all()
     q = torch.randn(B, Hq, D, device=DEV).to(dtype)
-    kw = dict(k_bits=kb, v_bits=vb, group_size=G, k_quantized=tk, v_quantized=tv, lengths=n)
+    kw = dict(k_bits=kb, v_bits=vb, group_size=G, k_quantized=tk, v_quantized=tv, lengths=n,
+              k_offset=ko, v_offset=vo)
     out = torch.full((B, Hq, D), float("nan"), device=DEV, dtype=dtype)
     kda.decode_attention(q, *packed, kr, vr, **kw, n_splits=splits, out=out)
     ref = kda.decode_attention_torch(q, *packed, kr, vr, **kw)

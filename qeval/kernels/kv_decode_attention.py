@@ -65,7 +65,8 @@ def _decode_split_kernel(
     vs_ptr, vz_ptr,   # (B*Hkv, CAP_V, D // G): value scale / zero
     kr_ptr,       # (B, Hkv, >= len - TK_Q, D) residual keys, strides (skr_b, skr_h, skr_t, 1)
     vr_ptr,       # (B, Hkv, >= len - TV_Q, D) residual values, strides (svr_b, svr_h, svr_t, 1)
-    rows_ptr,     # (B, 3) int32: per row (length, TK_Q packed keys, TV_Q packed values)
+    rows_ptr,     # (B, 5) int32: per row (length, TK_Q packed keys, TV_Q packed values,
+                  #   index of the row's first residual key, of its first residual value)
     pm_ptr, pl_ptr,   # (B*Hq, S) fp32: running max (log2 units) and sum per split
     pacc_ptr,     # (B*Hq, S, D) fp32: unnormalized output per split
     Hkv, D, CAP_K, CAP_V, qk_scale, tiles_per_split,
@@ -86,9 +87,11 @@ def _decode_split_kernel(
     dmask = d < D
     q = tl.load(q_ptr + b * sq_b + (kvh * GROUP + h)[:, None] * sq_h + d[None, :],
                 mask=hmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    T = tl.load(rows_ptr + b * 3)
-    TK_Q = tl.load(rows_ptr + b * 3 + 1)
-    TV_Q = tl.load(rows_ptr + b * 3 + 2)
+    T = tl.load(rows_ptr + b * 5)
+    TK_Q = tl.load(rows_ptr + b * 5 + 1)
+    TV_Q = tl.load(rows_ptr + b * 5 + 2)
+    K_OFF = tl.load(rows_ptr + b * 5 + 3)
+    V_OFF = tl.load(rows_ptr + b * 5 + 4)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -116,7 +119,7 @@ def _decode_split_kernel(
             qs = (q * ks[None, :]).to(DOT_DTYPE)
             s = tl.dot(qs, tl.trans(kcodes.to(DOT_DTYPE))) + tl.sum(q * kz[None, :], axis=1)[:, None]
         else:
-            r = t - TK_Q
+            r = t - TK_Q + K_OFF
             k = tl.load(kr_ptr + b * skr_b + kvh * skr_h + r[:, None] * skr_t + d[None, :],
                         mask=(t < T)[:, None] & dmask[None, :], other=0.0)
             s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)))
@@ -144,7 +147,7 @@ def _decode_split_kernel(
             vz = tl.load(vz_ptr + sp, mask=packed_mask, other=0.0).to(tl.float32)
             v += vcodes * vs + vz
         if t0 + G > TV_Q:
-            r = t - TV_Q
+            r = t - TV_Q + V_OFF
             rmask = (t >= TV_Q) & (t < T)
             v += tl.load(vr_ptr + b * svr_b + kvh * svr_h + r[:, None] * svr_t + d[None, :],
                          mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
@@ -195,20 +198,25 @@ def default_splits(batch_heads: int, n_tiles: int, device: torch.device) -> int:
 
 
 def row_lengths(k_words, v_words, k_res, k_bits: int, k_quantized=None, v_quantized=None,
-                lengths=None) -> torch.Tensor:
-    """(B, 3) int32 (length, packed keys, packed values); defaults: every buffer full."""
+                lengths=None, k_offset=None, v_offset=None) -> torch.Tensor:
+    """(B, 5) int32 (length, packed keys, packed values, residual key / value offsets);
+    defaults: every packed buffer full, residuals from index 0."""
     B, dev = k_words.shape[0], k_words.device
     full = lambda n: torch.full((B,), n, dtype=torch.int32, device=dev)  # noqa: E731
     tk = full(k_words.shape[2] * codes_per_word(k_bits)) if k_quantized is None else k_quantized
     tv = full(v_words.shape[2]) if v_quantized is None else v_quantized
     n = tk.to(dev) + k_res.shape[2] if lengths is None else lengths
-    return torch.stack([n.to(dev), tk.to(dev), tv.to(dev)], dim=1).to(torch.int32).contiguous()
+    ko = full(0) if k_offset is None else k_offset
+    vo = full(0) if v_offset is None else v_offset
+    cols = [n, tk, tv, ko, vo]
+    return torch.stack([c.to(dev, torch.int32) for c in cols], dim=1).contiguous()
 
 
 def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res, *,
                      k_bits: int, v_bits: int, group_size: int, sm_scale: float | None = None,
                      k_quantized: torch.Tensor | None = None, v_quantized: torch.Tensor | None = None,
-                     lengths: torch.Tensor | None = None, n_splits: int | None = None,
+                     lengths: torch.Tensor | None = None, k_offset: torch.Tensor | None = None,
+                     v_offset: torch.Tensor | None = None, n_splits: int | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per sequence over packed + residual K/V.
 
@@ -216,8 +224,9 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
     Hq / group`` heads, possibly with spare capacity along tokens. Per row ``b`` (all optional,
     (B,) ints): ``k_quantized[b]`` packed keys (a multiple of G; default: the whole buffer),
     ``v_quantized[b]`` packed values, ``lengths[b]`` positions in all (default: packed keys +
-    ``k_res.shape[2]``); row b's remaining keys/values are ``k_res[b, :, :lengths - k_quantized]``
-    and ``v_res[b, :, :lengths - v_quantized]``. Returns (B, Hq, D) in q's dtype (or ``out``).
+    ``k_res.shape[2]``); row b's remaining keys/values are ``k_res[b, :, ko:ko + lengths -
+    k_quantized]`` and ``v_res[b, :, vo:vo + lengths - v_quantized]`` with ``ko = k_offset[b]``,
+    ``vo = v_offset[b]`` (default 0: a right-aligned residual window has per-row offsets). Returns (B, Hq, D) in q's dtype (or ``out``).
     """
     check_layout(k_bits, group_size)
     check_layout(v_bits, group_size)
@@ -239,7 +248,8 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
         raise ValueError(f"packed keys hold {cap_k} tokens, not a multiple of G={group_size}")
     k_words, k_scale, k_zero, v_words, v_scale, v_zero = (
         t.contiguous() for t in (k_words, k_scale, k_zero, v_words, v_scale, v_zero))
-    rows = row_lengths(k_words, v_words, k_res, k_bits, k_quantized, v_quantized, lengths)
+    rows = row_lengths(k_words, v_words, k_res, k_bits, k_quantized, v_quantized, lengths,
+                       k_offset, v_offset)
     T = int(rows[:, 0].max()) if B else 0
     group = Hq // Hkv
     n_tiles = max(1, triton.cdiv(T, group_size))
@@ -282,7 +292,7 @@ def dequantized_cache(k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res,
 def decode_attention_torch(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res,
                            *, k_bits: int, v_bits: int, group_size: int,
                            sm_scale: float | None = None, k_quantized=None, v_quantized=None,
-                           lengths=None, use_sdpa: bool = False) -> torch.Tensor:
+                           lengths=None, k_offset=None, v_offset=None, use_sdpa: bool = False) -> torch.Tensor:
     """Reference: per row, dequantize its packed prefix, append its residual, fp32 softmax
     attention. With ``use_sdpa`` (full buffers only): dequantize-then-attend with
     ``scaled_dot_product_attention`` in the activation dtype, the baseline the kernel must beat."""
@@ -296,17 +306,18 @@ def decode_attention_torch(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero
         o = torch.nn.functional.scaled_dot_product_attention(q3[:, :, None], k, v, scale=scale,
                                                              enable_gqa=True)
         return o[:, :, 0]
-    rows = row_lengths(k_words, v_words, k_res, k_bits, k_quantized, v_quantized, lengths).tolist()
+    rows = row_lengths(k_words, v_words, k_res, k_bits, k_quantized, v_quantized, lengths,
+                       k_offset, v_offset).tolist()
     fpi_k, out = codes_per_word(k_bits), []
-    for b, (n, tk, tv) in enumerate(rows):
+    for b, (n, tk, tv, ko, vo) in enumerate(rows):
         sl = slice(b, b + 1)
         k = torch.cat([dequantize_keys(k_words[sl, :, :tk // fpi_k], k_scale[sl, :, :tk // group_size],
                                        k_zero[sl, :, :tk // group_size], k_bits, group_size,
                                        torch.float32),
-                       k_res[sl, :, :n - tk].float()], dim=2)
+                       k_res[sl, :, ko:ko + n - tk].float()], dim=2)
         v = torch.cat([dequantize_values(v_words[sl, :, :tv], v_scale[sl, :, :tv],
                                          v_zero[sl, :, :tv], v_bits, group_size, torch.float32),
-                       v_res[sl, :, :n - tv].float()], dim=2)
+                       v_res[sl, :, vo:vo + n - tv].float()], dim=2)
         rep = Hq // k.shape[1]
         # (1, Hkv, n, D) -> (1, Hq, n, D)
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
