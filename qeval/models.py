@@ -13,6 +13,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+# ``path: "@name"`` names a model shipped inside the package (qeval/assets/<name>, e.g. the toy model)
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+
+def resolve_path(path: str) -> str:
+    """A packaged model's directory for ``@name``; any other path or hub id unchanged."""
+    return os.path.join(ASSETS, path[1:]) if isinstance(path, str) and path.startswith("@") else path
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -49,7 +56,7 @@ def model_config(model_cfg, vocab_size: int | None = None):
         model_type = kw.pop("model_type")
         kw.setdefault("vocab_size", vocab_size or len(char_tokenizer()))
         return AutoConfig.for_model(model_type, **kw)
-    return AutoConfig.from_pretrained(model_cfg.path, revision=model_cfg.get("revision"),
+    return AutoConfig.from_pretrained(resolve_path(model_cfg.path), revision=model_cfg.get("revision"),
                                       trust_remote_code=model_cfg.get("trust_remote_code", False))
 
 
@@ -67,10 +74,10 @@ def load(model_cfg, device: str = "auto", dtype: str = "auto", attn: str = "sdpa
         model = AutoModelForCausalLM.from_config(config, dtype=dt, attn_implementation=attn).to(dev)
     else:
         kw = dict(revision=model_cfg.get("revision"), trust_remote_code=model_cfg.get("trust_remote_code", False))
-        tokenizer = AutoTokenizer.from_pretrained(model_cfg.path, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_path(model_cfg.path), **kw)
         many_gpus = dev.type == "cuda" and torch.cuda.device_count() > 1 and device == "auto"
         model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.path, dtype=dt, attn_implementation=attn,
+            resolve_path(model_cfg.path), dtype=dt, attn_implementation=attn,
             device_map="auto" if many_gpus else {"": dev}, **kw)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -81,6 +88,7 @@ def load(model_cfg, device: str = "auto", dtype: str = "auto", attn: str = "sdpa
 
 def is_available_offline(path: str) -> bool:
     """A local directory, or a hub id whose config is already in the Hugging Face cache."""
+    path = resolve_path(path)
     if os.path.isdir(path):
         return True
     from huggingface_hub import try_to_load_from_cache

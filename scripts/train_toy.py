@@ -1,0 +1,155 @@
+"""Train qeval's embedded toy model: a small Llama (RoPE, GQA) on the synthetic data of qeval.toy_data.
+
+    python scripts/train_toy.py                      # writes qeval/assets/toy/ (about 15 min on 2 CPU cores)
+    python scripts/train_toy.py --out /tmp/toy --steps 50
+
+Everything is seeded (weights, data order, every sample) and runs single-process on the CPU with a
+fixed thread count, so the same seed gives the same losses and weights. Each step trains on one
+batch of passkey prompts (from the passkey task's own generator, lengths 96..1088 tokens with a
+curriculum that starts short) and one batch of arithmetic and multiple-choice examples.
+
+The loss is the usual next-token loss over the whole text, with the prompt down-weighted against
+the completion: the filler is easy to predict and would otherwise swamp the few answer tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from qeval import toy_data  # noqa: E402
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "qeval" / "assets" / "toy"
+
+# about 0.85 M parameters: 4 query heads share 2 KV heads (GQA), head_dim 32
+ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
+            tie_word_embeddings=True)
+MIN_LEN, MAX_LEN = 96, 1088        # passkey prompt lengths trained (the task evaluates 256..1024)
+PASSKEY_TOKENS = 1024              # passkey tokens per step: batch = PASSKEY_TOKENS // length
+SHORT_BATCH = 24                   # arithmetic + multiple-choice examples per step (half each)
+PROMPT_WEIGHT = 0.25               # loss weight of prompt tokens against completion tokens
+KEY_DIGITS = 5
+
+
+def make_model(tokenizer, seed: int, arch: dict = ARCH) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **arch)
+    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def encode(tokenizer, examples) -> dict[str, torch.Tensor]:
+    """Right-padded (B, T) ids with per-token loss weights; prompt ids are BOS + prompt, then the
+    completion and EOS (tokenized apart, so the boundary is exactly where generation starts)."""
+    rows, weights = [], []
+    for ex in examples:
+        p = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
+        c = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(p + c)
+        # weight of predicting token t+1 from position t
+        weights.append([PROMPT_WEIGHT] * (len(p) - 1) + [1.0] * len(c))
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    w = torch.zeros((len(rows), T - 1))
+    for i, (r, wt) in enumerate(zip(rows, weights)):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+        w[i, :len(wt)] = torch.tensor(wt)
+    return {"input_ids": ids, "attention_mask": mask, "weights": w}
+
+
+def passkey_length(rng: random.Random, step: int, steps: int) -> int:
+    """Curriculum: the longest length grows linearly over the first 40 % of training."""
+    top = MIN_LEN + (MAX_LEN - MIN_LEN) * min(1.0, step / max(1, 0.4 * steps))
+    return rng.randint(MIN_LEN, int(top))
+
+
+def make_batches(tokenizer, rng: random.Random, step: int, steps: int):
+    length = passkey_length(rng, step, steps)
+    n = max(1, PASSKEY_TOKENS // length)
+    depths = [rng.random() for _ in range(n)]
+    pk = toy_data.passkey_examples(tokenizer, length, depths, KEY_DIGITS, rng.randrange(2**31))
+    short = [toy_data.arithmetic(rng) for _ in range(SHORT_BATCH // 2)]
+    short += [toy_data.multiple_choice(rng) for _ in range(SHORT_BATCH // 2)]
+    return encode(tokenizer, pk), encode(tokenizer, short)
+
+
+def weighted_loss(model, batch) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # (B, T, V) -> predictions for positions 1..T-1
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten(), reduction="none")
+    w = batch["weights"].flatten()
+    return (ce * w).sum() / w.sum()
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(steps: int, seed: int = 0, lr: float = 3e-3, arch: dict = ARCH, log_every: int = 50, log=print):
+    """Returns (model, tokenizer, losses): one float per step, reproducible bit for bit."""
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    tokenizer = toy_data.build_tokenizer()
+    model = make_model(tokenizer, seed, arch)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+    rng = random.Random(seed)
+    losses, start = [], time.perf_counter()
+    for step in range(steps):
+        pk, short = make_batches(tokenizer, rng, step, steps)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
+        loss_pk, loss_short = weighted_loss(model, pk), weighted_loss(model, short)
+        loss = loss_pk + loss_short
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            log(f"step {step:5d}  loss {loss.item():.4f}  passkey {loss_pk.item():.4f} "
+                f"(len {pk['input_ids'].shape[1]})  short {loss_short.item():.4f}  "
+                f"{time.perf_counter() - start:.0f}s")
+    model.eval()
+    return model, tokenizer, losses
+
+
+def save(model, tokenizer, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--out", type=Path, default=ASSET_DIR)
+    args = ap.parse_args()
+    start = time.perf_counter()
+    model, tokenizer, _ = train(args.steps, args.seed, args.lr, log=lambda s: print(s, flush=True))
+    save(model, tokenizer, args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"saved {n / 1e6:.2f} M parameters to {args.out} after {time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
