@@ -1,0 +1,149 @@
+"""Sweep bookkeeping: how many cells a sweep has, which are finished, and a closing summary.
+
+Registered as a Hydra callback in ``configs/config.yaml``. It runs in two places:
+
+* in every cell's process (``on_job_start`` / ``on_job_end``), where it classifies the cell as
+  ``done`` (computed now), ``skipped`` (a finished result with the same config hash already
+  existed) or ``failed`` (the run wrote a failed row, or the task function raised), writes that
+  as one small marker file under ``<sweep dir>/.qeval_cells/`` and prints ``[k/N finished]``;
+* in the process that launched the sweep (``on_multirun_start`` / ``on_multirun_end``), where it
+  counts the cells before anything runs and reads the markers back at the end into
+  ``<sweep dir>/sweep_summary.json`` and one printed line: done, skipped, failed.
+
+Markers are files, not shared memory, because the submitit launchers run cells in separate
+processes (or on separate machines sharing a file system). A cell killed from outside (SLURM
+time limit, the kernel's out-of-memory killer) leaves no marker and is reported as ``missing``;
+its run directory has no finished ``result.json``, so the next run of the sweep redoes it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from qeval import results
+
+MARKER_DIR = ".qeval_cells"
+STATUSES = ("done", "skipped", "failed")
+
+
+def count_cells(config: DictConfig) -> int | None:
+    """Number of cells the basic sweeper will launch: the product of every swept override, the
+    experiment's ``hydra.sweeper.params`` and the command line together (as BasicSweeper does)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None  # other sweepers (optuna, ...) decide the cells as they go
+    params = config.hydra.sweeper.get("params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    overrides = OverridesParser.create().parse_overrides(args)
+    batches = BasicSweeper.split_arguments(overrides, None)
+    return len(batches[0]) if batches else 0
+
+
+def run_dir_of(task_cfg: DictConfig) -> Path:
+    """The run directory ``qeval.run.run`` uses for this cell (same hash, same place)."""
+    container = OmegaConf.to_container(task_cfg, resolve=True)
+    return Path(task_cfg.results_dir) / "runs" / results.config_hash(container)
+
+
+def classify(task_cfg: DictConfig, job_return: JobReturn, started: float) -> dict:
+    """``done`` / ``skipped`` / ``failed`` for one finished cell, with the error if any."""
+    if job_return.status == JobStatus.FAILED:
+        err = job_return._return_value
+        return {"status": "failed", "error": f"{type(err).__name__}: {err}", "run_dir": None}
+    run_dir = run_dir_of(task_cfg)
+    result = run_dir / "result.json"
+    try:
+        data = json.loads(result.read_text())
+        mtime = result.stat().st_mtime
+    except (OSError, ValueError):
+        return {"status": "failed", "error": "no result.json was written", "run_dir": str(run_dir)}
+    if data.get("status") != "ok":
+        return {"status": "failed", "error": data.get("error"), "run_dir": str(run_dir)}
+    # a result older than this cell's start was found, not computed
+    status = "skipped" if mtime < started else "done"
+    return {"status": status, "error": None, "run_dir": str(run_dir)}
+
+
+def read_markers(sweep_dir: Path) -> list[dict]:
+    out = []
+    for p in sorted((sweep_dir / MARKER_DIR).glob("*.json")):
+        try:
+            out.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            continue  # a marker is written atomically; an unreadable one is someone else's file
+    return out
+
+
+def summarize(sweep_dir: Path, total: int | None) -> dict:
+    markers = read_markers(sweep_dir)
+    counts = {s: sum(m["status"] == s for m in markers) for s in STATUSES}
+    summary = {"sweep_dir": str(sweep_dir), "cells": total, **counts,
+               "missing": None if total is None else max(0, total - len(markers)),
+               "failed_cells": [{"job": m["job"], "overrides": m["overrides"], "error": m["error"]}
+                                for m in markers if m["status"] == "failed"]}
+    return summary
+
+
+def summary_line(s: dict) -> str:
+    line = (f"qeval sweep: {s['cells'] if s['cells'] is not None else '?'} cells: "
+            f"done {s['done']}, skipped {s['skipped']}, failed {s['failed']}")
+    if s.get("missing"):
+        line += f", no report {s['missing']} (killed? rerun the sweep to redo them)"
+    return line
+
+
+class SweepSummary(Callback):
+    """Hydra callback: progress per finished cell and a done/skipped/failed summary per sweep."""
+
+    def __init__(self) -> None:
+        self._started = time.time()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        total = count_cells(config)
+        (sweep_dir / MARKER_DIR).mkdir(parents=True, exist_ok=True)
+        results.write_atomic(sweep_dir / MARKER_DIR / "total", json.dumps(total))
+        print(f"qeval sweep: {total if total is not None else '?'} cells -> {sweep_dir}", flush=True)
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        self._started = time.time()
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        job = int(config.hydra.job.num)
+        cell = classify(job_return.cfg, job_return, self._started) | {
+            "job": job, "overrides": list(job_return.overrides or []),
+            "seconds": time.time() - self._started}
+        results.write_atomic(sweep_dir / MARKER_DIR / f"{job:06d}.json", json.dumps(cell, default=str))
+        try:
+            total = json.loads((sweep_dir / MARKER_DIR / "total").read_text())
+        except (OSError, ValueError):
+            total = None
+        finished = len(read_markers(sweep_dir))
+        print(f"qeval sweep: cell {job} {cell['status']} ({' '.join(cell['overrides'])}) "
+              f"[{finished}/{total if total is not None else '?'} finished]", flush=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            total = json.loads((sweep_dir / MARKER_DIR / "total").read_text())
+        except (OSError, ValueError):
+            total = None
+        s = summarize(sweep_dir, total)
+        results.write_atomic(sweep_dir / "sweep_summary.json", json.dumps(s, indent=2))
+        print(summary_line(s), flush=True)
+        for cell in s["failed_cells"]:
+            print(f"qeval sweep:   failed cell {cell['job']} ({' '.join(cell['overrides'])}): {cell['error']}",
+                  flush=True)
