@@ -78,3 +78,16 @@ def task_cfg(name: str, **overrides):
     """The task's shipped config with overrides, as the runner hands it to the task."""
     base = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "task" / f"{name}.yaml")
     return OmegaConf.merge(base, overrides)
+
+
+def handle_for(*overrides: str):
+    """A handle exactly as ``python -m qeval <overrides>`` builds it (composed, validated, quantized)."""
+    from hydra import compose, initialize_config_dir
+
+    from qeval.run import prepare, validate
+
+    config_dir = str(Path(__file__).resolve().parent.parent / "configs")
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3", job_name="test"):
+        cfg = compose("config", overrides=["model=tiny-random", "device=cpu", *overrides])
+    validate(cfg)
+    return prepare(cfg)[0]

@@ -73,6 +73,7 @@ def needed_splits(cfg: dict, num_fewshot: int | None) -> list[str]:
 def write_local_overrides(leaves: dict[str, dict], data_dir: Path, out_dir: Path, key: str,
                           num_fewshot: int | None) -> None:
     """One YAML per leaf: lm-eval's config with the dataset swapped for local JSON lines."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name, cfg in leaves.items():
         folder = local_files(data_dir, cfg)
         for split in needed_splits(cfg, num_fewshot):
@@ -88,7 +89,8 @@ def write_local_overrides(leaves: dict[str, dict], data_dir: Path, out_dir: Path
 
 
 def load_tasks(name: str, cfg, tmp: Path):
-    """A TaskManager (local overrides included when ``data_dir`` is set) and its leaves."""
+    """A TaskManager (local overrides included when ``data_dir`` is set) and the leaf configs.
+    Nothing is built here: lm-eval builds (and downloads) inside ``simple_evaluate``."""
     from lm_eval.tasks import TaskManager
 
     import lm_eval.tasks
@@ -103,17 +105,7 @@ def load_tasks(name: str, cfg, tmp: Path):
         data_dir = Path(cfg.data_dir).expanduser().resolve()
         write_local_overrides(leaves, data_dir, tmp, f"task.{name}.data_dir", cfg.get("num_fewshot"))
         manager = TaskManager(include_defaults=not dirs, include_path=dirs + [str(tmp)])
-    try:
-        loaded = manager.load(names)
-    except ConfigError:
-        raise
-    except Exception as e:  # datasets raises ConnectionError / DatasetNotFoundError / OSError offline
-        ds = ", ".join(f"{p}" + (f"/{n}" if n else "") for p, n in datasets_of(leaves)[:3])
-        more = f" (+{len(datasets_of(leaves)) - 3} more)" if len(datasets_of(leaves)) > 3 else ""
-        raise ConfigError(f"task={name}: dataset {ds}{more} could not be loaded ({type(e).__name__}); "
-                          f"run scripts/prefetch.py, or set task.{name}.data_dir=<dir with "
-                          f"<dataset_path>/<dataset_name>/<split>.jsonl>") from e
-    return manager, loaded, leaves
+    return manager, leaves
 
 
 # ---------------------------------------------------------------------------- rows
@@ -186,22 +178,34 @@ def no_chat_filter(cfg):
     return lambda task_name: not any(task_name == s or task_name.endswith(f"_{s}") for s in skip)
 
 
+def missing_data_error(name: str, leaves: dict[str, dict], e: Exception) -> ConfigError:
+    ds = datasets_of(leaves)
+    shown = ", ".join(p + (f"/{n}" if n else "") for p, n in ds[:3]) + (f" (+{len(ds) - 3} more)" if len(ds) > 3 else "")
+    return ConfigError(f"task={name}: dataset {shown} could not be loaded ({type(e).__name__}); run "
+                       f"scripts/prefetch.py, or set task.{name}.data_dir=<dir with "
+                       f"<dataset_path>/<dataset_name>/<split>.jsonl>")
+
+
 def evaluate_lm_eval(name: str, handle, cfg) -> list[dict]:
+    from datasets.exceptions import DatasetNotFoundError
     from lm_eval import simple_evaluate
 
     tmp = Path(tempfile.mkdtemp(prefix=f"qeval-{name}-"))
     try:
-        manager, loaded, leaves = load_tasks(name, cfg, tmp)
+        manager, leaves = load_tasks(name, cfg, tmp)
         lm = QevalLM(handle, scoring=cfg.get("scoring", "prefill"), batch_size=cfg.batch_size,
                      max_length=cfg.get("max_length"), truncation=cfg.get("truncation", "left"),
                      max_input_tokens=cfg.get("max_input_tokens"), chat_template=no_chat_filter(cfg))
         gen = {"max_gen_toks": int(cfg.max_gen_toks)} if cfg.get("max_gen_toks") else None
-        results = simple_evaluate(model=lm, tasks=list(cfg.lm_eval_tasks), task_manager=manager,
-                                  num_fewshot=cfg.get("num_fewshot"), limit=cfg.get("limit"),
-                                  bootstrap_iters=cfg.get("bootstrap_iters", 100000), gen_kwargs=gen,
-                                  log_samples=True, random_seed=cfg.get("seed", 0),
-                                  numpy_random_seed=cfg.get("seed", 0), torch_random_seed=cfg.get("seed", 0),
-                                  fewshot_random_seed=cfg.get("seed", 0))
+        try:
+            results = simple_evaluate(
+                model=lm, tasks=list(cfg.lm_eval_tasks), task_manager=manager,
+                num_fewshot=cfg.get("num_fewshot"), limit=cfg.get("limit"), gen_kwargs=gen,
+                bootstrap_iters=cfg.get("bootstrap_iters", 100000), log_samples=True,
+                random_seed=cfg.get("seed", 0), numpy_random_seed=cfg.get("seed", 0),
+                torch_random_seed=cfg.get("seed", 0), fewshot_random_seed=cfg.get("seed", 0))
+        except (ConnectionError, FileNotFoundError, DatasetNotFoundError) as e:  # offline, not cached
+            raise missing_data_error(name, leaves, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = rows_from_results(results, lm.scoring, leaves)
