@@ -8,7 +8,7 @@ folded accordingly: ``x ~= scale * q + zero`` with
 
     asymmetric: zero = min + 2**(bits-1) * scale        symmetric: zero = 0
 
-One program per token, two passes over its K values (statistics, then codes): x is read twice
+Each program takes 8 tokens and makes two passes over their K values (statistics, then codes): x is read twice
 and 1 byte per element written, the producer's output never round-trips in float.
 """
 
@@ -36,49 +36,49 @@ def _act_quant_kernel(
     q_ptr,        # (M, K) int8 signed codes
     s_ptr,        # (M,) float32 scale
     z_ptr,        # (M,) float32 folded zero
-    K, stride_xm,
-    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_K: tl.constexpr,
+    M, K, stride_xm,
+    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    x_row = x_ptr + row * stride_xm
-    lo_v = tl.full((BLOCK_K,), float("inf"), tl.float32)
-    hi_v = tl.full((BLOCK_K,), float("-inf"), tl.float32)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    r_mask = rows < M
+    lo_v = tl.full((ROWS, BLOCK_K), float("inf"), tl.float32)
+    hi_v = tl.full((ROWS, BLOCK_K), float("-inf"), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        mask = offs < K
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        mask = r_mask[:, None] & (offs < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
         lo_v = tl.minimum(lo_v, tl.where(mask, x, float("inf")))
         hi_v = tl.maximum(hi_v, tl.where(mask, x, float("-inf")))
-    lo = tl.min(lo_v, axis=0)
-    hi = tl.max(hi_v, axis=0)
+    # rows past M have no values: give them a zero range so no inf - inf is ever formed
+    lo = tl.where(r_mask, tl.min(lo_v, axis=1), 0.0)     # (ROWS,)
+    hi = tl.where(r_mask, tl.max(hi_v, axis=1), 0.0)
     if SYMMETRIC:
         qmax: tl.constexpr = 2 ** (BITS - 1) - 1
-        scale = tl.math.div_rn(tl.maximum(tl.abs(hi), tl.abs(lo)), qmax * 1.0)
+        scale = tl.math.div_rn(tl.maximum(tl.abs(hi), tl.abs(lo)), tl.full((ROWS,), qmax, tl.float32))
         scale = tl.where(scale == 0.0, 1.0, scale)
-        base = 0.0
-        zero = 0.0
+        base = tl.zeros((ROWS,), tl.float32)
+        zero = tl.zeros((ROWS,), tl.float32)
         q_lo = -qmax - 1.0
-        q_hi = qmax * 1.0
         shift = 0.0
     else:
         qmax: tl.constexpr = 2**BITS - 1
-        scale = tl.math.div_rn(hi - lo, qmax * 1.0)
+        scale = tl.math.div_rn(hi - lo, tl.full((ROWS,), qmax, tl.float32))
         scale = tl.where(scale == 0.0, 1.0, scale)
         base = lo
         half = 2.0 ** (BITS - 1)
         zero = lo + half * scale
         q_lo = 0.0
-        q_hi = qmax * 1.0
         shift = half
-    tl.store(s_ptr + row, scale)
-    tl.store(z_ptr + row, zero)
+    q_hi = qmax * 1.0
+    tl.store(s_ptr + rows, scale, mask=r_mask)
+    tl.store(z_ptr + rows, zero, mask=r_mask)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        mask = offs < K
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        c = _round_half_even(tl.math.div_rn(x - base, scale))
+        mask = r_mask[:, None] & (offs < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+        c = _round_half_even(tl.math.div_rn(x - base[:, None], scale[:, None]))
         c = tl.minimum(tl.maximum(c, q_lo), q_hi) - shift
-        tl.store(q_ptr + row * K + offs, c.to(tl.int8), mask=mask)
+        tl.store(q_ptr + rows[:, None] * K + offs[None, :], c.to(tl.int8), mask=mask)
 
 
 def quantize_per_token(x: torch.Tensor, bits: int = 8, symmetric: bool = False):
@@ -91,9 +91,11 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8, symmetric: bool = False):
     q = torch.empty((m, k), device=x.device, dtype=torch.int8)
     scale = torch.empty(m, device=x.device, dtype=torch.float32)
     zero = torch.empty(m, device=x.device, dtype=torch.float32)
-    block_k = min(1024, triton.next_power_of_2(k))
-    _act_quant_kernel[(m,)](x, q, scale, zero, k, x.stride(0), BITS=bits, SYMMETRIC=symmetric,
-                            BLOCK_K=block_k)
+    # 8 tokens per program: one row each would leave a decode step's few rows as 1-2 programs anyway
+    rows = 8
+    block_k = min(512, triton.next_power_of_2(k))
+    _act_quant_kernel[(triton.cdiv(m, rows),)](x, q, scale, zero, m, k, x.stride(0), BITS=bits,
+                                               SYMMETRIC=symmetric, ROWS=rows, BLOCK_K=block_k)
     return q, scale, zero
 
 
