@@ -1,0 +1,56 @@
+"""Build a tiny model + handle for a KV method the way ``qeval.run.prepare`` does."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+from transformers import DynamicCache
+
+from qeval import simulated_attention
+from qeval.handle import Handle
+from qeval.methods.base import Bits, Knobs
+from qeval.registry import METHODS, load_all
+from tiny_models import tiny_model
+
+# small groups so short test prompts cross several blocks (tiny llama: head_dim 16)
+DEFAULTS = {
+    "kivi": dict(group_size=8, residual_length=16),
+    "gear": dict(backbone="kivi", group_size=8, outlier_ratio=0.02, rank_prefill=4, rank_decode=2,
+                 rank_ratio=None, power_iterations=3, stream_block=16),
+    "h2o": dict(heavy_ratio=0.2, recent_ratio=0.2, heavy_budget=None, recent_budget=None),
+}
+
+
+def make_method(name: str, bits: int = 16, semantics: str = "cache", **overrides):
+    load_all()
+    cfg = OmegaConf.create({"name": name, **DEFAULTS[name], **overrides})
+    return METHODS[name](cfg, Knobs(Bits(16, 16, bits, bits), kv_semantics=semantics))
+
+
+def make_handle(name: str, bits: int = 16, semantics: str = "cache", attn: str = "sdpa", **overrides):
+    model, tok = tiny_model("llama", attn=attn)
+    method = make_method(name, bits, semantics, **overrides)
+    if semantics == "simulated":
+        simulated_attention.install(model, method, attn)
+    elif (impl := method.attention_implementation(attn)) is not None:
+        model.set_attn_implementation(impl)
+    return Handle(model, tok, method, semantics)
+
+
+@torch.no_grad()
+def greedy_loop(model, cache, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A manual decode loop (no ``generate``): prefill, then one token at a time; (tokens, logits)."""
+    mask = torch.ones_like(ids)
+    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    logits, tokens = [out.logits[:, -1]], []
+    for _ in range(steps):
+        nxt = logits[-1].argmax(-1, keepdim=True)
+        tokens.append(nxt)
+        mask = torch.cat([mask, torch.ones_like(nxt)], -1)
+        out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.cat(tokens, -1), logits
+
+
+def full_cache(model):
+    return DynamicCache(config=model.config)
