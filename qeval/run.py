@@ -15,7 +15,7 @@ from qeval import models, results, simulated_attention
 from qeval.handle import Handle
 from qeval.methods.base import Bits, Knobs
 from qeval.registry import METHODS, TASKS, load_all
-from qeval.targets import quantize_linears
+from qeval.targets import quantize_linears, resolve_backend
 from qeval.validate import ConfigError, check_against_model, check_config, check_model_available
 
 
@@ -24,7 +24,8 @@ def build_method(cfg):
     k = cfg.k_bits if cfg.get("k_bits") is not None else cfg.kv_bits
     v = cfg.v_bits if cfg.get("v_bits") is not None else cfg.kv_bits
     knobs = Knobs(Bits(cfg.w_bits, cfg.a_bits, k, v), cfg.w_group_size, cfg.a_group_size,
-                  cfg.kv_group_size, cfg.kv_semantics)
+                  cfg.kv_group_size, cfg.kv_semantics,
+                  resolve_backend(cfg.get("backend", "auto"), models.resolve_device(cfg.device)))
     return cls(cfg.method, knobs)
 
 

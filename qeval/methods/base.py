@@ -68,6 +68,7 @@ class Knobs:
     a_group_size: int | None = None
     kv_group_size: int | None = None
     kv_semantics: str = "cache"
+    backend: str = "torch"        # resolved top-level ``backend``: torch | triton (real low-bit KV)
 
 
 class Method:

@@ -95,6 +95,13 @@ class KIVI(Method):
         super().__init__(cfg, knobs)
         self.group_size = int(cfg.group_size)
         self.residual_length = int(cfg.residual_length)
+        # backend=triton: int32 codes in the cache and fused decode attention (kivi_packed); a
+        # layout the kernels cannot hold (e.g. 16-bit keys) runs on torch, and the row says so
+        self.kv_backend = "torch"
+        if knobs.backend == "triton" and knobs.kv_semantics == "cache":
+            from qeval.methods import kivi_packed
+            if kivi_packed.layout_problem(self.bits.k, self.bits.v, self.group_size) is None:
+                self.kv_backend, self.fused = "triton", kivi_packed.FusedDecode()
 
     def _check_head_dim(self, d: int) -> None:
         if d % self.group_size:
@@ -122,9 +129,21 @@ class KIVI(Method):
         return fake_quantize(v, self.bits.v, -1, self.group_size), packed_bytes(v.numel(), self.bits.v, self.group_size)
 
     def make_cache_layer(self, layer_idx, seq):
+        if self.kv_backend == "triton":
+            from qeval.methods.kivi_packed import PackedKIVILayer
+            return PackedKIVILayer(self, seq, layer_idx, self.fused)
         r = self.residual_length
         # keys: whole blocks of R once R tokens wait; values: token by token, R newest kept
         return BlockCompressedLayer(seq, keys=(r, 0, self._compress_keys), values=(1, r, self._compress_values))
+
+    def attention_implementation(self, base: str) -> str | None:
+        if self.kv_backend == "triton":
+            from qeval.methods import kivi_packed
+            return kivi_packed.register(self.fused, base)
+        return None
+
+    def describe(self) -> dict:
+        return super().describe() | {"kv_backend": self.kv_backend}
 
     def kv_packed_bytes(self, keys, values) -> int:
         return (packed_bytes(keys.numel(), self.bits.k, self.group_size)

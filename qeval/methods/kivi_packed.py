@@ -1,0 +1,248 @@
+"""KIVI with real low-bit storage: int32 words in the cache and fused decode attention on them.
+
+Used when the run's ``backend`` is ``triton`` (arXiv:2402.02750). The block structure is exactly
+:class:`qeval.methods.kv_blocks.BlockCompressedLayer`'s with KIVI's streams (keys flushed in whole
+blocks of R, values token by token behind a window of R, counted per row from its first real
+token, flushed at the start of the next update), so the torch and triton backends quantize the same
+elements with the same codes; only the storage differs:
+
+- packed keys / values: :func:`qeval.kernels.kv_pack.pack_keys` / ``pack_values`` words and
+  scale / zero in the model's dtype, row-local (row ``b``'s token ``i`` is padded position
+  ``start[b] + i``), growing in chunks of R tokens;
+- residuals: right-aligned windows over the newest padded positions, as wide as the longest
+  residual of any row (each row's residual is the tail of the window).
+
+A one-token step (decode) hands the layer to the attention function registered by
+:func:`register`, which runs :func:`qeval.kernels.kv_decode_attention.decode_attention` on the
+packed words directly; any other step (prefill, several tokens) gets the dequantized K/V
+materialized in the padded timeline and attends as usual.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from qeval.kernels import kv_pack
+from qeval.kernels.kv_decode_attention import decode_attention
+from qeval.methods.base import SequenceState
+from qeval.quant import packed_bytes
+from qeval.simulated_attention import eager_attention
+
+_ids = itertools.count()
+
+
+def layout_problem(k_bits: int, v_bits: int, group_size: int) -> str | None:
+    """Why the packed layout cannot hold this configuration, or None."""
+    for name, bits in (("k_bits", k_bits), ("v_bits", v_bits)):
+        if bits not in kv_pack.PACK_BITS:
+            return f"{name}={bits}: packed KV kernels support {kv_pack.PACK_BITS}"
+    try:
+        kv_pack.check_layout(k_bits, group_size)
+    except ValueError as e:
+        return f"method.{e}"
+    return None
+
+
+class FusedDecode:
+    """Which packed layer took the current one-token step, per layer index (a qeval object, so no
+    state hangs on HF modules). ``active`` once the attention function is registered: before
+    that, layers materialize K/V for whatever attention the model runs."""
+
+    def __init__(self):
+        self.active = False
+        self.pending: dict[int, "PackedKIVILayer"] = {}
+
+    def take(self, layer_idx: int):
+        return self.pending.pop(layer_idx, None)
+
+
+def register(fused: FusedDecode, base: str) -> str:
+    """Register decode-on-packed-words over ``base`` (sdpa | eager); returns its name."""
+    attend = {"sdpa": sdpa_attention_forward, "eager": eager_attention}[base]
+    name = f"qeval_kivi_packed_{base}_{next(_ids)}"
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        layer = fused.take(module.layer_idx)
+        if layer is None:
+            return attend(module, query, key, value, attention_mask, **kwargs)
+        # (B, Hq, 1, D) -> (B, Hq, D) -> (B, 1, Hq, D), the layout attention functions return
+        out = layer.decode(query, kwargs.get("scaling"))
+        return out[:, None], None
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, {"sdpa": sdpa_mask, "eager": eager_mask}[base])
+    fused.active = True
+    return name
+
+
+def _grow(t: torch.Tensor, need: int, chunk: int) -> torch.Tensor:
+    """``t`` with at least ``need`` slots along dim 2, growing in whole chunks (amortized copies)."""
+    if t.shape[2] >= need:
+        return t
+    size = -(-need // chunk) * chunk
+    # (B, H, n, X) -> (B, H, size, X), the new slots zero
+    return torch.cat([t, t.new_zeros(*t.shape[:2], size - t.shape[2], t.shape[3])], dim=2)
+
+
+class PackedKIVILayer(DynamicLayer):
+    """One layer of KIVI's cache holding int32 codes (see the module docstring)."""
+
+    def __init__(self, method, seq: SequenceState, layer_idx: int, fused: FusedDecode):
+        super().__init__()
+        self.method, self.seq, self.layer_idx, self.fused = method, seq, layer_idx, fused
+        self.R, self.G = method.residual_length, method.group_size
+        self.kb, self.vb = method.bits.k, method.bits.v
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)   # empty keys / values: 0 bytes
+        B, H, T, D = key_states.shape
+        if D % self.G:
+            from qeval.validate import ConfigError
+            raise ConfigError(f"method.group_size={self.G}: must divide the model's head_dim={D}")
+        dev, dt = key_states.device, key_states.dtype
+        fk, fv = kv_pack.codes_per_word(self.kb), kv_pack.codes_per_word(self.vb)
+        self.k_words = torch.zeros(B, H, 0, D, dtype=torch.int32, device=dev)
+        self.k_scale = torch.zeros(B, H, 0, D, dtype=dt, device=dev)
+        self.k_zero = torch.zeros(B, H, 0, D, dtype=dt, device=dev)
+        self.v_words = torch.zeros(B, H, 0, D // fv, dtype=torch.int32, device=dev)
+        self.v_scale = torch.zeros(B, H, 0, D // self.G, dtype=dt, device=dev)
+        self.v_zero = torch.zeros(B, H, 0, D // self.G, dtype=dt, device=dev)
+        self.k_res = key_states[:, :, :0]
+        self.v_res = value_states[:, :, :0]
+        pad = self.seq.pad(0, T, B)
+        # (B, 1, T, 1) -> (B,): left-pad count = the row's first real position
+        self.start = [0] * B if pad is None else pad[:, 0, :, 0].sum(-1).tolist()
+        self.dk, self.dv = [0] * B, [0] * B      # packed keys / values per row (row-local)
+        self.length = 0                           # padded positions seen
+        self._fk = fk
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def _n(self, b: int) -> int:
+        return self.length - self.start[b]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        else:
+            self.settle()
+        self.k_res = torch.cat([self.k_res, key_states], dim=2)
+        self.v_res = torch.cat([self.v_res, value_states], dim=2)
+        self.length += key_states.shape[2]
+        if key_states.shape[2] == 1 and self.fused.active:
+            self.fused.pending[self.layer_idx] = self
+            return key_states, value_states      # not read: the attention asks the layer
+        return self.materialize()
+
+    def settle(self) -> None:
+        """Pack every block that is due (KIVI's flush after attention); idempotent."""
+        B = len(self.start)
+        key_due = [(self._n(b) - self.dk[b]) // self.R * self.R for b in range(B)]
+        val_due = [max(0, self._n(b) - self.R - self.dv[b]) for b in range(B)]
+        if any(key_due):
+            self._flush("k", key_due)
+        if any(val_due):
+            self._flush("v", val_due)
+
+    def _flush(self, which: str, due: list[int]) -> None:
+        res = getattr(self, f"{which}_res")
+        done = self.dk if which == "k" else self.dv
+        W = res.shape[2]
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for b, m in enumerate(due):
+            if m:
+                groups.setdefault((done[b], self._n(b) - done[b], m), []).append(b)
+        for (lo, resid, m), rows in groups.items():
+            idx = slice(None) if len(rows) == res.shape[0] else torch.tensor(rows, device=res.device)
+            # (B', H, m, D): the oldest m residual positions of these rows
+            chunk = res[idx, :, W - resid:W - resid + m]
+            if which == "k":
+                words, scale, zero = kv_pack.pack_keys(chunk, self.kb, self.G)
+                self.k_words = _grow(self.k_words, (lo + m) // self._fk, self.R // self._fk)
+                self.k_scale = _grow(self.k_scale, (lo + m) // self.G, self.R // self.G)
+                self.k_zero = _grow(self.k_zero, (lo + m) // self.G, self.R // self.G)
+                self.k_words[idx, :, lo // self._fk:(lo + m) // self._fk] = words
+                self.k_scale[idx, :, lo // self.G:(lo + m) // self.G] = scale
+                self.k_zero[idx, :, lo // self.G:(lo + m) // self.G] = zero
+            else:
+                words, scale, zero = kv_pack.pack_values(chunk, self.vb, self.G)
+                for name, part in (("v_words", words), ("v_scale", scale), ("v_zero", zero)):
+                    buf = _grow(getattr(self, name), lo + m, self.R)
+                    buf[idx, :, lo:lo + m] = part
+                    setattr(self, name, buf)
+            for b in rows:
+                done[b] += m
+        keep = max(self._n(b) - done[b] for b in range(len(done)))
+        # a copy, not a view: the packed positions' full-precision storage is really freed
+        setattr(self, f"{which}_res", res[:, :, W - keep:].clone())
+
+    # -- reading -------------------------------------------------------------------------------
+    def _offsets(self) -> dict:
+        B, dev = len(self.start), self.k_res.device
+        n = [self._n(b) for b in range(B)]
+        col = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
+        return dict(lengths=col(n), k_quantized=col(self.dk), v_quantized=col(self.dv),
+                    k_offset=col([self.k_res.shape[2] - (n[b] - self.dk[b]) for b in range(B)]),
+                    v_offset=col([self.v_res.shape[2] - (n[b] - self.dv[b]) for b in range(B)]))
+
+    def decode(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """(B, Hq, 1, D) query -> (B, Hq, D): fused attention over packed words + residual."""
+        return decode_attention(query, self.k_words, self.k_scale, self.k_zero, self.v_words,
+                                self.v_scale, self.v_zero, self.k_res, self.v_res,
+                                k_bits=self.kb, v_bits=self.vb, group_size=self.G,
+                                sm_scale=scaling, **self._offsets())
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized (B, H, T, D) K and V in the padded timeline (pad positions zero)."""
+        if not any(self.dk) and not any(self.dv):
+            return self.k_res, self.v_res
+        B, H, _, D = self.k_res.shape
+        keys = self.k_res.new_zeros(B, H, self.length, D)
+        values = torch.zeros_like(keys)
+        for b in range(B):
+            s, n, dk, dv = self.start[b], self._n(b), self.dk[b], self.dv[b]
+            sl = slice(b, b + 1)
+            kq = kv_pack.dequantize_keys(self.k_words[sl, :, :dk // self._fk],
+                                         self.k_scale[sl, :, :dk // self.G],
+                                         self.k_zero[sl, :, :dk // self.G], self.kb, self.G)
+            vq = kv_pack.dequantize_values(self.v_words[sl, :, :dv], self.v_scale[sl, :, :dv],
+                                           self.v_zero[sl, :, :dv], self.vb, self.G)
+            keys[b, :, s:s + dk] = kq[0]
+            keys[b, :, s + dk:] = self.k_res[b, :, self.k_res.shape[2] - (n - dk):]
+            values[b, :, s:s + dv] = vq[0]
+            values[b, :, s + dv:] = self.v_res[b, :, self.v_res.shape[2] - (n - dv):]
+        return keys, values
+
+    def packed_bytes(self) -> int:
+        """The packed-layout formula: codes + scale/zero per group + the fp16 residual tail."""
+        if not self.is_initialized:
+            return 0
+        self.settle()   # as BlockCompressedLayer.packed_bytes, so both backends report alike
+        _, H, _, D = self.k_res.shape
+        total = 0
+        for b in range(len(self.start)):
+            n = self._n(b)
+            total += (packed_bytes(self.dk[b] * H * D, self.kb, self.G)
+                      + packed_bytes(self.dv[b] * H * D, self.vb, self.G)
+                      + ((n - self.dk[b]) + (n - self.dv[b])) * H * D * 2)
+        return total
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("packed KV layers cannot be cropped (packed blocks are final)")
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("packed KV layers support greedy / sampling, not beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("packed KV layers cannot expand the batch after prefill")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("packed KV layers cannot select batch rows")
