@@ -50,7 +50,7 @@ class QevalLM(HFLM):
         self.truncation_mode = truncation
         self.max_input_tokens = max_input_tokens
         self.chat_template = chat_template
-        # context string as sent -> (tokens before truncation, tokens after); read by the tasks
+        # prompt as sent -> (tokens before truncation, tokens after), without the chat template
         self.input_lengths: dict[str, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ generation
@@ -72,15 +72,16 @@ class QevalLM(HFLM):
         tokenizes it; lm-eval's left truncation is then a no-op for truncated prompts."""
         for req in requests:
             context, gen_kwargs = req.args
-            text = self._fit(context, gen_kwargs)
+            text, lengths = self._fit(context, gen_kwargs)
             if self.chat_template is not None and self.tokenizer.chat_template \
                     and self.chat_template(req.task_name):
                 text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                           tokenize=False, add_generation_prompt=True)
-            req.arguments = (text, gen_kwargs)
+            self.input_lengths[text] = lengths
+            req.arguments = (text, gen_kwargs)  # lm-eval logs the prompt as sent
         return super().generate_until(requests, disable_tqdm=disable_tqdm)
 
-    def _fit(self, context: str, gen_kwargs: dict) -> str:
+    def _fit(self, context: str, gen_kwargs: dict) -> tuple[str, tuple[int, int]]:
         """LongBench's truncation: if the prompt has more than ``budget`` tokens keep the first
         and last ``budget / 2`` (the instruction and the question sit at the two ends)."""
         toks = self.tok_encode(context)
@@ -90,8 +91,7 @@ class QevalLM(HFLM):
             half = budget // 2
             text = self.tok_decode(toks[:half], skip_special_tokens=True) + \
                 self.tok_decode(toks[len(toks) - (budget - half):], skip_special_tokens=True)
-        self.input_lengths[context] = (len(toks), min(len(toks), len(self.tok_encode(text)), budget))
-        return text
+        return text, (len(toks), len(self.tok_encode(text)) if text is not context else len(toks))
 
     # ------------------------------------------------------------------ log-likelihood
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):

@@ -145,6 +145,16 @@ def task_mean_row(rows: list[dict], metric: str, label: str) -> dict | None:
             "num_fewshot": None, "scoring": leaf[0]["scoring"], "n_tasks": len(leaf)}
 
 
+def sent_prompt(arguments) -> str | None:
+    """The prompt of a logged generate_until sample (lm-eval logs ``{"gen_args_0": {"arg_0": ...}}``)."""
+    if isinstance(arguments, dict) and arguments:
+        first = next(iter(arguments.values()))
+        return first.get("arg_0") if isinstance(first, dict) else None
+    if isinstance(arguments, (list, tuple)) and arguments and isinstance(arguments[0], (list, tuple)):
+        return arguments[0][0]
+    return None
+
+
 def write_samples(run_dir, qeval_task: str, results: dict, lm: QevalLM) -> None:
     """Per-sample predictions in ``<run_dir>/samples.jsonl``; lines of other qeval tasks kept."""
     if run_dir is None:
@@ -159,8 +169,7 @@ def write_samples(run_dir, qeval_task: str, results: dict, lm: QevalLM) -> None:
     for sub, samples in results.get("samples", {}).items():
         for s in samples:
             line = {"qeval_task": qeval_task, "lm_eval_task": sub} | s
-            args = s.get("arguments") or []
-            prompt = args[0][0] if args and isinstance(args[0], (list, tuple)) and args[0] else None
+            prompt = sent_prompt(s.get("arguments"))
             if isinstance(prompt, str) and prompt in lm.input_lengths:
                 line["input_tokens"], line["input_tokens_truncated"] = lm.input_lengths[prompt]
             new.append(json.dumps(line, default=str))
