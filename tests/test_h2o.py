@@ -1,0 +1,111 @@
+"""H2O (arXiv 2306.14048): a budget covering the sequence is exactly the full cache; with a small
+budget the kept tokens are exactly the top scorers plus the recent window; scores are causal, per
+sequence (pads ignored) and summed over the query heads of a GQA group; the logical length stays
+right after eviction."""
+
+import pytest
+import torch
+
+from kv_method_helpers import full_cache, greedy_loop, make_handle, make_method
+from qeval.methods.base import SequenceState
+from qeval.methods.h2o_attention import allowed_keys
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_budget_covering_the_sequence_equals_the_full_cache_exactly(attn):
+    h = make_handle("h2o", attn=attn, heavy_budget=100, recent_budget=100)
+    ids = torch.randint(5, 90, (1, 30))
+    tok_h, logits_h = greedy_loop(h.model, h.new_cache(torch.ones_like(ids)), ids, 12)
+    tok_f, logits_f = greedy_loop(h.model, full_cache(h.model), ids, 12)
+    assert torch.equal(tok_h, tok_f)
+    for a, b in zip(logits_h, logits_f):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
+def _layer(heavy, recent, mask=None):
+    m = make_method("h2o", heavy_budget=heavy, recent_budget=recent)
+    return m, m.make_cache_layer(0, SequenceState(mask))
+
+
+def _causal_probs(b, hq, t, seed=0, boost=None):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(b, hq, t, t, generator=g)
+    for col, w in (boost or {}).items():
+        p[..., col] += w
+    p = p.masked_fill(~allowed_keys(None, t, t, p.device), 0)
+    return p / p.sum(-1, keepdim=True)
+
+
+def test_planted_heavy_hitters_and_recent_window_are_exactly_what_is_kept():
+    m, layer = _layer(heavy=2, recent=2)
+    k = torch.arange(10.0).reshape(1, 1, 10, 1).repeat(1, 1, 1, 4)    # key value = its position
+    layer.update(k, k.clone())
+    probs = _causal_probs(1, 2, 10, boost={3: 20.0, 6: 80.0})        # 2 query heads share 1 KV head
+    m.take_pending(0)
+    layer.observe(probs)
+    assert layer.keys[0, 0, :, 0].tolist() == [3.0, 6.0, 8.0, 9.0]
+    assert layer.get_seq_length() == 10 and layer.get_mask_sizes(1) == (5, 0)
+    # next token: the slot of position 8 gets almost all attention -> 8 now outranks 6
+    new = torch.full((1, 1, 1, 4), 10.0)
+    layer.update(new, new.clone())
+    m.take_pending(0)
+    score_before = dict(zip(layer.keys[0, 0, :, 0].tolist(), layer.score[0, 0].tolist()))
+    step = torch.tensor([[[[0.0, 0.0, 0.9, 0.05, 0.05]]]]).repeat(1, 2, 1, 1)
+    layer.observe(step)
+    # recent window = positions 9, 10; heavy = top 2 of {3, 6, 8} by accumulated score
+    total = {p: s + 2 * w for (p, s), w in zip(score_before.items(), [0.0, 0.0, 0.9, 0.05, 0.05])}
+    heavy = sorted(sorted([3.0, 6.0, 8.0], key=lambda p: -total[p])[:2])
+    assert layer.keys[0, 0, :, 0].tolist() == heavy + [9.0, 10.0]
+    assert layer.get_seq_length() == 11
+
+
+def test_scores_are_summed_over_the_query_heads_of_a_gqa_group():
+    m, layer = _layer(heavy=100, recent=100)
+    k = torch.randn(1, 2, 6, 4)
+    layer.update(k, k.clone())
+    probs = _causal_probs(1, 4, 6, seed=3)                           # heads 0,1 -> kv 0; 2,3 -> kv 1
+    m.take_pending(0)
+    layer.observe(probs)
+    expected = probs.reshape(1, 2, 2, 6, 6).sum(dim=(2, 3))
+    assert torch.allclose(layer.score, expected)
+
+
+def test_causal_mask_never_lets_a_query_score_a_later_key():
+    allowed = allowed_keys(None, 4, 6, torch.device("cpu"))[0, 0]
+    assert allowed.tolist() == [[j <= 2 + i for j in range(6)] for i in range(4)]
+
+
+def test_batched_rows_equal_each_sequence_alone_and_ignore_padding():
+    mask = torch.tensor([[0, 0, 0] + [1] * 9, [1] * 12])
+    m, layer = _layer(heavy=3, recent=2, mask=mask)
+    torch.manual_seed(0)
+    k = torch.randn(2, 2, 12, 4)
+    layer.update(k, k.clone())
+    probs = _causal_probs(2, 4, 12, seed=1)
+    probs[0, :, :, :3] = 0.7            # garbage on pad keys and from pad queries: must be ignored
+    probs[0, :, :3, :] = 0.9
+    m.take_pending(0)
+    layer.observe(probs)
+    for row, start in ((0, 3), (1, 0)):
+        m1, alone = _layer(heavy=3, recent=2)
+        alone.update(k[row:row + 1, :, start:], k[row:row + 1, :, start:].clone())
+        p = probs[row:row + 1, :, start:, start:]
+        m1.take_pending(0)
+        alone.observe(p)
+        for h in range(2):
+            kept = layer.keys[row, h][layer.valid[row, h]]
+            assert torch.equal(kept, alone.keys[0, h][alone.valid[0, h]])
+
+
+def test_ratio_budgets_follow_each_prompt_and_the_cache_stays_bounded():
+    h = make_handle("h2o", heavy_ratio=0.2, recent_ratio=0.2)
+    enc = h.tokenizer(["x" * 40, "y" * 20], return_tensors="pt", padding=True)
+    cache = h.new_cache(enc["attention_mask"])
+    with torch.no_grad():
+        h.model.generate(**enc, past_key_values=cache, max_new_tokens=10, do_sample=False,
+                         pad_token_id=h.tokenizer.pad_token_id)
+    layer = cache.layers[0]
+    n = layer.valid.sum(-1)                                          # (B, H) kept per row and head
+    real = [40, 20]
+    assert n[0].tolist() == [int(0.2 * real[0]) * 2] * 2 and n[1].tolist() == [int(0.2 * real[1]) * 2] * 2
+    assert layer.get_seq_length() == 40 + 9      # the last generated token is never fed back
