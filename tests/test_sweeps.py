@@ -1,0 +1,138 @@
+"""Sweeps survive failure and resume: real subprocess sweeps through ``hydra/launcher=local``
+(submitit), a validation error in one cell of an in-process sweep, and two processes writing into
+one results directory at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from qeval.report.gather import gather
+
+# one tiny cell: 1 passkey sample of ~240 tokens on the random tiny model, about a second
+CELL = ["model=tiny-random", "method=uniform", "task=passkey", "device=cpu",
+        "task.passkey.lengths=[240]", "task.passkey.depths=[0.5]", "task.passkey.samples_per_cell=1",
+        "task.passkey.key_digits=3", "task.passkey.batch_size=1"]
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                    "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def sweep(results: Path, name: str, *overrides: str, launcher: str = "local") -> dict:
+    """Run one multirun sweep in a fresh process; returns its sweep_summary.json."""
+    sweep_dir = results / "sweeps" / name
+    cmd = [sys.executable, "-m", "qeval", "-m", f"hydra/launcher={launcher}", f"results_dir={results}",
+           f"hydra.sweep.dir={sweep_dir}", *CELL, *overrides]
+    p = subprocess.run(cmd, cwd=results, env=ENV, capture_output=True, text=True, timeout=500)
+    assert p.returncode == 0, f"sweep {name} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert "qeval sweep:" in p.stdout and f"done {summary['done']}" in p.stdout, p.stdout[-2000:]
+    return summary
+
+
+def run_dirs(results: Path) -> dict[int, Path]:
+    """kv_bits -> run directory, read from each run's own config (never from the directory name)."""
+    import yaml
+    out = {}
+    for d in (results / "runs").iterdir():
+        out[yaml.safe_load((d / "config.yaml").read_text())["kv_bits"]] = d
+    return out
+
+
+def mtimes(dirs: dict[int, Path]) -> dict[int, float]:
+    return {b: (d / "result.json").stat().st_mtime_ns for b, d in dirs.items()}
+
+
+@pytest.mark.timeout(900)
+def test_local_sweep_resumes_and_recomputes_exactly_the_missing_cell(tmp_path):
+    bits = "kv_bits=2,4,8,16"
+    first = sweep(tmp_path, "first", bits)
+    assert (first["cells"], first["done"], first["skipped"], first["failed"]) == (4, 4, 0, 0), first
+    dirs = run_dirs(tmp_path)
+    assert sorted(dirs) == [2, 4, 8, 16]
+    for d in dirs.values():
+        result = json.loads((d / "result.json").read_text())
+        assert result["status"] == "ok"
+        assert [r["status"] for r in result["rows"]] and all(r["status"] == "ok" for r in result["rows"])
+        assert (d / "rows.jsonl").read_text().count("\n") == len(result["rows"])
+    before = mtimes(dirs)
+
+    again = sweep(tmp_path, "again", bits)
+    assert (again["done"], again["skipped"], again["failed"]) == (0, 4, 0), again
+    assert mtimes(run_dirs(tmp_path)) == before, "a finished cell was rewritten"
+
+    import shutil
+    shutil.rmtree(dirs[4])
+    # in-process this time (one interpreter start instead of five): resume is the run's own check
+    third = sweep(tmp_path, "after_delete", bits, launcher="basic")
+    assert (third["done"], third["skipped"], third["failed"]) == (1, 3, 0), third
+    after = mtimes(run_dirs(tmp_path))
+    assert {b for b in after if after[b] != before[b]} == {4}, "exactly the deleted cell is recomputed"
+    assert len(gather(tmp_path)) == 4 * 2  # per (length, depth) cell + overall, per run
+
+
+@pytest.mark.timeout(600)
+def test_local_sweep_a_failing_cell_leaves_a_failed_row_and_the_others_finish(tmp_path):
+    # batch_size=0 makes the passkey task raise inside the run, after the model is loaded
+    s = sweep(tmp_path, "fail", "kv_bits=4", "task.passkey.batch_size=1,0")
+    assert (s["cells"], s["done"], s["failed"]) == (2, 1, 1), s
+    assert "task.passkey.batch_size=0" in s["failed_cells"][0]["overrides"]
+    df = gather(tmp_path)
+    failed = df[df["status"] == "failed"]
+    assert len(failed) == 1 and failed["error"].iloc[0], "the failed cell writes one row with its error"
+    ok = df[df["status"] == "ok"]
+    assert len(ok) == 2 and ok["value"].notna().all()
+    # the failed cell is redone on the next run of the sweep (and fails again), the ok one skipped
+    s2 = sweep(tmp_path, "fail_again", "kv_bits=4", "task.passkey.batch_size=1,0", launcher="basic")
+    assert (s2["done"], s2["skipped"], s2["failed"]) == (0, 1, 1), s2
+
+
+@pytest.mark.timeout(300)
+def test_config_error_in_one_cell_does_not_stop_the_sweep(tmp_path):
+    # w_group_size=100 does not divide the tiny model's width 128: a validation error for that
+    # cell only; in a single run it is a one-line error, in a sweep a failed row
+    s = sweep(tmp_path, "config_error", "method=group", "w_bits=4", "w_group_size=100,128",
+              launcher="basic")
+    assert (s["cells"], s["done"], s["failed"]) == (2, 1, 1), s
+    assert "w_group_size=100" in s["failed_cells"][0]["error"]
+    df = gather(tmp_path)
+    assert set(df["status"]) == {"ok", "failed"}
+    assert df.loc[df["status"] == "failed", "error"].str.startswith("ConfigError").all()
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from qeval import results
+    root, who, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    for i in range(n):
+        # half the run ids are shared with the other writer (the same cell run twice at once)
+        run_id = f"shared{i:03d}" if i % 2 else f"{who}{i:03d}"
+        rows = [{"run_id": run_id, "writer": who, "metric": "m", "value": float(j), "n": 1,
+                 "status": "ok", "model": "x", "method": "uniform", "w_bits": 16, "a_bits": 16,
+                 "kv_bits": 16, "task": "t"} for j in range(5)]
+        results.write_run(root / "runs" / run_id, {"run_id": run_id, "status": "ok", "rows": rows},
+                          rows, "x: 1\\n")
+""")
+
+
+@pytest.mark.timeout(120)
+def test_two_processes_writing_one_results_dir_lose_no_rows(tmp_path):
+    n = 60
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), who, str(n)], env=ENV)
+             for who in ("a", "b")]
+    assert [p.wait(timeout=100) for p in procs] == [0, 0]
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == n // 2 * 2 + n // 2  # a's own, b's own, and the shared ids once each
+    assert not list(tmp_path.rglob("*.tmp")), "a temporary file was left behind"
+    for d in runs:  # every file whole and parseable, never a half-written mix
+        result = json.loads((d / "result.json").read_text())
+        rows = [json.loads(line) for line in (d / "rows.jsonl").read_text().splitlines()]
+        assert len(rows) == 5 and {r["run_id"] for r in rows} == {d.name}
+        assert result["run_id"] == d.name
+    assert len(gather(tmp_path)) == len(runs) * 5
