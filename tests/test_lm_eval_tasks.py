@@ -150,3 +150,15 @@ def test_missing_data_is_one_line_naming_dataset_and_override(tmp_path):
         evaluate_lm_eval("gsm8k_cot", handle, task_cfg("gsm8k_cot"))
     msg = str(e.value)
     assert "\n" not in msg and "openai/gsm8k/main" in msg and "task.gsm8k_cot.data_dir" in msg
+
+
+def test_prefetch_lists_every_model_and_dataset_of_a_sweep(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import prefetch
+
+    assert prefetch.main(["model=tiny-random,llama2-7b", "task=[gsm8k,mmlu,passkey]", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [l for l in lines if l.startswith("model")] == ["model   meta-llama/Llama-2-7b-hf"]
+    assert "dataset openai/gsm8k/main  [test, train]" in lines
+    mmlu = [l for l in lines if l.startswith("dataset cais/mmlu/")]
+    assert len(mmlu) == 57 and all(l.endswith("[dev, test]") for l in mmlu)

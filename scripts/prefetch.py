@@ -1,0 +1,109 @@
+"""Download every model and dataset a run or sweep needs, on a machine with internet, so that
+compute nodes without it can run offline (HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1).
+
+    python scripts/prefetch.py experiment=kivi                      # into the Hugging Face cache
+    python scripts/prefetch.py model=llama2-7b task=[gsm8k,mmlu] --data-dir /shared/qeval-data
+    python scripts/prefetch.py experiment=qllm_eval_kv --dry-run    # only list what is needed
+
+Arguments are the same overrides as ``python -m qeval`` (sweeps included: ``kv_bits=2,4``, and
+an experiment's ``hydra.sweeper.params``). ``--data-dir`` also writes every split of every lm-eval
+dataset as ``<dir>/<dataset_path>/<dataset_name>/<split>.jsonl``, which is what
+``task.<name>.data_dir=<dir>`` reads. Models with ``random_config`` or a local ``path`` and tasks
+without ``lm_eval_tasks`` (passkey: generated) need nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cells(overrides: list[str]) -> list:
+    """Every composed config of the sweep the overrides (and any experiment) describe."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3", job_name="prefetch"):
+        fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides)
+                 if not o.is_sweep_override()]  # an experiment's own sweep lives in hydra.sweeper
+        head = compose("config", overrides=fixed, return_hydra_config=True)
+        params = head.hydra.sweeper.get("params") or {}
+        args = [f"{k}={v}" for k, v in params.items()] + overrides
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
+        return [compose("config", overrides=list(cell)) for cell in (batches[0] if batches else [overrides])]
+
+
+def needs(configs) -> tuple[set, dict]:
+    """(models as (path, revision), lm-eval tasks as qeval task name -> its config)."""
+    models, tasks = set(), {}
+    for cfg in configs:
+        m = cfg.model
+        if not m.get("random_config") and m.get("path") and not Path(m.path).is_dir():
+            models.add((m.path, m.get("revision")))
+        for name, task_cfg in cfg.task.items():
+            if task_cfg.get("lm_eval_tasks"):
+                tasks[name] = task_cfg
+    return models, tasks
+
+
+def datasets_for(tasks: dict) -> dict[tuple[str, str | None], set[str]]:
+    """(dataset_path, dataset_name) -> the splits lm-eval's configs name, over every leaf task."""
+    import tempfile
+
+    from qeval.tasks.lm_eval_tasks import SPLIT_KEYS, load_tasks
+
+    out: dict[tuple[str, str | None], set[str]] = {}
+    for name, task_cfg in tasks.items():
+        cfg = task_cfg.copy()
+        cfg.data_dir = None
+        with tempfile.TemporaryDirectory() as tmp:
+            _, leaves = load_tasks(name, cfg, Path(tmp))
+        for leaf in leaves.values():
+            key = (leaf["dataset_path"], leaf.get("dataset_name"))
+            out.setdefault(key, set()).update(leaf[k] for k in SPLIT_KEYS if leaf.get(k))
+    return out
+
+
+def fetch_dataset(path: str, name: str | None, splits: set[str], data_dir: Path | None) -> None:
+    import datasets
+
+    ds = datasets.load_dataset(path, name)
+    if data_dir is None:
+        return
+    folder = data_dir / path / (name or "default")
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in sorted(splits & set(ds)):
+        ds[split].to_json(str(folder / f"{split}.jsonl"), lines=True, force_ascii=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*", help="qeval overrides, e.g. experiment=kivi or model=llama2-7b")
+    p.add_argument("--data-dir", type=Path, default=None, help="also write datasets as JSON lines here")
+    p.add_argument("--dry-run", action="store_true", help="list what is needed, download nothing")
+    a = p.parse_args(argv)
+    models, tasks = needs(cells(a.overrides))
+    data = datasets_for(tasks)
+    for path, rev in sorted(models, key=str):
+        print(f"model   {path}" + (f"@{rev}" if rev else ""))
+    for (path, name), splits in sorted(data.items(), key=str):
+        print(f"dataset {path}" + (f"/{name}" if name else "") + f"  [{', '.join(sorted(splits))}]")
+    if a.dry_run:
+        return 0
+    from huggingface_hub import snapshot_download
+
+    for path, rev in sorted(models, key=str):
+        snapshot_download(path, revision=rev)
+    for (path, name), splits in sorted(data.items(), key=str):
+        fetch_dataset(path, name, splits, a.data_dir.resolve() if a.data_dir else None)
+    print(f"prefetch: {len(models)} models, {len(data)} datasets"
+          + (f"; JSON lines under {a.data_dir}" if a.data_dir else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
