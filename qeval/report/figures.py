@@ -83,6 +83,9 @@ def bits_figure(h: pd.DataFrame, task: str) -> tuple[Figure, int] | None:
         axes[1, j].set_title(f"{target}: relative to fp16")
         axes[1, j].set_ylabel("value / fp16 value (ratio)")
         axes[1, j].axhline(1.0, color="grey", lw=0.8, ls="--")
+        if not axes[1, j].get_legend_handles_labels()[0]:  # every fp16 value is 0 or missing
+            axes[1, j].text(0.5, 0.5, "no nonzero fp16 value to normalise by", ha="center",
+                            va="center", transform=axes[1, j].transAxes, color="grey")
         axes[0, j].legend(fontsize="small")
     fig.suptitle(f"{task}: accuracy against bit width")
     return fig, 2 * len(targets)
@@ -101,9 +104,10 @@ def budget_figure(h: pd.DataFrame, task: str) -> tuple[Figure, int] | None:
         ax.plot(pts.index * 100, pts.values, marker="o", label=f"{model} · {method}")
     ax.set_xlabel("KV budget (% of the prompt kept)")
     ax.set_ylabel(f"{metric} (fraction)")
-    ax.set_title(f"{task}: accuracy against KV budget")
+    ax.set_title(f"{task}: {metric}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    fig.suptitle(f"{task}: accuracy against KV budget (eviction)")
     return fig, 1
 
 
@@ -225,20 +229,23 @@ def bench_figure(bench: pd.DataFrame) -> tuple[Figure, int] | None:
     return fig, 2
 
 
-def write_figures(df: pd.DataFrame, out_dir: Path, bench_dir: Path | None = None) -> list[dict]:
-    """Every figure the rows support; returns one record per figure (name, files, panels)."""
-    made = []
+def build_figures(df: pd.DataFrame, bench_dir: Path | None = None) -> list[tuple[str, Figure, int]]:
+    """Every figure the rows support, as (file stem, figure, number of data panels)."""
+    built = []
     h = headline(df) if not df.empty else df
     if not h.empty:
         for task, g in sorted(h.groupby("task"), key=lambda kv: kv[0]):
             safe = task.replace("/", "_").replace(",", "_")
-            for name, built in ((f"bits_{safe}", bits_figure(g, task)), (f"budget_{safe}", budget_figure(g, task))):
-                if built:
-                    made.append(_save(built[0], out_dir, name, built[1]))
+            built += [(f"bits_{safe}", *f)] if (f := bits_figure(g, task)) else []
+            built += [(f"budget_{safe}", *f)] if (f := budget_figure(g, task)) else []
     if not df.empty:
-        for name, built in (("passkey_heatmap", passkey_heatmap(df)), ("kv_memory", kv_memory_figure(df))):
-            if built:
-                made.append(_save(built[0], out_dir, name, built[1]))
-    if bench_dir is not None and (built := bench_figure(read_bench(bench_dir))):
-        made.append(_save(built[0], out_dir, "bench", built[1]))
-    return made
+        built += [("passkey_heatmap", *f)] if (f := passkey_heatmap(df)) else []
+        built += [("kv_memory", *f)] if (f := kv_memory_figure(df)) else []
+    if bench_dir is not None and (f := bench_figure(read_bench(bench_dir))):
+        built.append(("bench", *f))
+    return built
+
+
+def write_figures(df: pd.DataFrame, out_dir: Path, bench_dir: Path | None = None) -> list[dict]:
+    """Write every figure as PNG and PDF; returns one record per figure (name, files, panels)."""
+    return [_save(fig, out_dir, name, panels) for name, fig, panels in build_figures(df, bench_dir)]
