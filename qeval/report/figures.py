@@ -76,6 +76,7 @@ def bits_figure(h: pd.DataFrame, task: str) -> tuple[Figure, int] | None:
         for i in range(2):
             ax = axes[i, j]
             ax.set_xticks(range(len(cats)), cats)
+            ax.set_xlim(-0.3, len(cats) - 0.7)
             ax.set_xlabel(TARGET_AXIS[target])
             ax.grid(alpha=0.3)
         axes[0, j].set_title(f"{target}: {metric}")
