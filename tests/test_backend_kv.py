@@ -36,24 +36,39 @@ def kivi(backend: str, k_bits=2, v_bits=2, G=16, R=16):
 
 
 def generate(model, tok, method, n_new=18):
+    """Greedy tokens and per-step logits of the left-padded PROMPTS, through the method's cache."""
     attn = method.attention_implementation("sdpa")
     model.set_attn_implementation(attn or "sdpa")
     handle = Handle(model, tok, method, "cache")
-    caches = []
-    new_cache = handle.new_cache
-    handle.new_cache = lambda mask=None: caches.append(new_cache(mask)) or caches[-1]
-    texts = handle.generate(PROMPTS, max_new_tokens=n_new)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True).to(DEV)
+    cache = handle.new_cache(enc["attention_mask"])
+    out = model.generate(**enc, past_key_values=cache, max_new_tokens=n_new, do_sample=False,
+                         pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
+                         output_logits=True)
     model.set_attn_implementation("sdpa")
-    return texts, caches[-1], handle.stats
+    handle.stats.observe_cache(cache, method)
+    return out.sequences, torch.stack(out.logits), cache, handle.stats
 
 
 @pytest.mark.parametrize("k_bits,v_bits", [(2, 2), (4, 8)])  # K4V8: mixed widths
-def test_triton_greedy_generations_equal_torch(model_and_tokenizer, k_bits, v_bits):
+def test_triton_greedy_generations_equal_torch(model_and_tokenizer, monkeypatch, k_bits, v_bits):
     model, tok = model_and_tokenizer
-    ref, ref_cache, ref_stats = generate(model, tok, kivi("torch", k_bits, v_bits))
-    out, cache, stats = generate(model, tok, kivi("triton", k_bits, v_bits))
+    ref, ref_logits, ref_cache, ref_stats = generate(model, tok, kivi("torch", k_bits, v_bits))
+    fused_steps = []
+    decode = PackedKIVILayer.decode
+    monkeypatch.setattr(PackedKIVILayer, "decode",
+                        lambda self, *a: fused_steps.append(1) or decode(self, *a))
+    out, logits, cache, stats = generate(model, tok, kivi("triton", k_bits, v_bits))
     assert all(isinstance(layer, PackedKIVILayer) for layer in cache.layers)
-    assert out == ref
+    # every decode step of every layer ran the fused kernel on the packed words
+    assert len(fused_steps) == 2 * (18 - 1), len(fused_steps)
+    assert torch.equal(out, ref)
+    # same codes, same scales: logits agree to float32 rounding, while quantization itself moves
+    # them far more (the comparison has teeth even where the greedy text does not change)
+    _, full_logits, _, _ = generate(model, tok, kivi("torch", 16, 16))
+    backend_gap = (logits - ref_logits).abs().max().item()
+    quant_gap = (ref_logits - full_logits).abs().max().item()
+    assert backend_gap < 1e-3 and quant_gap > 50 * backend_gap, (backend_gap, quant_gap)
     # the same blocks were packed: both backends report the same packed-layout figure
     assert stats.kv_bytes_packed == ref_stats.kv_bytes_packed
     # really held: int32 words + scale/zero + residual, below the fake-quantized cache
