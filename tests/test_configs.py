@@ -1,0 +1,126 @@
+"""Compose every config option, expand every experiment into its cells, and turn the SLURM
+launcher config into the sbatch script submitit would submit (no cluster needed)."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from qeval.validate import CONFIG_DIR, options
+
+EXPERIMENTS = options("experiment")
+STUDIES = ("qllm_eval_w", "qllm_eval_wa", "qllm_eval_kv", "kivi", "gear", "h2o")
+
+
+def _compose(overrides, hydra_cfg=False):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+
+def cells(experiment: str, *cli: str) -> list:
+    """Every cell's composed config, expanded exactly as the basic sweeper expands them."""
+    top = _compose([f"experiment={experiment}"], hydra_cfg=True)
+    assert str(top.hydra.mode).endswith("MULTIRUN"), f"{experiment}: an experiment is a sweep"
+    args = [f"{k}={v}" for k, v in top.hydra.sweeper.params.items()] + list(cli)
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
+    return [_compose([f"experiment={experiment}", *cell]) for cell in batches[0]]
+
+
+@pytest.mark.parametrize("group", ["model", "method", "task"])
+def test_every_option_of_every_group_composes(group):
+    for option in options(group):
+        cfg = _compose([f"{group}={option}"])
+        node = cfg[group] if group != "task" else cfg.task[option]
+        assert node is not None, (group, option)
+        if group in ("model", "method"):
+            assert cfg[group].name == option, f"{group}/{option}.yaml: name must equal the file name"
+
+
+def test_every_study_has_an_experiment_and_a_smoke_variant():
+    for study in STUDIES:
+        assert study in EXPERIMENTS and f"{study}_smoke" in EXPERIMENTS
+
+
+def _grid(cfgs, *keys) -> set:
+    return {tuple(OmegaConf.select(c, k) for k in keys) for c in cfgs}
+
+
+# what each study sweeps, as (keys, expected set of values); the smoke variant must sweep the same
+GRIDS = {
+    "qllm_eval_w": (("method.name", "w_bits", "a_bits", "kv_bits", "w_group_size"),
+                    {("group", b, 16, 16, 128) for b in (2, 3, 4, 8, 16)}),
+    "qllm_eval_wa": (("method.name", "w_bits", "a_bits", "kv_bits"),
+                     {("uniform", 8, 8, 16), ("uniform", 4, 8, 16), ("uniform", 4, 4, 16), ("uniform", 16, 16, 16)}),
+    "qllm_eval_kv": (("method.name", "w_bits", "kv_bits", "kv_semantics"),
+                     {("group", 16, b, "simulated") for b in (2, 3, 4, 8, 16)}),
+    "kivi": (("method.name", "kv_bits"), {("kivi", b) for b in (2, 4, 16)}),
+    "gear": (("method.name", "kv_bits"), {(m, b) for m in ("uniform", "group", "kivi", "gear") for b in (2, 4, 16)}),
+    "h2o": (("method.name", "method.heavy_ratio", "method.recent_ratio"),
+            {("h2o", r, r) for r in (0.05, 0.1, 0.15, 0.2, 0.25, 0.5)}),
+}
+TASKS = {"qllm_eval_w": {"mmlu", "gsm8k", "bbh", "longbench", "passkey"}, "kivi": {"gsm8k", "longbench", "passkey"},
+         "gear": {"gsm8k_cot", "bbh"}, "h2o": {"gsm8k", "longbench", "passkey"}}
+TASKS["qllm_eval_wa"] = TASKS["qllm_eval_kv"] = TASKS["qllm_eval_w"]
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_study_sweeps_the_papers_grid_and_smoke_runs_the_same_grid_on_the_tiny_model(study):
+    keys, expected = GRIDS[study]
+    full = cells(study)
+    assert _grid(full, *keys) == expected
+    assert all(set(c.task) == TASKS[study] for c in full)
+    assert len({c.model.name for c in full}) >= 4, "a study runs several models"
+    assert len(full) == len(expected) * len({c.model.name for c in full})
+
+    smoke = cells(f"{study}_smoke")
+    assert _grid(smoke, *keys) == expected
+    assert len(smoke) == len(expected)
+    for c in smoke:
+        assert c.model.name == "tiny-random" and c.device == "cpu" and list(c.task) == ["passkey"]
+        assert max(c.task.passkey.lengths) <= 512 and c.task.passkey.samples_per_cell == 1
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_every_smoke_cell_passes_validation(study):
+    from qeval.run import validate
+    for c in cells(f"{study}_smoke"):
+        validate(c)  # raises ConfigError naming the key if a cell asks for something impossible
+
+
+def test_a_swept_key_on_the_command_line_replaces_the_experiments_list():
+    trimmed = cells("qllm_eval_w", "model=llama2-7b", "w_bits=4,16")
+    assert _grid(trimmed, "model.name", "w_bits") == {("llama2-7b", 4), ("llama2-7b", 16)}
+
+
+def test_local_launcher_is_submitit_local():
+    cfg = _compose(["hydra/launcher=local"], hydra_cfg=True)
+    assert cfg.hydra.launcher._target_.endswith("submitit_launcher.LocalLauncher")
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "qeval.sweep.SweepSummary"
+
+
+def test_slurm_launcher_becomes_a_valid_sbatch_script(monkeypatch, tmp_path):
+    import shutil
+
+    import submitit
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    cfg = _compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=8",
+                    "hydra.launcher.timeout_min=90", "hydra.launcher.array_parallelism=4",
+                    "hydra.launcher.setup=[module load cuda]", f"hydra.launcher.submitit_folder={tmp_path}"],
+                   hydra_cfg=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    # the plugin's own translation of its keys into submitit parameters (SubmititLauncher.launch)
+    params = dict(launcher.params)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}")  # no cluster here
+    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path,
+                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    params.pop("submitit_folder")
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    script = executor._executor._make_submission_file_text("python -m qeval", "0")
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=8", "#SBATCH --time=90",
+                 "module load cuda", "#SBATCH --mem=64GB"):
+        assert line in script, (line, script)
