@@ -14,11 +14,14 @@ Markers are files, not shared memory, because the submitit launchers run cells i
 processes (or on separate machines sharing a file system). A cell killed from outside (SLURM
 time limit, the kernel's out-of-memory killer) leaves no marker and is reported as ``missing``;
 its run directory has no finished ``result.json``, so the next run of the sweep redoes it.
+
+``python -m qeval.sweep <sweep dir>`` prints where a sweep stands (useful while a SLURM array runs).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -147,3 +150,27 @@ class SweepSummary(Callback):
         for cell in s["failed_cells"]:
             print(f"qeval sweep:   failed cell {cell['job']} ({' '.join(cell['overrides'])}): {cell['error']}",
                   flush=True)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m qeval.sweep <sweep dir>  (the hydra.sweep.dir of a multirun)", file=sys.stderr)
+        return 2
+    sweep_dir = Path(argv[0])
+    if not (sweep_dir / MARKER_DIR).is_dir():
+        print(f"qeval.sweep: {sweep_dir} is not a qeval sweep directory (no {MARKER_DIR}/)", file=sys.stderr)
+        return 2
+    try:
+        total = json.loads((sweep_dir / MARKER_DIR / "total").read_text())
+    except (OSError, ValueError):
+        total = None
+    s = summarize(sweep_dir, total)
+    print(summary_line(s).replace("no report", "not finished or killed"))
+    for cell in s["failed_cells"]:
+        print(f"  failed cell {cell['job']} ({' '.join(cell['overrides'])}): {cell['error']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,7 +49,7 @@ def mtimes(dirs: dict[int, Path]) -> dict[int, float]:
 
 
 @pytest.mark.timeout(900)
-def test_local_sweep_resumes_and_recomputes_exactly_the_missing_cell(tmp_path):
+def test_local_sweep_resumes_and_recomputes_exactly_the_missing_cell(tmp_path, capsys):
     bits = "kv_bits=2,4,8,16"
     first = sweep(tmp_path, "first", bits)
     assert (first["cells"], first["done"], first["skipped"], first["failed"]) == (4, 4, 0, 0), first
@@ -61,6 +61,9 @@ def test_local_sweep_resumes_and_recomputes_exactly_the_missing_cell(tmp_path):
         assert [r["status"] for r in result["rows"]] and all(r["status"] == "ok" for r in result["rows"])
         assert (d / "rows.jsonl").read_text().count("\n") == len(result["rows"])
     before = mtimes(dirs)
+    from qeval.sweep import main as sweep_status
+    assert sweep_status([str(tmp_path / "sweeps" / "first")]) == 0
+    assert "4 cells: done 4, skipped 0, failed 0" in capsys.readouterr().out
 
     again = sweep(tmp_path, "again", bits)
     assert (again["done"], again["skipped"], again["failed"]) == (0, 4, 0), again
