@@ -139,3 +139,26 @@ def test_two_processes_writing_one_results_dir_lose_no_rows(tmp_path):
         assert len(rows) == 5 and {r["run_id"] for r in rows} == {d.name}
         assert result["run_id"] == d.name
     assert len(gather(tmp_path)) == len(runs) * 5
+
+
+@pytest.mark.timeout(120)
+def test_out_of_memory_in_a_task_is_a_failed_row(tmp_path, monkeypatch):
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from qeval.registry import TASKS, load_all
+    from qeval.run import run
+    from qeval.validate import CONFIG_DIR
+    load_all()
+
+    def out_of_memory(handle, cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setitem(TASKS, "passkey", out_of_memory)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*CELL, f"results_dir={tmp_path}"])
+    result = run(cfg)
+    assert result["status"] == "failed" and result["error"].startswith("OutOfMemoryError")
+    df = gather(tmp_path)
+    assert len(df) == 1 and df["status"].iloc[0] == "failed" and "80.00 GiB" in df["error"].iloc[0]
+    assert (Path(result["run_dir"]) / "result.json").stat().st_mode & 0o044, "rows readable by others"
