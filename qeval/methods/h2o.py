@@ -55,6 +55,7 @@ class H2OLayer(DynamicLayer):
             self.valid = real[:, :, :0]
             self.score = torch.zeros(b, h, 0, device=key_states.device)
             self.heavy, self.recent = self.method.budgets(real[:, 0].sum(-1).tolist())
+            self._budget_tensors()
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.valid = torch.cat([self.valid, real], dim=-1)
@@ -65,6 +66,12 @@ class H2OLayer(DynamicLayer):
                                "must use the method's attention_implementation (see qeval.run.prepare)")
         self.method.set_pending(self.layer_idx, self)
         return self.keys, self.values
+
+    def _budget_tensors(self) -> None:
+        # (B, 1, 1) per-row budgets, built once (and after a beam reorder), not every step
+        dev = self.keys.device
+        self.heavy_t = torch.tensor(self.heavy, device=dev)[:, None, None]
+        self.recent_t = torch.tensor(self.recent, device=dev)[:, None, None]
 
     def get_seq_length(self) -> int:
         return self.length
@@ -97,8 +104,7 @@ class H2OLayer(DynamicLayer):
     def evict(self) -> None:
         b, h, w = self.valid.shape
         dev = self.valid.device
-        heavy = torch.tensor(self.heavy, device=dev)[:, None, None]
-        recent = torch.tensor(self.recent, device=dev)[:, None, None]
+        heavy, recent = self.heavy_t, self.recent_t
         n_valid = self.valid.sum(-1, keepdim=True)                               # (B, H, 1)
         over = n_valid > heavy + recent
         if not bool(over.any()):
@@ -143,6 +149,7 @@ class H2OLayer(DynamicLayer):
         order = beam_idx.tolist()
         self.heavy = [self.heavy[i] for i in order]
         self.recent = [self.recent[i] for i in order]
+        self._budget_tensors()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("an evicting KV layer cannot be cropped (evicted tokens are gone)")
