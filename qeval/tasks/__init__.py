@@ -1,7 +1,6 @@
 """Tasks: each evaluates a :class:`qeval.handle.Handle` and returns metric rows."""
 
 from qeval.tasks import passkey  # noqa: F401
-from qeval.tasks import quant_error  # noqa: F401
 from qeval.tasks import lm_eval_tasks  # noqa: F401
 from qeval.tasks import quant_error  # noqa: F401
 from qeval.tasks import toy_arith  # noqa: F401
