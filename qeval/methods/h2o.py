@@ -105,9 +105,19 @@ class H2OLayer(DynamicLayer):
         b, h, w = self.valid.shape
         dev = self.valid.device
         heavy, recent = self.heavy_t, self.recent_t
-        n_valid = self.valid.sum(-1, keepdim=True)                               # (B, H, 1)
-        over = n_valid > heavy + recent
-        if not bool(over.any()):
+        excess = self.valid.sum(-1, keepdim=True) - heavy - recent                # (B, H, 1)
+        if not bool((excess > 0).any()):
+            return
+        slot = torch.arange(w, device=dev)
+        if bool((excess == 1).all()):
+            # a decode step: every (row, head) drops exactly its lowest-scoring candidate. Valid
+            # slots are always a suffix (pads and evicted slots sit in front), so the recent
+            # window is the last `recent` slots. Ties drop the newer slot, as the general path.
+            candidate = self.valid & (slot < w - recent)
+            cand_score = self.score.masked_fill(~candidate, float("inf"))
+            drop = w - 1 - cand_score.flip(-1).argmin(-1, keepdim=True)            # (B, H, 1)
+            idx = torch.arange(w - 1, device=dev).expand(b, h, w - 1)
+            self._gather(idx + (idx >= drop).long())
             return
         # recent window: the last `recent` valid slots (slots are in position order)
         from_end = self.valid.flip(-1).cumsum(-1).flip(-1)                        # 1 = newest valid
@@ -116,9 +126,9 @@ class H2OLayer(DynamicLayer):
         cand_score = self.score.masked_fill(~candidate, float("-inf"))
         # rank of each slot by score among candidates, highest first (ties: the older slot)
         order = cand_score.argsort(dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(w, device=dev).expand(b, h, w))
+        rank = torch.empty_like(order).scatter_(-1, order, slot.expand(b, h, w))
         is_heavy = candidate & (rank < heavy)
-        keep = torch.where(over, is_recent | is_heavy, self.valid)
+        keep = torch.where(excess > 0, is_recent | is_heavy, self.valid)
         self._compact(keep)
 
     def _compact(self, keep: torch.Tensor) -> None:
@@ -127,10 +137,14 @@ class H2OLayer(DynamicLayer):
         # kept slots last, in position order; invalid slots fill the front
         key = keep.long() * w + torch.arange(w, device=keep.device)
         idx = key.argsort(dim=-1)[..., w - new_w:]                               # (B, H, W')
+        self._gather(idx, keep)
+
+    def _gather(self, idx: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Keep slots ``idx`` (B, H, W') of every per-slot tensor."""
         gather = idx[..., None].expand(-1, -1, -1, self.keys.shape[-1])          # (B, H, W', D)
         self.keys = self.keys.gather(2, gather)
         self.values = self.values.gather(2, gather)
-        self.valid = keep.gather(-1, idx)
+        self.valid = (self.valid if keep is None else keep).gather(-1, idx)
         self.score = self.score.gather(-1, idx)
         self.compacted = True
 

@@ -39,9 +39,11 @@ def allowed_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int,
 def attention_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor,
                     scaling: float) -> torch.Tensor:
     """(B, Hq, q, D) x (B, Hkv, kv, D) -> (B, Hq, q, kv) float32 softmax probabilities."""
-    n_rep = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(n_rep, dim=1)
-    scores = torch.matmul(query.float(), k.float().transpose(2, 3)) * scaling
+    b, hq, q, d = query.shape
+    hkv, kv = key.shape[1], key.shape[-2]
+    # GQA without copying the cache: (B, Hq, q, D) -> (B, Hkv, Hq // Hkv * q, D) against (B, Hkv, kv, D)
+    grouped = query.float().reshape(b, hkv, hq // hkv * q, d)
+    scores = (torch.matmul(grouped, key.float().transpose(2, 3)) * scaling).reshape(b, hq, q, kv)
     scores = scores.masked_fill(~allowed, float("-inf"))
     # a fully masked row (a pad query) gives NaN; it carries no attention
     return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
