@@ -162,3 +162,20 @@ def test_out_of_memory_in_a_task_is_a_failed_row(tmp_path, monkeypatch):
     df = gather(tmp_path)
     assert len(df) == 1 and df["status"].iloc[0] == "failed" and "80.00 GiB" in df["error"].iloc[0]
     assert (Path(result["run_dir"]) / "result.json").stat().st_mode & 0o044, "rows readable by others"
+
+
+@pytest.mark.timeout(120)
+def test_force_recomputes_a_finished_cell_under_the_same_identity(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from qeval.run import run
+    from qeval.validate import CONFIG_DIR
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*CELL, f"results_dir={tmp_path}"])
+        forced = compose("config", overrides=[*CELL, f"results_dir={tmp_path}", "force=true"])
+    first = run(cfg)
+    stamp = (Path(first["run_dir"]) / "result.json").stat().st_mtime_ns
+    assert run(cfg)["status"] == "skipped"
+    again = run(forced)
+    assert again["status"] == "ok" and again["run_dir"] == first["run_dir"], "force is not part of the identity"
+    assert (Path(first["run_dir"]) / "result.json").stat().st_mtime_ns > stamp
