@@ -116,7 +116,7 @@ def run(cfg) -> dict:
         return _failed_without_method(cfg, run_id, run_dir, f"ConfigError: {e}")
     torch.manual_seed(cfg.seed)
     method = build_method(cfg)
-    rows, status, error = [], "ok", None
+    rows, status, error, bad_input = [], "ok", None, None
     device = models.resolve_device(cfg.device)
     start = time.perf_counter()
     try:
@@ -140,11 +140,16 @@ def run(cfg) -> dict:
                     "status": "ok"})
     except Exception as e:  # a failing cell is recorded as a row, never lost
         status, error = "failed", f"{type(e).__name__}: {e}"
-        traceback.print_exc(file=sys.stderr)
+        if isinstance(e, ConfigError) and not _in_sweep():
+            bad_input = e  # found only once the model is loaded (e.g. its attention code)
+        else:
+            traceback.print_exc(file=sys.stderr)
         rows.append(base_row(cfg, method, run_id) | {"device": str(device), "task": ",".join(cfg.task),
                                                       "metric": None, "value": None, "status": "failed",
                                                       "error": error})
     result = {"run_id": run_id, "status": status, "error": error,
               "seconds": time.perf_counter() - start, "rows": rows}
     results.write_run(run_dir, result, rows, OmegaConf.to_yaml(cfg, resolve=True))
+    if bad_input is not None:
+        raise bad_input
     return result | {"run_dir": str(run_dir)}
