@@ -42,7 +42,7 @@ def validate(cfg):
     check_config(cfg, METHODS[cfg.method.name])
     check_model_available(cfg.model)
     arch = models.model_config(cfg.model)
-    check_against_model(cfg, arch)
+    check_against_model(cfg, arch, METHODS[cfg.method.name])
     return arch
 
 

@@ -139,19 +139,17 @@ def _dims(text_cfg) -> tuple[set[int], int]:
     return {hidden, ffn, heads * head_dim}, head_dim
 
 
-def check_against_model(cfg, arch_cfg) -> None:
-    """Group sizes must divide the dimension they group."""
+def check_against_model(cfg, arch_cfg, method_cls) -> None:
+    """Group sizes must divide the dimension they group: the method knows which."""
     widths, head_dim = _dims(arch_cfg.get_text_config())
-    if cfg.method.name == "group":
-        for key in ("w_group_size", "a_group_size"):
-            g = cfg.get(key)
-            bits = cfg.w_bits if key == "w_group_size" else cfg.a_bits
-            if g is not None and bits < 16:
-                bad = sorted(w for w in widths if w % g)
-                if bad:
-                    raise ConfigError(f"{key}={g}: does not divide the Linear input width {bad[0]} of "
-                                      f"model {cfg.model.name}; allowed: a divisor of {', '.join(map(str, sorted(widths)))}")
-        g = cfg.get("kv_group_size")
-        if g is not None and min(_bits(cfg)["k_bits"], _bits(cfg)["v_bits"]) < 16 and head_dim % g:
-            raise ConfigError(f"kv_group_size={g}: does not divide head_dim={head_dim} of model "
-                              f"{cfg.model.name}; allowed: a divisor of {head_dim}")
+    method_cls.check_model(cfg, widths, head_dim)
+
+
+def check_divides(key: str, g: int | None, dims, model_name: str, what: str) -> None:
+    """One shared message for a group size that does not divide a dimension it groups."""
+    if g is None:
+        return
+    bad = sorted(d for d in set(dims) if d % g)
+    if bad:
+        raise ConfigError(f"{key}={g}: does not divide {what}={bad[0]} of model {model_name}; "
+                          f"allowed: a divisor of {', '.join(map(str, sorted(set(dims))))}")

@@ -25,6 +25,10 @@ BAD_INPUTS = [
     (["method.kv_granularity=per_channel", "kv_bits=2"], "method.kv_granularity=per_channel: with kv_semantics=cache"),
     (["method.w_granularity=per_row", "w_bits=4"], "method.w_granularity=per_row: allowed: per_tensor, per_channel"),
     (["dtype=fp8"], "dtype=fp8: allowed: auto, float32, float16, bfloat16"),
+    (["method=kivi", "kv_bits=2", "method.group_size=24", "method.residual_length=48"],
+     "method.group_size=24: does not divide head_dim=32 of model tiny-random"),
+    (["method=kivi", "w_bits=4"], "w_bits=4: method kivi quantizes only the KV cache"),
+    (["method=kivi", "kv_bits=3"], "kv_bits=3: method kivi supports"),
     (["model=llama2-7b"], "model.path=meta-llama/Llama-2-7b-hf: not a local directory and not in the Hugging Face cache"),
 ]
 

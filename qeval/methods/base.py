@@ -94,6 +94,12 @@ class Method:
         """Raise ``ConfigError`` for method parameters that cannot work; the base has none."""
         return None
 
+    @classmethod
+    def check_model(cls, cfg, linear_widths: set[int], head_dim: int) -> None:
+        """Raise ``ConfigError`` for group sizes that do not divide the model's dimensions, read
+        from its architecture config before any weight loads; the base groups nothing."""
+        return None
+
     # -- W / WA --------------------------------------------------------------------------------
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
         """(out_features, in_features) -> same, quantized once at load time."""

@@ -104,6 +104,12 @@ class GEAR(Method):
             raise ConfigError(f"method.stream_block={m.stream_block}: must be a positive multiple of "
                               f"method.group_size={m.group_size} (the KIVI backbone groups keys over tokens)")
 
+    @classmethod
+    def check_model(cls, cfg, linear_widths, head_dim) -> None:
+        from qeval.validate import check_divides
+        if cfg.method.backbone == "kivi":  # the KIVI backbone groups values along the head dimension
+            check_divides("method.group_size", cfg.method.group_size, [head_dim], cfg.model.name, "head_dim")
+
     def __init__(self, cfg, knobs):
         super().__init__(cfg, knobs)
         self.backbone = cfg.backbone

@@ -15,6 +15,17 @@ from qeval.registry import register_method
 class Group(Method):
     allowed_bits = (2, 3, 4, 5, 6, 7, 8, 16)
 
+    @classmethod
+    def check_model(cls, cfg, linear_widths, head_dim) -> None:
+        from qeval.validate import check_divides
+        name = cfg.model.name
+        if cfg.w_bits < 16:
+            check_divides("w_group_size", cfg.w_group_size, linear_widths, name, "the Linear input width")
+        if cfg.a_bits < 16:
+            check_divides("a_group_size", cfg.a_group_size, linear_widths, name, "the Linear input width")
+        if min(cfg.k_bits or cfg.kv_bits, cfg.v_bits or cfg.kv_bits) < 16:
+            check_divides("kv_group_size", cfg.kv_group_size, [head_dim], name, "head_dim")
+
     def __init__(self, cfg, knobs):
         super().__init__(cfg, knobs)
         self.w_gran = Granularity(axis=-1, group_size=knobs.w_group_size)

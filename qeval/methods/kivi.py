@@ -103,6 +103,12 @@ class KIVI(Method):
             if kivi_packed.layout_problem(self.bits.k, self.bits.v, self.group_size) is None:
                 self.kv_backend, self.fused = "triton", kivi_packed.FusedDecode()
 
+    @classmethod
+    def check_model(cls, cfg, linear_widths, head_dim) -> None:
+        from qeval.validate import check_divides
+        # values are grouped along the head dimension
+        check_divides("method.group_size", cfg.method.group_size, [head_dim], cfg.model.name, "head_dim")
+
     def _check_head_dim(self, d: int) -> None:
         if d % self.group_size:
             from qeval.validate import ConfigError
