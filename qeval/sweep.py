@@ -105,6 +105,45 @@ def summary_line(s: dict) -> str:
     return line
 
 
+# per-cell breakdown columns: a row with any of them set is a detail, not a headline number
+DETAIL_COLUMNS = ("length", "depth", "layer", "subtask")
+
+
+def comparison(markers: list[dict]) -> str:
+    """The headline numbers of every finished cell side by side: one line per cell (its swept
+    overrides), one column per (task, metric)."""
+    import pandas as pd
+
+    # label a cell by the overrides that differ between cells, not the ones they all share
+    values: dict[str, set] = {}
+    for m in markers:
+        for o in m["overrides"]:
+            k, _, v = o.partition("=")
+            values.setdefault(k, set()).add(v)
+    varying = {k for k, vs in values.items() if len(vs) > 1}
+    rows = []
+    for m in markers:
+        if m["status"] == "failed" or not m.get("run_dir"):
+            continue
+        label = " ".join(o for o in m["overrides"] if o.partition("=")[0] in varying) or "(defaults)"
+        try:
+            lines = (Path(m["run_dir"]) / "rows.jsonl").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            r = json.loads(line)
+            if r.get("status") == "ok" and all(r.get(c) is None for c in DETAIL_COLUMNS):
+                rows.append({"cell": label, "job": m["job"], "task": r["task"], "metric": r["metric"],
+                             "value": r["value"]})
+    if not rows:
+        return ""
+    df = pd.DataFrame(rows)
+    table = df.pivot_table(index=["job", "cell"], columns=["task", "metric"], values="value", aggfunc="first")
+    table.index = table.index.droplevel("job")
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        return table.to_string(float_format=lambda x: f"{x:.3f}")
+
+
 class SweepSummary(Callback):
     """Hydra callback: progress per finished cell and a done/skipped/failed summary per sweep."""
 
@@ -146,6 +185,9 @@ class SweepSummary(Callback):
             total = None
         s = summarize(sweep_dir, total)
         results.write_atomic(sweep_dir / "sweep_summary.json", json.dumps(s, indent=2))
+        table = comparison(read_markers(sweep_dir))
+        if table:
+            print(table, flush=True)
         print(summary_line(s), flush=True)
         for cell in s["failed_cells"]:
             print(f"qeval sweep:   failed cell {cell['job']} ({' '.join(cell['overrides'])}): {cell['error']}",
