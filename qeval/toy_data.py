@@ -135,7 +135,7 @@ def vocabulary_text() -> str:
     """Every literal string the generators can emit."""
     parts = [passkey.INTRO, *passkey.FILLER, passkey.NEEDLE, passkey.QUESTION, MC_HEADER,
              "Question: Answer:", *NAMES, *ITEMS, *ARITH_TEMPLATES.values(), *MC_TEMPLATES.values(),
-             *CATEGORIES, *(w for ws in CATEGORIES.values() for w in ws), "a an A An"]
+             *CATEGORIES, *(w for ws in CATEGORIES.values() for w in ws), "a an A An", *LETTERS]
     return re.sub(r"\{\w+\}", " ", " ".join(parts))
 
 

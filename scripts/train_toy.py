@@ -1,6 +1,6 @@
 """Train qeval's embedded toy model: a small Llama (RoPE, GQA) on the synthetic data of qeval.toy_data.
 
-    python scripts/train_toy.py                      # writes qeval/assets/toy/ (about 15 min on 2 CPU cores)
+    python scripts/train_toy.py                      # writes qeval/assets/toy/ (about 16 min on 2 CPU cores)
     python scripts/train_toy.py --out /tmp/toy --steps 50
 
 Everything is seeded (weights, data order, every sample) and runs single-process on the CPU with a
@@ -30,15 +30,16 @@ from qeval import toy_data  # noqa: E402
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "qeval" / "assets" / "toy"
 
-# about 0.85 M parameters: 4 query heads share 2 KV heads (GQA), head_dim 32
-ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+# about 0.67 M parameters: 4 query heads share 2 KV heads (GQA), head_dim 32
+ARCH = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
             tie_word_embeddings=True)
 MIN_LEN, MAX_LEN = 96, 1088        # passkey prompt lengths trained (the task evaluates 256..1024)
 PASSKEY_TOKENS = 1024              # passkey tokens per step: batch = PASSKEY_TOKENS // length
-SHORT_BATCH = 24                   # arithmetic + multiple-choice examples per step (half each)
+SHORT_BATCH = 16                   # arithmetic + multiple-choice examples per step (half each)
 PROMPT_WEIGHT = 0.25               # loss weight of prompt tokens against completion tokens
 KEY_DIGITS = 5
+RAMP_STEPS = 300                   # passkey curriculum: full length range from this step on
 
 
 def make_model(tokenizer, seed: int, arch: dict = ARCH) -> LlamaForCausalLM:
@@ -69,14 +70,14 @@ def encode(tokenizer, examples) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "weights": w}
 
 
-def passkey_length(rng: random.Random, step: int, steps: int) -> int:
-    """Curriculum: the longest length grows linearly over the first 40 % of training."""
-    top = MIN_LEN + (MAX_LEN - MIN_LEN) * min(1.0, step / max(1, 0.4 * steps))
+def passkey_length(rng: random.Random, step: int) -> int:
+    """Curriculum: the longest length grows linearly over the first RAMP_STEPS steps."""
+    top = MIN_LEN + (MAX_LEN - MIN_LEN) * min(1.0, step / RAMP_STEPS)
     return rng.randint(MIN_LEN, int(top))
 
 
-def make_batches(tokenizer, rng: random.Random, step: int, steps: int):
-    length = passkey_length(rng, step, steps)
+def make_batches(tokenizer, rng: random.Random, step: int):
+    length = passkey_length(rng, step)
     n = max(1, PASSKEY_TOKENS // length)
     depths = [rng.random() for _ in range(n)]
     pk = toy_data.passkey_examples(tokenizer, length, depths, KEY_DIGITS, rng.randrange(2**31))
@@ -93,17 +94,29 @@ def weighted_loss(model, batch) -> torch.Tensor:
     return (ce * w).sum() / w.sum()
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int = 50) -> float:
+def lr_at(step: int, peak: float, warmup: int = 50, hold: int = 200) -> float:
+    """Linear warmup, a flat stretch, then inverse-square-root decay. It depends on the step
+    alone (not on the run's length), so the weights after N steps of a longer run are exactly
+    those of a run of N steps: a checkpoint is a shorter run."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * min(1.0, math.sqrt(hold / (step + 1)))
 
 
-def train(steps: int, seed: int = 0, lr: float = 3e-3, arch: dict = ARCH, log_every: int = 50, log=print):
+def train(steps: int, seed: int = 0, lr: float = 4e-3, arch: dict = ARCH, log_every: int = 50, log=print,
+          checkpoint=None):
     """Returns (model, tokenizer, losses): one float per step, reproducible bit for bit."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
+    try:
+        return _train(steps, seed, lr, arch, log_every, log, checkpoint)
+    finally:  # leave the process as it was (tests train inside a larger session)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(steps, seed, lr, arch, log_every, log, checkpoint):
     tokenizer = toy_data.build_tokenizer()
     model = make_model(tokenizer, seed, arch)
     model.train()
@@ -111,9 +124,9 @@ def train(steps: int, seed: int = 0, lr: float = 3e-3, arch: dict = ARCH, log_ev
     rng = random.Random(seed)
     losses, start = [], time.perf_counter()
     for step in range(steps):
-        pk, short = make_batches(tokenizer, rng, step, steps)
+        pk, short = make_batches(tokenizer, rng, step)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr)
+            g["lr"] = lr_at(step, lr)
         loss_pk, loss_short = weighted_loss(model, pk), weighted_loss(model, short)
         loss = loss_pk + loss_short
         opt.zero_grad(set_to_none=True)
@@ -125,6 +138,8 @@ def train(steps: int, seed: int = 0, lr: float = 3e-3, arch: dict = ARCH, log_ev
             log(f"step {step:5d}  loss {loss.item():.4f}  passkey {loss_pk.item():.4f} "
                 f"(len {pk['input_ids'].shape[1]})  short {loss_short.item():.4f}  "
                 f"{time.perf_counter() - start:.0f}s")
+        if checkpoint and log_every and (step + 1) % log_every == 0:
+            checkpoint(model, tokenizer, step + 1)  # equals the final weights of a run of step + 1 steps
     model.eval()
     return model, tokenizer, losses
 
@@ -139,13 +154,16 @@ def save(model, tokenizer, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--out", type=Path, default=ASSET_DIR)
+    ap.add_argument("--checkpoints", type=Path, default=None, help="also save every 50 steps under this folder")
     args = ap.parse_args()
     start = time.perf_counter()
-    model, tokenizer, _ = train(args.steps, args.seed, args.lr, log=lambda s: print(s, flush=True))
+    model, tokenizer, _ = train(args.steps, args.seed, args.lr, log=lambda s: print(s, flush=True),
+                                checkpoint=None if args.checkpoints is None else
+                                lambda m, t, n: save(m, t, args.checkpoints / f"step{n}"))
     save(model, tokenizer, args.out)
     n = sum(p.numel() for p in model.parameters())
     print(f"saved {n / 1e6:.2f} M parameters to {args.out} after {time.perf_counter() - start:.0f}s")

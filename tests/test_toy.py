@@ -1,0 +1,115 @@
+"""The embedded toy model: its tokenizer, its committed accuracy, quantization visibly hurting it,
+and a training run that reproduces itself bit for bit."""
+
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from qeval import toy_data
+from qeval.models import resolve_path
+from qeval.registry import TASKS, load_all
+from qeval.run import prepare
+from qeval.validate import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+# a modest held-out subset: the task's own seed, fewer samples than the model card's numbers
+PASSKEY_SUBSET = ["task.passkey.lengths=[256,512,1024]", "task.passkey.depths=[0.0,0.5,1.0]",
+                  "task.passkey.samples_per_cell=2", "task.passkey.batch_size=6"]
+
+
+def handle_for(*overrides):
+    load_all()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model=toy", "task=[passkey,toy_arith,toy_mc]", "device=cpu",
+                                           *PASSKEY_SUBSET, *overrides])
+    handle, _ = prepare(cfg)
+    return handle, cfg
+
+
+def accuracy(handle, cfg, task: str) -> float:
+    rows = TASKS[task](handle, cfg.task[task])
+    overall = [r for r in rows if set(r) == {"metric", "value", "n"}]
+    assert len(overall) == 1
+    return overall[0]["value"]
+
+
+def test_tokenizer_round_trips_every_generator_without_unknowns():
+    tok = toy_data.build_tokenizer()
+    rng = random.Random(7)
+    examples = [toy_data.arithmetic(rng) for _ in range(50)] + [toy_data.multiple_choice(rng) for _ in range(50)]
+    examples += toy_data.passkey_examples(tok, 300, [0.0, 0.3, 1.0], 5, seed=7)
+    for ex in examples:
+        text = ex.prompt + ex.completion
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids, text
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        # prompt and completion tokenize apart exactly as together: generation starts at the boundary
+        assert ids == tok(ex.prompt)["input_ids"] + tok(ex.completion, add_special_tokens=False)["input_ids"]
+
+
+def test_held_out_items_are_not_training_items():
+    train_rng, eval_rng = random.Random(0), random.Random(1234)
+    train = {toy_data.arithmetic(train_rng).prompt for _ in range(2000)}
+    held_out = [toy_data.arithmetic(eval_rng).prompt for _ in range(100)]
+    assert sum(p in train for p in held_out) < 10
+
+
+def test_committed_toy_model_is_packaged_and_loads_like_a_hub_model():
+    from transformers import AutoTokenizer
+
+    path = Path(resolve_path("@toy"))
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "MODEL_CARD.md"):
+        assert (path / name).is_file(), name
+    assert (path / "model.safetensors").stat().st_size < 8 * 2**20
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok("The pass key is 123")["input_ids"] == toy_data.build_tokenizer()("The pass key is 123")["input_ids"]
+
+
+@pytest.mark.timeout(300)
+def test_toy_model_full_precision_accuracy():
+    """The committed model's numbers (MODEL_CARD.md: passkey 100 %, toy_arith 67 % on the full
+    held-out sets). Multiple choice is at chance for this checkpoint and is not asserted."""
+    handle, cfg = handle_for()
+    cfg.task.toy_arith.n_samples = 50
+    model = handle.model
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
+    assert sum(p.numel() for p in model.parameters()) < 3_000_000
+    assert accuracy(handle, cfg, "passkey") >= 0.95
+    assert accuracy(handle, cfg, "toy_arith") >= 0.55
+
+
+@pytest.mark.timeout(300)
+def test_two_bit_per_tensor_kv_breaks_what_eight_bit_keeps():
+    """Measured on the full sets: passkey 100 % -> 7 %, toy_arith 67 % -> 26 % at 2 bits; 8 bits
+    changes neither."""
+    kv = ["method=uniform", "method.kv_granularity=per_tensor", "task.toy_arith.n_samples=50"]
+    h16, cfg16 = handle_for("task.toy_arith.n_samples=50")
+    h8, cfg8 = handle_for(*kv, "kv_bits=8")
+    h2, cfg2 = handle_for(*kv, "kv_bits=2")
+    for task, drop in (("passkey", 0.5), ("toy_arith", 0.2)):
+        acc16, acc8, acc2 = (accuracy(h, c, task) for h, c in ((h16, cfg16), (h8, cfg8), (h2, cfg2)))
+        assert abs(acc8 - acc16) <= 0.05, (task, acc16, acc8)
+        assert acc2 <= acc8 - drop, (task, acc8, acc2)
+
+
+def load_train_script():
+    spec = importlib.util.spec_from_file_location("train_toy", ROOT / "scripts" / "train_toy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_training_is_deterministic_for_a_seed():
+    """Same seed: the same losses bit for bit, and a shorter run is a prefix of a longer one (so a
+    checkpoint after N steps is the model of ``--steps N``); another seed: other losses."""
+    train_toy = load_train_script()
+    small = dict(train_toy.ARCH, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    short = train_toy.train(steps=2, seed=0, arch=small, log_every=0)[2]
+    longer = train_toy.train(steps=3, seed=0, arch=small, log_every=0)[2]
+    other = train_toy.train(steps=2, seed=1, arch=small, log_every=0)[2]
+    assert longer[:2] == short
+    assert other != short
+    assert all(loss > 0 for loss in longer)
