@@ -47,20 +47,30 @@ def _pad_positions(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Te
     return pad[:, None, :, None] if pad.any() else None
 
 
+def register_attention(kind: str, base: str, make) -> str:
+    """Register ``make(attend)`` (an attention function wrapping the ``base`` one: sdpa | eager)
+    under a name unique to the run, with the base's mask function; returns the name.
+
+    Every qeval attention function goes through here, so the mask function is never forgotten."""
+    attend = {"sdpa": sdpa_attention_forward, "eager": eager_attention}[base]
+    name = f"qeval_{kind}_{base}_{next(_ids)}"
+    AttentionInterface.register(name, make(attend))
+    AttentionMaskInterface.register(name, {"sdpa": sdpa_mask, "eager": eager_mask}[base])
+    return name
+
+
 def register(method: Method, base: str) -> str:
     """Register a quantize-then-attend function over ``base`` (sdpa | eager); returns its name."""
-    attend = {"sdpa": sdpa_attention_forward, "eager": eager_attention}[base]
-    name = f"qeval_simulated_{base}_{next(_ids)}"
+    def make(attend):
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            _calls[name] += 1
+            pad = _pad_positions(attention_mask, key.shape[-2])
+            key, value = method.quantize_kv(key, value, pad)
+            return attend(module, query, key, value, attention_mask, **kwargs)
+        return attention
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        _calls[name] += 1
-        pad = _pad_positions(attention_mask, key.shape[-2])
-        key, value = method.quantize_kv(key, value, pad)
-        return attend(module, query, key, value, attention_mask, **kwargs)
-
+    name = register_attention("simulated", base, make)
     _calls[name] = 0
-    AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, {"sdpa": sdpa_mask, "eager": eager_mask}[base])
     return name
 
 

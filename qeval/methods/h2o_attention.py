@@ -9,16 +9,9 @@ the method remembers which layer updated last (``take_pending``); a forward with
 
 from __future__ import annotations
 
-import itertools
-
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from qeval.simulated_attention import eager_attention
-
-_ids = itertools.count()
+from qeval.simulated_attention import register_attention
 
 
 def allowed_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int,
@@ -51,28 +44,25 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tenso
 
 def register(method, base: str) -> str:
     """Register attend-and-score over ``base`` (sdpa | eager); returns its name."""
-    attend = {"sdpa": sdpa_attention_forward, "eager": eager_attention}[base]
-    name = f"qeval_h2o_{base}_{next(_ids)}"
+    def make(attend):
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            layer = method.take_pending(module.layer_idx)
+            if layer is None:
+                return attend(module, query, key, value, attention_mask, **kwargs)
+            q_len, kv_len = query.shape[-2], key.shape[-2]
+            if layer.compacted:
+                # after eviction, slot j no longer is position j: the layer knows which slots are real
+                allowed = layer.allowed_slots(q_len, query.shape[1])
+                attention_mask = (allowed if base == "sdpa" else
+                                  torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+                                  .masked_fill(~allowed, torch.finfo(query.dtype).min))
+            else:
+                allowed = allowed_keys(attention_mask, q_len, kv_len, query.device)
+            out, weights = attend(module, query, key, value, attention_mask, **kwargs)
+            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            probs = weights.float() if weights is not None else attention_probs(query, key, allowed, scaling)
+            layer.observe(probs)
+            return out, weights
+        return attention
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        layer = method.take_pending(module.layer_idx)
-        if layer is None:
-            return attend(module, query, key, value, attention_mask, **kwargs)
-        q_len, kv_len = query.shape[-2], key.shape[-2]
-        if layer.compacted:
-            # after eviction, slot j no longer is position j: the layer knows which slots are real
-            allowed = layer.allowed_slots(q_len, query.shape[1])
-            attention_mask = (allowed if base == "sdpa" else
-                              torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-                              .masked_fill(~allowed, torch.finfo(query.dtype).min))
-        else:
-            allowed = allowed_keys(attention_mask, q_len, kv_len, query.device)
-        out, weights = attend(module, query, key, value, attention_mask, **kwargs)
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        probs = weights.float() if weights is not None else attention_probs(query, key, allowed, scaling)
-        layer.observe(probs)
-        return out, weights
-
-    AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, {"sdpa": sdpa_mask, "eager": eager_mask}[base])
-    return name
+    return register_attention("h2o", base, make)

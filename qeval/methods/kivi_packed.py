@@ -20,21 +20,14 @@ materialized in the padded timeline and attends as usual.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
-from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from qeval.kernels import kv_pack
 from qeval.kernels.kv_decode_attention import decode_attention
 from qeval.methods.base import SequenceState
 from qeval.quant import packed_bytes
-from qeval.simulated_attention import eager_attention
-
-_ids = itertools.count()
+from qeval.simulated_attention import register_attention
 
 
 def layout_problem(k_bits: int, v_bits: int, group_size: int) -> str | None:
@@ -64,19 +57,17 @@ class FusedDecode:
 
 def register(fused: FusedDecode, base: str) -> str:
     """Register decode-on-packed-words over ``base`` (sdpa | eager); returns its name."""
-    attend = {"sdpa": sdpa_attention_forward, "eager": eager_attention}[base]
-    name = f"qeval_kivi_packed_{base}_{next(_ids)}"
+    def make(attend):
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            layer = fused.take(module.layer_idx)
+            if layer is None:
+                return attend(module, query, key, value, attention_mask, **kwargs)
+            # (B, Hq, 1, D) -> (B, Hq, D) -> (B, 1, Hq, D), the layout attention functions return
+            out = layer.decode(query, kwargs.get("scaling"))
+            return out[:, None], None
+        return attention
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        layer = fused.take(module.layer_idx)
-        if layer is None:
-            return attend(module, query, key, value, attention_mask, **kwargs)
-        # (B, Hq, 1, D) -> (B, Hq, D) -> (B, 1, Hq, D), the layout attention functions return
-        out = layer.decode(query, kwargs.get("scaling"))
-        return out[:, None], None
-
-    AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, {"sdpa": sdpa_mask, "eager": eager_mask}[base])
+    name = register_attention("kivi_packed", base, make)
     fused.active = True
     return name
 
