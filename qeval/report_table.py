@@ -10,9 +10,10 @@ def print_rows(rows: list[dict], full: bool = False) -> None:
     import pandas as pd
     if not rows:
         return
+    from qeval.results import is_headline
+    if not full:  # the headline numbers; per-cell, per-layer and per-subtask rows are in rows.jsonl
+        rows = [r for r in rows if is_headline(r)] or rows
     df = pd.DataFrame(rows)
-    if not full and "length" in df:  # keep the overall numbers; per-cell rows are in rows.jsonl
-        df = df[df["length"].isna()]
     cols = [c for c in COLUMNS if c in df and df[c].notna().any()]
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))

@@ -17,6 +17,16 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+# per-task breakdown columns: a row with any of them set is a detail (a passkey cell, one layer of
+# quant_error, one kind of toy question), not a headline number
+DETAIL_COLUMNS = ("length", "depth", "layer", "operation", "question_type")
+
+
+def is_headline(row: dict) -> bool:
+    """The task's overall numbers: no breakdown, and for lm-eval the task's own (group) row."""
+    return all(row.get(c) is None for c in DETAIL_COLUMNS) and row.get("subtask") in (None, row.get("task"))
+
+
 # keys that say where or how a run is launched, not what it computes
 NON_IDENTITY_KEYS = ("hydra", "results_dir", "force")
 

@@ -105,10 +105,6 @@ def summary_line(s: dict) -> str:
     return line
 
 
-# per-cell breakdown columns: a row with any of them set is a detail, not a headline number
-DETAIL_COLUMNS = ("length", "depth", "layer", "subtask")
-
-
 def comparison(markers: list[dict]) -> str:
     """The headline numbers of every finished cell side by side: one line per cell (its swept
     overrides), one column per (task, metric)."""
@@ -132,7 +128,7 @@ def comparison(markers: list[dict]) -> str:
             continue
         for line in lines:
             r = json.loads(line)
-            if r.get("status") == "ok" and all(r.get(c) is None for c in DETAIL_COLUMNS):
+            if r.get("status") == "ok" and results.is_headline(r):
                 rows.append({"cell": label, "job": m["job"], "task": r["task"], "metric": r["metric"],
                              "value": r["value"]})
     if not rows:

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from qeval import results
+
 # rows whose value is a headline number of a task (no per-cell or per-layer breakdown)
-BREAKDOWN_COLUMNS = ("length", "depth", "layer")
+BREAKDOWN_COLUMNS = results.DETAIL_COLUMNS
 # a task's headline metric: the first of these present, else the first in alphabetical order
 METRIC_PREFERENCE = ("accuracy", "exact_match,strict-match", "exact_match,flexible-extract",
                      "acc,none", "acc_norm,none", "score,none", "exact_match,get-answer")
