@@ -32,6 +32,8 @@ def main(cfg: DictConfig) -> None:
 
 
 def entry() -> None:
+    if len(sys.argv) == 1:  # no arguments: the demo (configs/experiment/demo.yaml)
+        sys.argv.append("experiment=demo")
     try:
         check_overrides(sys.argv[1:])
     except ConfigError as e:

@@ -1,15 +1,17 @@
 """Train qeval's embedded toy model: a small Llama (RoPE, GQA) on the synthetic data of qeval.toy_data.
 
-    python scripts/train_toy.py                      # writes qeval/assets/toy/ (about 16 min on 2 CPU cores)
+    python scripts/train_toy.py                      # writes qeval/assets/toy/ (about 20 min on 2 CPU cores)
     python scripts/train_toy.py --out /tmp/toy --steps 50
 
 Everything is seeded (weights, data order, every sample) and runs single-process on the CPU with a
 fixed thread count, so the same seed gives the same losses and weights. Each step trains on one
-batch of passkey prompts (from the passkey task's own generator, lengths 96..1088 tokens with a
-curriculum that starts short) and one batch of arithmetic and multiple-choice examples.
+batch of arithmetic and multiple-choice examples and, until step 2000 and every second step after,
+one batch of passkey prompts (from the passkey task's own generator, lengths 96..1088 tokens with a
+curriculum that starts short; retrieval is learned by then, and the short tasks need the steps).
 
 The loss is the usual next-token loss over the whole text, with the prompt down-weighted against
-the completion: the filler is easy to predict and would otherwise swamp the few answer tokens.
+the completion: the filler is easy to predict and would otherwise swamp the few answer tokens, and
+a one-letter multiple-choice answer would be a few percent of its example's loss.
 """
 
 from __future__ import annotations
@@ -30,14 +32,18 @@ from qeval import toy_data  # noqa: E402
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "qeval" / "assets" / "toy"
 
-# about 0.67 M parameters: 4 query heads share 2 KV heads (GQA), head_dim 32
+# about 0.65 M parameters: 4 query heads share 2 KV heads (GQA), head_dim 32
 ARCH = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
             tie_word_embeddings=True)
 MIN_LEN, MAX_LEN = 96, 1088        # passkey prompt lengths trained (the task evaluates 256..1024)
 PASSKEY_TOKENS = 1024              # passkey tokens per step: batch = PASSKEY_TOKENS // length
-SHORT_BATCH = 16                   # arithmetic + multiple-choice examples per step (half each)
-PROMPT_WEIGHT = 0.25               # loss weight of prompt tokens against completion tokens
+SHORT_BATCH = 24                   # arithmetic + multiple-choice examples per step (half each)
+PROMPT_WEIGHT = 0.25               # loss weight of passkey prompt tokens against the key
+SHORT_PROMPT_WEIGHT = 0.05         # the same for arithmetic / multiple choice: a one-letter answer
+                                   # would otherwise be a few percent of its example's loss
+PASSKEY_EVERY_LATE = 2             # after PASSKEY_LATE_STEP, a passkey batch every 2nd step only:
+PASSKEY_LATE_STEP = 2000           # retrieval is learned by then, the short tasks need the steps
 KEY_DIGITS = 5
 RAMP_STEPS = 300                   # passkey curriculum: full length range from this step on
 
@@ -49,7 +55,7 @@ def make_model(tokenizer, seed: int, arch: dict = ARCH) -> LlamaForCausalLM:
     return LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
-def encode(tokenizer, examples) -> dict[str, torch.Tensor]:
+def encode(tokenizer, examples, prompt_weight: float = PROMPT_WEIGHT) -> dict[str, torch.Tensor]:
     """Right-padded (B, T) ids with per-token loss weights; prompt ids are BOS + prompt, then the
     completion and EOS (tokenized apart, so the boundary is exactly where generation starts)."""
     rows, weights = [], []
@@ -58,7 +64,7 @@ def encode(tokenizer, examples) -> dict[str, torch.Tensor]:
         c = tokenizer(ex.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(p + c)
         # weight of predicting token t+1 from position t
-        weights.append([PROMPT_WEIGHT] * (len(p) - 1) + [1.0] * len(c))
+        weights.append([prompt_weight] * (len(p) - 1) + [1.0] * len(c))
     T = max(map(len, rows))
     ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -77,13 +83,16 @@ def passkey_length(rng: random.Random, step: int) -> int:
 
 
 def make_batches(tokenizer, rng: random.Random, step: int):
-    length = passkey_length(rng, step)
-    n = max(1, PASSKEY_TOKENS // length)
-    depths = [rng.random() for _ in range(n)]
-    pk = toy_data.passkey_examples(tokenizer, length, depths, KEY_DIGITS, rng.randrange(2**31))
+    pk = None
+    if step < PASSKEY_LATE_STEP or step % PASSKEY_EVERY_LATE == 0:
+        length = passkey_length(rng, step)
+        n = max(1, PASSKEY_TOKENS // length)
+        depths = [rng.random() for _ in range(n)]
+        examples = toy_data.passkey_examples(tokenizer, length, depths, KEY_DIGITS, rng.randrange(2**31))
+        pk = encode(tokenizer, examples)
     short = [toy_data.arithmetic(rng) for _ in range(SHORT_BATCH // 2)]
     short += [toy_data.multiple_choice(rng) for _ in range(SHORT_BATCH // 2)]
-    return encode(tokenizer, pk), encode(tokenizer, short)
+    return pk, encode(tokenizer, short, SHORT_PROMPT_WEIGHT)
 
 
 def weighted_loss(model, batch) -> torch.Tensor:
@@ -127,16 +136,17 @@ def _train(steps, seed, lr, arch, log_every, log, checkpoint):
         pk, short = make_batches(tokenizer, rng, step)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, lr)
-        loss_pk, loss_short = weighted_loss(model, pk), weighted_loss(model, short)
-        loss = loss_pk + loss_short
+        loss_short = weighted_loss(model, short)
+        loss_pk = weighted_loss(model, pk) if pk is not None else None
+        loss = loss_short if loss_pk is None else loss_pk + loss_short
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
         if log_every and (step % log_every == 0 or step == steps - 1):
-            log(f"step {step:5d}  loss {loss.item():.4f}  passkey {loss_pk.item():.4f} "
-                f"(len {pk['input_ids'].shape[1]})  short {loss_short.item():.4f}  "
+            pk_text = "-" if pk is None else f"{loss_pk.item():.4f} (len {pk['input_ids'].shape[1]})"
+            log(f"step {step:5d}  loss {loss.item():.4f}  passkey {pk_text}  short {loss_short.item():.4f}  "
                 f"{time.perf_counter() - start:.0f}s")
         if checkpoint and log_every and (step + 1) % log_every == 0:
             checkpoint(model, tokenizer, step + 1)  # equals the final weights of a run of step + 1 steps
@@ -154,7 +164,7 @@ def save(model, tokenizer, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--out", type=Path, default=ASSET_DIR)

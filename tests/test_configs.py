@@ -67,7 +67,7 @@ TASKS["qllm_eval_wa"] = TASKS["qllm_eval_kv"] = TASKS["qllm_eval_w"]
 
 
 @pytest.mark.parametrize("study", STUDIES)
-def test_study_sweeps_the_papers_grid_and_smoke_runs_the_same_grid_on_the_tiny_model(study):
+def test_study_sweeps_the_papers_grid_and_smoke_runs_the_same_grid_on_the_toy_model(study):
     keys, expected = GRIDS[study]
     top = _compose([f"experiment={study}"], hydra_cfg=True)
     models = str(top.hydra.sweeper.params.model).split(",")
@@ -80,7 +80,7 @@ def test_study_sweeps_the_papers_grid_and_smoke_runs_the_same_grid_on_the_tiny_m
     assert _grid(smoke, *keys) == expected
     assert len(smoke) == len(expected)
     for c in smoke:
-        assert c.model.name == "tiny-random" and c.device == "cpu" and list(c.task) == ["passkey"]
+        assert c.model.name == "toy" and c.device == "cpu" and list(c.task) == ["passkey"]
         assert max(c.task.passkey.lengths) <= 512 and c.task.passkey.samples_per_cell == 1
 
 

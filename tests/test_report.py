@@ -79,7 +79,7 @@ def test_tables_have_every_setting_and_deltas_to_fp16(report):
                 "h2o KV 20%"):
         assert f" {col} |" in header, (col, header)
     row = md.splitlines()[4]
-    assert row.startswith("| tiny-random |") and row.count("(+") + row.count("(-") == 7, row
+    assert row.startswith("| toy |") and row.count("(+") + row.count("(-") == 7, row
     assert r"\begin{tabular}" in tex and r"\bottomrule" in tex and "KV 20\\%" in tex
     assert str(out / "tables" / "all.md") in manifest["tables"]
 

@@ -38,7 +38,7 @@ def error_for(overrides: list[str], tmp_path) -> str:
     try:
         check_overrides(overrides)
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=overrides + [f"results_dir={tmp_path}"])
+            cfg = compose("config", overrides=["model=tiny-random"] + overrides + [f"results_dir={tmp_path}"])
         validate(cfg)
     except ConfigError as e:
         return str(e)

@@ -25,17 +25,4 @@ def first_letter(text: str) -> str | None:
 def evaluate(handle, cfg) -> list[dict]:
     rng = random.Random(cfg.seed)
     examples = [toy_data.multiple_choice(rng) for _ in range(cfg.n_samples)]
-    hits: dict[str, list[bool]] = {}
-    bar = handle.progress_bar(len(examples), "toy_mc")
-    for i in range(0, len(examples), cfg.batch_size):
-        batch = examples[i:i + cfg.batch_size]
-        outputs = handle.generate([e.prompt for e in batch], max_new_tokens=2)
-        for e, out in zip(batch, outputs):
-            hits.setdefault(e.kind, []).append(first_letter(out) == e.answer)
-        bar.update(len(batch))
-    bar.close()
-    rows = [{"metric": "accuracy", "value": sum(h) / len(h), "n": len(h), "question_type": q}
-            for q, h in sorted(hits.items())]
-    flat = [x for h in hits.values() for x in h]
-    rows.append({"metric": "accuracy", "value": sum(flat) / len(flat), "n": len(flat)})
-    return rows
+    return toy_data.score_generations(handle, examples, "toy_mc", cfg.batch_size, 2, first_letter, "question_type")
