@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -34,6 +35,9 @@ def main(cfg: DictConfig) -> None:
 def entry() -> None:
     if len(sys.argv) == 1:  # no arguments: the demo (configs/experiment/demo.yaml)
         sys.argv.append("experiment=demo")
+    if not any(a.lstrip("+").startswith("results_dir=") for a in sys.argv[1:]):
+        # an absolute path, fixed where the command is typed: launcher jobs may start elsewhere
+        sys.argv.append(f"results_dir={Path.cwd() / 'results'}")
     try:
         check_overrides(sys.argv[1:])
     except ConfigError as e:
