@@ -95,22 +95,22 @@ class BlockCompressedLayer(DynamicLayer):
         tail = sum((t - lo) for name in self.streams for lo in self.done[name])
         return sum(self.packed) + tail * h * d * FP16_BYTES
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        order = beam_idx.tolist()
+    def _select_rows(self, order: list[int]) -> None:
+        """Keep the per-row bookkeeping in step with the tensors' batch rows."""
         self.start = [self.start[i] for i in order]
         self.done = {name: [d[i] for i in order] for name, d in self.done.items()}
         self.packed = [self.packed[i] for i in order]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._select_rows(beam_idx.tolist())
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("block-compressed KV layers cannot be cropped (compressed blocks are final)")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        order = indices.tolist()
-        self.start = [self.start[i] for i in order]
-        self.done = {name: [d[i] for i in order] for name, d in self.done.items()}
-        self.packed = [self.packed[i] for i in order]
+        self._select_rows(indices.tolist())
 
 
 def per_row_real(k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None, fn) -> tuple[torch.Tensor, torch.Tensor]:
