@@ -35,7 +35,7 @@ def kivi(backend: str, k_bits=2, v_bits=2, G=16, R=16):
     return KIVI(cfg, Knobs(Bits(16, 16, k_bits, v_bits), kv_semantics="cache", backend=backend))
 
 
-def generate(model, tok, method, n_new=18):
+def generate(model, tok, method, n_new=18, **gen):
     """Greedy tokens and per-step logits of the left-padded PROMPTS, through the method's cache."""
     attn = method.attention_implementation("sdpa")
     model.set_attn_implementation(attn or "sdpa")
@@ -44,7 +44,7 @@ def generate(model, tok, method, n_new=18):
     cache = handle.new_cache(enc["attention_mask"])
     out = model.generate(**enc, past_key_values=cache, max_new_tokens=n_new, do_sample=False,
                          pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
-                         output_logits=True)
+                         output_logits=True, **gen)
     model.set_attn_implementation("sdpa")
     handle.stats.observe_cache(cache, method)
     return out.sequences, torch.stack(out.logits), cache, handle.stats
@@ -106,3 +106,32 @@ def test_backend_recorded_and_unsupported_layouts_fall_back():
     # 16-bit keys cannot be packed: the torch layer runs, and the row says so
     assert kivi("triton", k_bits=16).describe()["kv_backend"] == "torch"
     assert kivi("triton", G=24, R=48).describe()["kv_backend"] == "torch"
+
+
+def test_beam_search_on_packed_words_equals_torch(model_and_tokenizer):
+    """Beam search reorders the cache's rows every step: codes, scales, residuals and each row's
+    bookkeeping must move together, so the beams equal the torch backend's."""
+    model, tok = model_and_tokenizer
+    ref = generate(model, tok, kivi("torch"), n_new=10, num_beams=3)[0]
+    out, _, cache, _ = generate(model, tok, kivi("triton"), n_new=10, num_beams=3)
+    assert isinstance(cache.layers[0], PackedKIVILayer) and cache.layers[0].k_words.shape[0] == 2 * 3
+    assert torch.equal(out, ref)
+
+
+def test_row_selection_and_expansion_keep_each_row_intact(model_and_tokenizer):
+    """batch_repeat_interleave / batch_select_indices after prefill: every row still reads back
+    exactly the K/V it held (the row-local packed blocks move with it)."""
+    model, tok = model_and_tokenizer
+    method = kivi("triton")
+    out, _, cache, _ = generate(model, tok, method, n_new=6)
+    layer = cache.layers[1]
+    layer.settle()
+    keys, values = layer.materialize()
+    assert any(layer.dk) and any(layer.dv)
+    layer.batch_repeat_interleave(2)
+    k2, v2 = layer.materialize()
+    assert torch.equal(k2, keys.repeat_interleave(2, dim=0)) and torch.equal(v2, values.repeat_interleave(2, dim=0))
+    layer.batch_select_indices(torch.tensor([3, 0]))
+    k3, v3 = layer.materialize()
+    assert torch.equal(k3, keys[[1, 0]]) and torch.equal(v3, values[[1, 0]])
+    assert layer.start[0] > 0 and layer.start[1] == 0    # the short (left-padded) prompt now leads

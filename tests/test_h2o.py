@@ -109,3 +109,25 @@ def test_ratio_budgets_follow_each_prompt_and_the_cache_stays_bounded():
     real = [40, 20]
     assert n[0].tolist() == [int(0.2 * real[0]) * 2] * 2 and n[1].tolist() == [int(0.2 * real[1]) * 2] * 2
     assert layer.get_seq_length() == 40 + 9      # the last generated token is never fed back
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 7])
+def test_chunked_key_scores_equal_the_summed_softmax_probabilities(monkeypatch, chunk):
+    """sdpa returns no probabilities, so H2O scores keys in a chunked, causally truncated pass; it
+    must equal the plain masked softmax summed over a GQA group's heads and the real queries."""
+    from qeval.methods import h2o_attention as ha
+    monkeypatch.setattr(ha, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, q, kv, d = 2, 6, 3, 5, 11, 8
+    query, key = torch.randn(b, hq, q, d, generator=g), torch.randn(b, hkv, kv, d, generator=g)
+    real = torch.ones(b, hkv, q, dtype=torch.bool)
+    real[1, :, :2] = False                                          # two pad queries in row 1
+    causal = ha.allowed_keys(None, q, kv, query.device)              # (1, 1, q, kv)
+    per_row = causal.expand(b, hq, q, kv).clone()                   # (B, Hq, q, kv), as after eviction
+    per_row[1, :, :, :2] = False                                    # row 1: two pad keys hidden
+    per_row[1, :, 0, :] = False                                     # and a fully masked pad query
+    for allowed in (causal, per_row):
+        probs = ha.attention_probs(query, key, allowed, 0.3) * real.repeat_interleave(2, 1)[..., None]
+        expected = probs.reshape(b, hkv, 2, q, kv).sum(dim=(2, 3))
+        got = ha.key_scores(query, key, allowed, 0.3, real)
+        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()

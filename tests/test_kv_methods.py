@@ -43,6 +43,34 @@ def test_manual_decode_loop_matches_generate(handle):
     assert handle.tokenizer.decode(tokens[0], skip_special_tokens=True) == gen
 
 
+def test_rows_expanded_then_selected_keep_decoding_as_before(handle):
+    """batch_repeat_interleave and batch_select_indices on a prefilled cache (a caller that expands
+    or prunes rows between steps): every row's bookkeeping moves with its K/V, so each copy keeps
+    decoding exactly as the cache that was never touched."""
+    if handle.kv_semantics != "cache":
+        pytest.skip("simulated semantics keeps a plain DynamicCache")
+    model = handle.model
+    ids = handle.tokenizer([PROMPTS[0]], return_tensors="pt")["input_ids"]
+    ref, _ = greedy_loop(model, handle.new_cache(torch.ones_like(ids)), ids, 14)
+    cache, mask, steps = handle.new_cache(torch.ones_like(ids)), torch.ones_like(ids), []
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        for step in range(14):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            steps.append(nxt[:, 0])
+            if step == 4:                      # one row -> three
+                cache.batch_repeat_interleave(3)
+                nxt, mask = nxt.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+            if step == 9:                      # keep rows 0 and 2
+                keep = torch.tensor([0, 2])
+                cache.batch_select_indices(keep)
+                nxt, mask = nxt[keep], mask[keep]
+            mask = torch.cat([mask, torch.ones_like(nxt)], -1)
+            out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+    for step, toks in enumerate(steps):
+        assert (toks == ref[0, step]).all(), (step, toks, ref[0])
+
+
 def test_bytes_held_and_packed_are_reported(handle):
     handle.stats.__init__()
     handle.generate(PROMPTS, max_new_tokens=16)

@@ -26,13 +26,13 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from qeval.methods.base import Method, SequenceState
+from qeval.methods.base import Method, RowSelectable, SequenceState
 from qeval.registry import register_method
 
 FP16_BYTES = 2
 
 
-class H2OLayer(DynamicLayer):
+class H2OLayer(RowSelectable, DynamicLayer):
     def __init__(self, method: "H2O", layer_idx: int, seq: SequenceState):
         super().__init__()
         self.method, self.layer_idx, self.seq = method, layer_idx, seq
@@ -98,7 +98,12 @@ class H2OLayer(DynamicLayer):
         query_real = self.valid[:, :, -q:].repeat_interleave(hq // hkv, dim=1)      # (B, Hq, q)
         probs = probs * query_real[..., None]
         # (B, Hq, q, W) -> (B, Hkv, Hq // Hkv, q, W) -> sum over shared query heads and queries
-        self.score += probs.reshape(b, hkv, hq // hkv, q, w).sum(dim=(2, 3)) * self.valid
+        self.add_scores(probs.reshape(b, hkv, hq // hkv, q, w).sum(dim=(2, 3)))
+
+    def add_scores(self, scores: torch.Tensor) -> None:
+        """Add this step's attention per key, (B, Hkv, W) float32 summed over the real queries and
+        the query heads of each KV head, then evict."""
+        self.score += scores * self.valid
         self.evict()
 
     def evict(self) -> None:
@@ -154,13 +159,14 @@ class H2OLayer(DynamicLayer):
             return 0
         return int(self.valid.sum()) * self.keys.shape[-1] * 2 * FP16_BYTES
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if not self.is_initialized:
-            return
-        idx = beam_idx.to(self.keys.device)
+    def _n_rows(self) -> int:
+        return len(self.heavy)
+
+    def _select_rows(self, idx: torch.Tensor) -> None:
+        idx = idx.to(self.keys.device)
         self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
         self.valid, self.score = self.valid.index_select(0, idx), self.score.index_select(0, idx)
-        order = beam_idx.tolist()
+        order = idx.tolist()
         self.heavy = [self.heavy[i] for i in order]
         self.recent = [self.recent[i] for i in order]
         self._budget_tensors()

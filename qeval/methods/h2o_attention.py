@@ -31,15 +31,53 @@ def allowed_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int,
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor,
                     scaling: float) -> torch.Tensor:
-    """(B, Hq, q, D) x (B, Hkv, kv, D) -> (B, Hq, q, kv) float32 softmax probabilities."""
+    """(B, Hq, q, D) x (B, Hkv, kv, D) -> (B, Hq, q, kv) float32 softmax probabilities (the reference
+    that ``key_scores`` must sum to)."""
     b, hq, q, d = query.shape
     hkv, kv = key.shape[1], key.shape[-2]
-    # GQA without copying the cache: (B, Hq, q, D) -> (B, Hkv, Hq // Hkv * q, D) against (B, Hkv, kv, D)
     grouped = query.float().reshape(b, hkv, hq // hkv * q, d)
     scores = (torch.matmul(grouped, key.float().transpose(2, 3)) * scaling).reshape(b, hq, q, kv)
     scores = scores.masked_fill(~allowed, float("-inf"))
     # a fully masked row (a pad query) gives NaN; it carries no attention
     return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+
+
+# query rows per chunk of the scoring pass: (B, Hq, rows, kv) float32 stays a few MB, so the
+# masked softmax runs in cache instead of streaming a (q x kv) matrix through memory four times
+CHUNK_ELEMENTS = 1 << 20
+
+
+def key_scores(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float,
+               query_real: torch.Tensor) -> torch.Tensor:
+    """The attention each key received at this step, summed over this step's real queries and over
+    the query heads that share its KV head: (B, Hkv, kv) float32.
+
+    Equal to summing ``attention_probs`` (weighted by ``query_real``, (B, Hkv, q) bool) over heads of
+    a group and queries, without holding the (q x kv) probabilities: queries go in chunks, and a
+    chunk only scores the keys up to its last query (causal: later keys are masked for it anyway,
+    which halves a prefill's work). A masked score is the dtype's minimum rather than -inf, so a
+    fully masked (pad) row is finite; its weight is zero."""
+    b, hq, q, d = query.shape
+    hkv, kv = key.shape[1], key.shape[-2]
+    g = hq // hkv
+    out = torch.zeros(b, hkv, kv, dtype=torch.float32, device=query.device)
+    qf = query.float().reshape(b, hkv, g, q, d)
+    kf = key.float()
+    weight = query_real.float()[:, :, None, :, None]                           # (B, Hkv, 1, q, 1)
+    rows = max(1, CHUNK_ELEMENTS // max(1, b * hq * kv))
+    for i0 in range(0, q, rows):
+        i1 = min(q, i0 + rows)
+        hi = kv - q + i1                                                       # causal: keys < hi
+        c = i1 - i0
+        s = torch.matmul(qf[:, :, :, i0:i1].reshape(b, hkv, g * c, d), kf[:, :, :hi].transpose(2, 3))
+        s = s.mul_(scaling).view(b, hkv, g, c, hi)
+        a = allowed[..., i0:i1, :hi]
+        # (B|1, 1|Hq, c, hi) -> (B|1, 1|Hkv, 1|g, c, hi)
+        a = a[:, :, None] if a.shape[1] == 1 else a.reshape(a.shape[0], hkv, g, c, hi)
+        s.masked_fill_(~a, torch.finfo(torch.float32).min)
+        p = torch.softmax(s, dim=-1).mul_(weight[:, :, :, i0:i1])
+        out[..., :hi] += p.sum(dim=(2, 3))
+    return out
 
 
 def register(method, base: str) -> str:
@@ -59,9 +97,11 @@ def register(method, base: str) -> str:
             else:
                 allowed = allowed_keys(attention_mask, q_len, kv_len, query.device)
             out, weights = attend(module, query, key, value, attention_mask, **kwargs)
-            scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            probs = weights.float() if weights is not None else attention_probs(query, key, allowed, scaling)
-            layer.observe(probs)
+            if weights is not None:   # eager hands its probabilities back
+                layer.observe(weights.float())
+            else:                     # sdpa does not: score the keys in a second, chunked pass
+                scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+                layer.add_scores(key_scores(query, key, allowed, scaling, layer.valid[:, :, -q_len:]))
             return out, weights
         return attention
 

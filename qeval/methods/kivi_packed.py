@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicLayer
 
 from qeval.kernels import kv_pack
 from qeval.kernels.kv_decode_attention import decode_attention
-from qeval.methods.base import SequenceState
+from qeval.methods.base import RowSelectable, SequenceState
 from qeval.quant import packed_bytes
 from qeval.simulated_attention import register_attention
 
@@ -81,7 +81,7 @@ def _grow(t: torch.Tensor, need: int, chunk: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(*t.shape[:2], size - t.shape[2], t.shape[3])], dim=2)
 
 
-class PackedKIVILayer(DynamicLayer):
+class PackedKIVILayer(RowSelectable, DynamicLayer):
     """One layer of KIVI's cache holding int32 codes (see the module docstring)."""
 
     def __init__(self, method, seq: SequenceState, layer_idx: int, fused: FusedDecode):
@@ -227,13 +227,19 @@ class PackedKIVILayer(DynamicLayer):
         return total
 
     def crop(self, tokens_to_remove: int) -> None:
+        # as the torch backend: a packed block cannot be un-quantized back into the residual
         raise NotImplementedError("packed KV layers cannot be cropped (packed blocks are final)")
 
-    def reorder_cache(self, beam_idx) -> None:
-        raise NotImplementedError("packed KV layers support greedy / sampling, not beam search")
+    # -- batch rows: beam search, batch expansion and selection --------------------------------
+    ROW_TENSORS = ("k_words", "k_scale", "k_zero", "v_words", "v_scale", "v_zero", "k_res", "v_res")
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("packed KV layers cannot expand the batch after prefill")
+    def _n_rows(self) -> int:
+        return len(self.start)
 
-    def batch_select_indices(self, indices) -> None:
-        raise NotImplementedError("packed KV layers cannot select batch rows")
+    def _select_rows(self, idx: torch.Tensor) -> None:
+        """Rows are row-local (own start, own packed counts): moving the tensors and lists is all."""
+        idx = idx.to(self.k_res.device)
+        for name in self.ROW_TENSORS:
+            setattr(self, name, getattr(self, name).index_select(0, idx))
+        order = idx.tolist()
+        self.start, self.dk, self.dv = ([xs[i] for i in order] for xs in (self.start, self.dk, self.dv))

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from qeval.methods.base import SequenceState
+from qeval.methods.base import RowSelectable, SequenceState
 
 FP16_BYTES = 2
 
@@ -27,7 +27,7 @@ FP16_BYTES = 2
 Compressor = Callable[[torch.Tensor, bool], tuple[torch.Tensor, int]]
 
 
-class BlockCompressedLayer(DynamicLayer):
+class BlockCompressedLayer(RowSelectable, DynamicLayer):
     """Positions ``[start[b], done[b])`` of row ``b`` are compressed, the rest is full precision.
 
     A stream (keys or values) is described by ``(block, lag, compress)``: once at least ``lag``
@@ -95,22 +95,20 @@ class BlockCompressedLayer(DynamicLayer):
         tail = sum((t - lo) for name in self.streams for lo in self.done[name])
         return sum(self.packed) + tail * h * d * FP16_BYTES
 
-    def _select_rows(self, order: list[int]) -> None:
-        """Keep the per-row bookkeeping in step with the tensors' batch rows."""
+    def _n_rows(self) -> int:
+        return len(self.start)
+
+    def _select_rows(self, idx: torch.Tensor) -> None:
+        """K/V and the per-row bookkeeping move together."""
+        self.keys = self.keys.index_select(0, idx.to(self.keys.device))
+        self.values = self.values.index_select(0, idx.to(self.values.device))
+        order = idx.tolist()
         self.start = [self.start[i] for i in order]
         self.done = {name: [d[i] for i in order] for name, d in self.done.items()}
         self.packed = [self.packed[i] for i in order]
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._select_rows(beam_idx.tolist())
-
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("block-compressed KV layers cannot be cropped (compressed blocks are final)")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._select_rows(indices.tolist())
 
 
 def per_row_real(k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None, fn) -> tuple[torch.Tensor, torch.Tensor]:
