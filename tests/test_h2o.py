@@ -22,6 +22,17 @@ def test_budget_covering_the_sequence_equals_the_full_cache_exactly(attn):
         assert torch.equal(a, b), (a - b).abs().max()
 
 
+def kept(layer, row=0, head=0) -> torch.Tensor:
+    """The kept keys of one (row, head) in position order, whatever the slot layout."""
+    keys, valid = layer.keys[row, head], layer.valid[row, head].clone()
+    if layer.free is not None:                       # dense decode: the evicted slot awaits reuse
+        valid[layer.free[row, head, 0]] = False
+    if layer.pos is not None:
+        order = layer.pos[row, head].argsort()
+        keys, valid = keys[order], valid[order]
+    return keys[valid]
+
+
 def _layer(heavy, recent, mask=None):
     m = make_method("h2o", heavy_budget=heavy, recent_budget=recent)
     return m, m.make_cache_layer(0, SequenceState(mask))
@@ -55,7 +66,7 @@ def test_planted_heavy_hitters_and_recent_window_are_exactly_what_is_kept():
     # recent window = positions 9, 10; heavy = top 2 of {3, 6, 8} by accumulated score
     total = {p: s + 2 * w for (p, s), w in zip(score_before.items(), [0.0, 0.0, 0.9, 0.05, 0.05])}
     heavy = sorted(sorted([3.0, 6.0, 8.0], key=lambda p: -total[p])[:2])
-    assert layer.keys[0, 0, :, 0].tolist() == heavy + [9.0, 10.0]
+    assert kept(layer)[:, 0].tolist() == heavy + [9.0, 10.0]
     assert layer.get_seq_length() == 11
 
 
@@ -131,3 +142,46 @@ def test_chunked_key_scores_equal_the_summed_softmax_probabilities(monkeypatch, 
         expected = probs.reshape(b, hkv, 2, q, kv).sum(dim=(2, 3))
         got = ha.key_scores(query, key, allowed, 0.3, real)
         assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_dense_fast_path_keeps_exactly_what_the_general_path_keeps():
+    """Without padding every slot stays valid, the layer skips its validity mask and a decode step
+    reuses the evicted slot instead of moving K/V; the kept tokens must be exactly those of the
+    general (masked, position-ordered) path, at prefill and every decode step, ties included."""
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(1, 2, 24, 4, generator=g)
+    probs = _causal_probs(1, 4, 24, seed=2)
+    probs[..., 3] = probs[..., 7] = 0.05                          # a tie among candidates
+    layers = []
+    for dense in (True, False):
+        m, layer = _layer(heavy=5, recent=3)
+        layer.update(k, k.clone())
+        assert layer.dense
+        if not dense:                                             # force the general path
+            layer.dense, layer.pos, layer._valid = False, None, torch.ones(1, 2, 24, dtype=torch.bool)
+        m.take_pending(0)
+        layer.observe(probs)
+        layers.append((m, layer))
+    for step in range(6):
+        new = torch.randn(1, 2, 1, 4, generator=g)
+        p = torch.rand(1, 4, 1, 9, generator=g)
+        for m, layer in layers:
+            layer.update(new, new.clone())
+            m.take_pending(0)
+            layer.observe(p / p.sum(-1, keepdim=True))
+        (_, a), (_, b) = layers
+        for h in range(2):
+            assert torch.equal(kept(a, 0, h), kept(b, 0, h)), (step, h)
+        assert a.free is not None and a.keys.shape[2] == 9 and b.keys.shape[2] == 8   # no K/V moved
+        assert a.get_seq_length() == 25 + step
+    # a multi-token step after decoding: the free slot is dropped and position order restored
+    new = torch.randn(1, 2, 3, 4, generator=g)
+    p = _causal_probs(1, 4, 11, seed=9)[:, :, -3:]
+    for m, layer in layers:
+        layer.update(new, new.clone())
+        m.take_pending(0)
+        layer.observe(p)
+    (_, a), (_, b) = layers
+    assert a.free is None and torch.equal(a.pos[0, 0], a.pos[0, 0].sort().values)
+    for h in range(2):
+        assert torch.equal(kept(a, 0, h), kept(b, 0, h)) and kept(a, 0, h).shape[0] == 8

@@ -15,6 +15,10 @@ counts (``heavy_budget``/``recent_budget``).
 - Eviction compacts each (row, head) to its kept slots in position order; rows with fewer kept
   tokens are front-filled with invalid slots that the attention mask hides. ``get_seq_length``
   stays the logical number of tokens seen, so positions keep counting correctly.
+- Dense fast path (no padding, equal budgets, the usual batch-1 case): every slot is valid, so
+  no mask is built; a decode step marks the evicted slot free and the next token is written
+  into it (slots then hold positions out of order, tracked in ``pos``), so no K/V is moved.
+  Attention does not depend on slot order; the kept set is exactly the general path's (tested).
 
 Only ``cache`` semantics: eviction is a property of a cache that persists across steps; a single
 forward over full K/V (``simulated``) has nothing to evict. K/V are kept in the model's dtype
@@ -37,29 +41,55 @@ class H2OLayer(RowSelectable, DynamicLayer):
         super().__init__()
         self.method, self.layer_idx, self.seq = method, layer_idx, seq
         self.length = 0                  # logical tokens seen (positions, generate() slicing)
-        self.valid = None                # (B, H, W) bool: slot holds a real, kept token
+        self._valid = None               # (B, H, W) bool: slot holds a real, kept token
+        self.dense = False               # every slot valid (no padding, equal budgets): no mask kept
+        # dense decode never moves K/V: the evicted slot is marked free and the next token is
+        # written into it, so slots are no longer in position order and ``pos`` says where each is
+        self.pos = None                  # (B, H, W) int64 position of each slot (dense only)
+        self.free = None                 # (B, H, 1) slot evicted last step, or None
         self.score = None                # (B, H, W) float32 accumulated attention
         self.heavy: list[int] = []       # per row budgets
         self.recent: list[int] = []
         self.compacted = False
 
+    @property
+    def valid(self) -> torch.Tensor:
+        if self._valid is None:      # dense: built on demand, never stored
+            return torch.ones(self.score.shape, dtype=torch.bool, device=self.score.device)
+        return self._valid
+
     def update(self, key_states, value_states, *args, **kwargs):
         b, h, t, _ = key_states.shape
-        real = torch.ones(b, h, t, dtype=torch.bool, device=key_states.device)
+        real = None if self.dense else torch.ones(b, h, t, dtype=torch.bool, device=key_states.device)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             pad = self.seq.pad(0, t, b)
             if pad is not None:
                 # (B, 1, T, 1) -> (B, H, T)
                 real &= ~pad[:, :, :, 0].expand(b, h, t)
-            self.valid = real[:, :, :0]
             self.score = torch.zeros(b, h, 0, device=key_states.device)
             self.heavy, self.recent = self.method.budgets(real[:, 0].sum(-1).tolist())
             self._budget_tensors()
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.valid = torch.cat([self.valid, real], dim=-1)
-        self.score = torch.cat([self.score, self.score.new_zeros(b, h, t)], dim=-1)
+            # dense: every (row, head) then keeps the same number of slots, all real, so the
+            # decode step needs no mask and no validity bookkeeping
+            self.dense = bool(real.all()) and len(set(self.heavy)) == 1 and len(set(self.recent)) == 1
+            self._valid = None if self.dense else real[:, :, :0]
+            if self.dense:
+                real = None
+        if self.free is not None and t == 1:
+            self._fill_free(key_states, value_states)
+        else:
+            if self.free is not None:
+                self._drop_free()
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            if self.dense:
+                new_pos = torch.arange(self.length, self.length + t, device=key_states.device)
+                new_pos = new_pos.expand(b, h, t)
+                self.pos = new_pos.clone() if self.pos is None else torch.cat([self.pos, new_pos], dim=-1)
+            else:
+                self._valid = torch.cat([self._valid, real], dim=-1)
+            self.score = torch.nn.functional.pad(self.score, (0, t))        # new slots: no score yet
         self.length += t
         if self.method.take_pending(self.layer_idx) is not None:
             raise RuntimeError("method=h2o: the previous step's attention never reported its scores; the model "
@@ -103,8 +133,54 @@ class H2OLayer(RowSelectable, DynamicLayer):
     def add_scores(self, scores: torch.Tensor) -> None:
         """Add this step's attention per key, (B, Hkv, W) float32 summed over the real queries and
         the query heads of each KV head, then evict."""
-        self.score += scores * self.valid
-        self.evict()
+        self.score += scores if self.dense else scores * self._valid
+        if self.dense:
+            self._evict_dense()
+        else:
+            self.evict()
+
+    def _evict_dense(self) -> None:
+        """``evict`` when every slot is valid and budgets are equal: the same kept set, with the
+        counts known without looking at the tensors. A decode step drops one token by marking its
+        slot free (no K/V copy); a larger excess (the prompt) compacts in position order."""
+        b, h, w = self.score.shape
+        heavy, recent = self.heavy[0], self.recent[0]
+        excess = w - heavy - recent
+        if excess <= 0:
+            return
+        if excess == 1:
+            # candidates: all but the `recent` newest positions; the lowest score goes, and among
+            # equal scores the newest position (as ``evict``)
+            cand = self.pos < self.length - recent
+            s = torch.where(cand, self.score, float("inf"))
+            tie = s == s.amin(-1, keepdim=True)
+            self.free = torch.where(tie, self.pos, -1).argmax(-1, keepdim=True)     # (B, H, 1)
+            self.compacted = True
+            return
+        # slots are in position order here (no free slot): the top `heavy` candidates (ties: the
+        # older slot), then the recent window
+        cand = w - recent
+        top = self.score[..., :cand].argsort(dim=-1, descending=True, stable=True)[..., :heavy]
+        idx = torch.cat([top.sort(dim=-1).values,
+                         torch.arange(cand, w, device=self.score.device).expand(b, h, recent)], dim=-1)
+        self._gather(idx)
+
+    def _fill_free(self, key_states, value_states) -> None:
+        """A decode step's token goes into the slot evicted last step: (B, H, 1, D) writes only."""
+        d = key_states.shape[-1]
+        slot = self.free[..., None].expand(-1, -1, -1, d)                            # (B, H, 1, D)
+        self.keys.scatter_(2, slot, key_states)
+        self.values.scatter_(2, slot, value_states)
+        self.pos.scatter_(2, self.free, self.length)
+        self.score.scatter_(2, self.free, 0.0)
+        self.free = None
+
+    def _drop_free(self) -> None:
+        """Remove the free slot and restore position order (before a multi-token step)."""
+        b, h, w = self.score.shape
+        pos = self.pos.scatter(2, self.free, -1)                                     # free slot first
+        self.free = None
+        self._gather(pos.argsort(dim=-1)[..., 1:])
 
     def evict(self) -> None:
         b, h, w = self.valid.shape
@@ -149,7 +225,10 @@ class H2OLayer(RowSelectable, DynamicLayer):
         gather = idx[..., None].expand(-1, -1, -1, self.keys.shape[-1])          # (B, H, W', D)
         self.keys = self.keys.gather(2, gather)
         self.values = self.values.gather(2, gather)
-        self.valid = (self.valid if keep is None else keep).gather(-1, idx)
+        if not self.dense:
+            self._valid = (self._valid if keep is None else keep).gather(-1, idx)
+        else:
+            self.pos = self.pos.gather(-1, idx)
         self.score = self.score.gather(-1, idx)
         self.compacted = True
 
@@ -157,7 +236,8 @@ class H2OLayer(RowSelectable, DynamicLayer):
         """fp16 K and V of the kept tokens."""
         if not self.is_initialized or self.keys.numel() == 0:
             return 0
-        return int(self.valid.sum()) * self.keys.shape[-1] * 2 * FP16_BYTES
+        kept = int(self.valid.sum()) - (0 if self.free is None else self.free.numel())
+        return kept * self.keys.shape[-1] * 2 * FP16_BYTES
 
     def _n_rows(self) -> int:
         return len(self.heavy)
@@ -165,7 +245,12 @@ class H2OLayer(RowSelectable, DynamicLayer):
     def _select_rows(self, idx: torch.Tensor) -> None:
         idx = idx.to(self.keys.device)
         self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
-        self.valid, self.score = self.valid.index_select(0, idx), self.score.index_select(0, idx)
+        self.score = self.score.index_select(0, idx)
+        if not self.dense:
+            self._valid = self._valid.index_select(0, idx)
+        else:
+            self.pos = self.pos.index_select(0, idx)
+            self.free = None if self.free is None else self.free.index_select(0, idx)
         order = idx.tolist()
         self.heavy = [self.heavy[i] for i in order]
         self.recent = [self.recent[i] for i in order]
