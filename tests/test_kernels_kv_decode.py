@@ -45,8 +45,8 @@ if DEV == "cuda":
               (2, 32, 32, 128, 128, 4, 4, None, torch.float16)]
 
 
-@pytest.mark.parametrize("B,Hq,Hkv,D,G,kb,vb,splits,dtype", CASES)
-def test_decode_matches_reference_on_ragged_rows(B, Hq, Hkv, D, G, kb, vb, splits, dtype):
+def ragged(B, Hq, Hkv, D, G, kb, vb, dtype):
+    """A packed cache with ragged rows, a query and the per-row keyword arguments."""
     cap, res_cap = 4 * G, 2 * G + 7
     packed, kr, vr = make_cache(B, Hkv, D, G, kb, vb, cap, res_cap, dtype, seed=B * D)
     # ragged rows: packed keys in whole groups, values anywhere, a tile that straddles TV_Q
@@ -59,6 +59,12 @@ def test_decode_matches_reference_on_ragged_rows(B, Hq, Hkv, D, G, kb, vb, split
     q = torch.randn(B, Hq, D, device=DEV).to(dtype)
     kw = dict(k_bits=kb, v_bits=vb, group_size=G, k_quantized=tk, v_quantized=tv, lengths=n,
               k_offset=ko, v_offset=vo)
+    return q, packed, kr, vr, kw
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,D,G,kb,vb,splits,dtype", CASES)
+def test_decode_matches_reference_on_ragged_rows(B, Hq, Hkv, D, G, kb, vb, splits, dtype):
+    q, packed, kr, vr, kw = ragged(B, Hq, Hkv, D, G, kb, vb, dtype)
     out = torch.full((B, Hq, D), float("nan"), device=DEV, dtype=dtype)
     kda.decode_attention(q, *packed, kr, vr, **kw, n_splits=splits, out=out)
     ref = kda.decode_attention_torch(q, *packed, kr, vr, **kw)
@@ -86,3 +92,54 @@ def test_sdpa_baseline_agrees_and_bad_input_is_refused():
         kda.decode_attention(q[:, :3], *packed, kr, vr, **kw)
     with pytest.raises(ValueError, match="bits=3"):
         kda.decode_attention(q, *packed, kr, vr, k_bits=3, v_bits=2, group_size=16)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,D,G,kb,vb,splits,dtype", CASES)
+def test_score_bias_scores_and_lse_match_reference(poisoned_outputs, B, Hq, Hkv, D, G, kb, vb, splits,
+                                                   dtype):
+    """``k_bias`` shifts the packed keys' scores (columns past a row's packed prefix, NaN here, are
+    never read); ``scores_out`` / ``lse_out`` (poisoned first) are the reference's, in log2 units."""
+    q, packed, kr, vr, kw = ragged(B, Hq, Hkv, D, G, kb, vb, dtype)
+    n = kw["lengths"]
+    bias = torch.randn(B, Hq, int(kw["k_quantized"].max()) + 1, device=DEV)
+    for b, tk in enumerate(kw["k_quantized"].tolist()):
+        bias[b, :, tk:] = float("nan")
+    scores = torch.empty(B, Hq, int(n.max()), device=DEV)
+    lse = torch.empty(B, Hq, device=DEV)
+    out = kda.decode_attention(q, *packed, kr, vr, **kw, n_splits=splits, k_bias=bias,
+                               scores_out=scores, lse_out=lse)
+    ref, ref_scores, ref_lse = kda.decode_attention_torch(q, *packed, kr, vr, **kw,
+                                                          k_bias=bias, with_scores=True)
+    assert not out.isnan().any() and (out.float() - ref.float()).abs().max() < TOL[dtype]
+    # fp16 scores: the dot runs in fp16 on unit-scale inputs, scores are sums over D channels
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for b in range(B):
+        got = scores[b, :, :int(n[b])] / kda.LOG2E
+        assert not got.isnan().any(), "unwritten scores"
+        assert (got - ref_scores[b, :, :int(n[b])]).abs().max() < tol
+    assert (lse / kda.LOG2E - ref_lse).abs().max() < tol
+    # the probabilities a caller forms from them are the reference's softmax
+    p = torch.exp2(scores[0, :, :int(n[0])] - lse[0, :, None])
+    assert torch.allclose(p.sum(-1), torch.ones(Hq, device=DEV), atol=1e-4)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,D,G,kb,vb,splits,dtype", CASES)
+def test_extras_leave_the_output_bit_identical(B, Hq, Hkv, D, G, kb, vb, splits, dtype):
+    """A zero bias and the score / lse outputs change nothing in the attention output: the new
+    arguments only add work beside the KIVI path, never inside it."""
+    q, packed, kr, vr, kw = ragged(B, Hq, Hkv, D, G, kb, vb, dtype)
+    plain = kda.decode_attention(q, *packed, kr, vr, **kw, n_splits=splits)
+    extras = kda.decode_attention(
+        q, *packed, kr, vr, **kw, n_splits=splits,
+        k_bias=torch.zeros(B, Hq, int(kw["k_quantized"].max()), device=DEV),
+        scores_out=torch.empty(B, Hq, int(kw["lengths"].max()), device=DEV),
+        lse_out=torch.empty(B, Hq, device=DEV))
+    assert torch.equal(plain, extras)
+
+
+def test_bad_extras_are_refused():
+    q, packed, kr, vr, kw = ragged(2, 4, 4, 64, 32, 4, 2, torch.float32)
+    with pytest.raises(ValueError, match="k_bias"):
+        kda.decode_attention(q, *packed, kr, vr, **kw, k_bias=torch.zeros(2, 4, 3, device=DEV))
+    with pytest.raises(ValueError, match="lse_out"):
+        kda.decode_attention(q, *packed, kr, vr, **kw, lse_out=torch.zeros(2, 4, dtype=torch.float16))

@@ -20,6 +20,12 @@ The kernel reads every byte of the cache once; the physical limit is bytes / ban
 Rows are ragged: row ``b`` holds ``lengths[b]`` positions, its first ``k_quantized[b]`` keys and
 ``v_quantized[b]`` values packed (buffers may have spare capacity), the rest at the start of the
 residual tensors. A left-padded batch is stored with each row's padding stripped.
+
+Methods that correct the packed keys and values (GEAR's sparse outliers and low rank) compose with
+the kernel instead of living in it: ``k_bias`` adds a per-position term to the packed keys' scores
+before the softmax, and ``scores_out`` / ``lse_out`` hand back the final scores and log-sum-exp, so
+the caller forms the probabilities it needs for its value corrections. All three are optional;
+without them the kernel runs exactly the code it runs for KIVI.
 """
 
 from __future__ import annotations
@@ -69,10 +75,13 @@ def _decode_split_kernel(
                   #   index of the row's first residual key, of its first residual value)
     pm_ptr, pl_ptr,   # (B*Hq, S) fp32: running max (log2 units) and sum per split
     pacc_ptr,     # (B*Hq, S, D) fp32: unnormalized output per split
-    Hkv, D, CAP_K, CAP_V, qk_scale, tiles_per_split,
-    sq_b, sq_h, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
+    kb_ptr,       # (B, Hq, >= TK_Q) fp32 score bias of packed keys, strides (skb_b, skb_h, 1); if HAS_BIAS
+    sc_ptr,       # (B, Hq, >= T) fp32 final scores (log2 units), strides (ssc_b, ssc_h, 1); if WRITE_SCORES
+    Hkv, D, CAP_K, CAP_V, qk_scale, bias_scale, tiles_per_split,
+    sq_b, sq_h, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, skb_b, skb_h, ssc_b, ssc_h,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITE_SCORES: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -125,6 +134,16 @@ def _decode_split_kernel(
             s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)))
         valid = t < T
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        if HAS_BIAS:
+            if t0 < TK_Q:   # natural units in, log2 units here (bias_scale = LOG2E)
+                hq = kvh * GROUP + h
+                bias = tl.load(kb_ptr + b * skb_b + hq[:, None] * skb_h + t[None, :],
+                               mask=hmask[:, None] & (t < TK_Q)[None, :], other=0.0)
+                s += bias * bias_scale
+        if WRITE_SCORES:
+            hq = kvh * GROUP + h
+            tl.store(sc_ptr + b * ssc_b + hq[:, None] * ssc_h + t[None, :], s,
+                     mask=hmask[:, None] & valid[None, :])
         # -- online softmax ----------------------------------------------------------------
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a fully masked tile: no NaN
@@ -165,8 +184,9 @@ def _merge_splits_kernel(
     pm_ptr, pl_ptr,   # (B*Hq, S) fp32
     pacc_ptr,     # (B*Hq, S, D) fp32
     out_ptr,      # (B, Hq, D) output dtype, strides (so_b, so_h, 1)
-    Hq, S, D, so_b, so_h,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    lse_ptr,      # (B, Hq) fp32 log-sum-exp of the scores (log2 units), strides (sl_b, sl_h); if WRITE_LSE
+    Hq, S, D, so_b, so_h, sl_b, sl_h,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     row = tl.program_id(0)
     sp = tl.arange(0, BLOCK_S)
@@ -183,6 +203,8 @@ def _merge_splits_kernel(
     b = row // Hq
     hq = row % Hq
     tl.store(out_ptr + b * so_b + hq * so_h + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+    if WRITE_LSE:
+        tl.store(lse_ptr + b * sl_b + hq * sl_h, m_max + tl.log2(tl.sum(l * w, axis=0)))
 
 
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -212,12 +234,30 @@ def row_lengths(k_words, v_words, k_res, k_bits: int, k_quantized=None, v_quanti
     return torch.stack([c.to(dev, torch.int32) for c in cols], dim=1).contiguous()
 
 
+def _strides2(t: torch.Tensor | None) -> tuple[int, int]:
+    """Batch and head strides of an optional (B, Hq, ...) extra; (0, 0) when absent."""
+    return (0, 0) if t is None else (t.stride(0), t.stride(1))
+
+
+def _check_extras(k_bias, scores_out, lse_out, B: int, Hq: int, tk_max: int, T: int) -> None:
+    for name, t, dims in (("k_bias", k_bias, (B, Hq, tk_max)), ("scores_out", scores_out, (B, Hq, T)),
+                          ("lse_out", lse_out, (B, Hq))):
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or t.dim() != len(dims) or t.stride(-1) != 1 or any(
+                n < want if i == 2 else n != want for i, (n, want) in enumerate(zip(t.shape, dims))):
+            raise ValueError(f"{name}: expected fp32 {dims} (last dim at least) with contiguous "
+                             f"last dim, got {t.dtype} {tuple(t.shape)}")
+
+
 def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res, *,
                      k_bits: int, v_bits: int, group_size: int, sm_scale: float | None = None,
                      k_quantized: torch.Tensor | None = None, v_quantized: torch.Tensor | None = None,
                      lengths: torch.Tensor | None = None, k_offset: torch.Tensor | None = None,
                      v_offset: torch.Tensor | None = None, n_splits: int | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
+                     scores_out: torch.Tensor | None = None,
+                     lse_out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per sequence over packed + residual K/V.
 
     q: (B, Hq, D) or (B, Hq, 1, D). Packed tensors as :mod:`kv_pack` returns them for ``Hkv =
@@ -227,6 +267,14 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
     ``k_res.shape[2]``); row b's remaining keys/values are ``k_res[b, :, ko:ko + lengths -
     k_quantized]`` and ``v_res[b, :, vo:vo + lengths - v_quantized]`` with ``ko = k_offset[b]``,
     ``vo = v_offset[b]`` (default 0: a right-aligned residual window has per-row offsets). Returns (B, Hq, D) in q's dtype (or ``out``).
+
+    Optional, for methods that correct the packed keys and values (all fp32, channels contiguous):
+    ``k_bias`` (B, Hq, >= max TK_Q) is added to the scaled scores ``sm_scale * q . k`` (natural
+    units) of row b's packed positions ``t < k_quantized[b]`` before the softmax; ``scores_out``
+    (B, Hq, >= max length) receives every position's final score and ``lse_out`` (B, Hq) the
+    log-sum-exp over the row, both in the kernel's log2 units (``LOG2E * (sm_scale * q . k +
+    k_bias)``), so ``exp2(scores_out[..., t] - lse_out)`` is position t's softmax probability.
+    Positions at or past a row's length are left untouched in ``scores_out``.
     """
     check_layout(k_bits, group_size)
     check_layout(v_bits, group_size)
@@ -251,6 +299,7 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
     rows = row_lengths(k_words, v_words, k_res, k_bits, k_quantized, v_quantized, lengths,
                        k_offset, v_offset)
     T = int(rows[:, 0].max()) if B else 0
+    _check_extras(k_bias, scores_out, lse_out, B, Hq, int(rows[:, 1].max()) if B else 0, T)
     group = Hq // Hkv
     n_tiles = max(1, triton.cdiv(T, group_size))
     S = n_splits or default_splits(B * Hkv, n_tiles, q.device)
@@ -265,17 +314,25 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
     o3 = out[:, :, 0] if out.dim() == 4 else out
     scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * LOG2E
     block_d = max(16, triton.next_power_of_2(D))
+    # an absent extra gets a stand-in pointer and zero strides; its constexpr flag compiles it out
+    kb = pm if k_bias is None else k_bias
+    sc = pm if scores_out is None else scores_out
+    lse = pm if lse_out is None else lse_out
     _decode_split_kernel[(B * Hkv, S)](
         q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res, rows,
-        pm, pl, pacc,
-        Hkv, D, cap_k, cap_v, scale, tiles_per_split,
+        pm, pl, pacc, kb, sc,
+        Hkv, D, cap_k, cap_v, scale, LOG2E, tiles_per_split,
         q.stride(0), q.stride(1), k_res.stride(0), k_res.stride(1), k_res.stride(2),
         v_res.stride(0), v_res.stride(1), v_res.stride(2),
+        *_strides2(k_bias), *_strides2(scores_out),
         K_BITS=k_bits, V_BITS=v_bits, G=group_size, GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, DOT_DTYPE=_DOT[q.dtype],
+        HAS_BIAS=k_bias is not None, WRITE_SCORES=scores_out is not None,
         num_warps=4)
-    _merge_splits_kernel[(B * Hq,)](pm, pl, pacc, o3, Hq, S, D, o3.stride(0), o3.stride(1),
-                                    BLOCK_S=max(2, triton.next_power_of_2(S)), BLOCK_D=block_d)
+    _merge_splits_kernel[(B * Hq,)](pm, pl, pacc, o3, lse, Hq, S, D, o3.stride(0), o3.stride(1),
+                                    *_strides2(lse_out),
+                                    BLOCK_S=max(2, triton.next_power_of_2(S)), BLOCK_D=block_d,
+                                    WRITE_LSE=lse_out is not None)
     return out
 
 
@@ -292,14 +349,21 @@ def dequantized_cache(k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res,
 def decode_attention_torch(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res,
                            *, k_bits: int, v_bits: int, group_size: int,
                            sm_scale: float | None = None, k_quantized=None, v_quantized=None,
-                           lengths=None, k_offset=None, v_offset=None, use_sdpa: bool = False) -> torch.Tensor:
+                           lengths=None, k_offset=None, v_offset=None, use_sdpa: bool = False,
+                           k_bias: torch.Tensor | None = None, with_scores: bool = False):
     """Reference: per row, dequantize its packed prefix, append its residual, fp32 softmax
     attention. With ``use_sdpa`` (full buffers only): dequantize-then-attend with
-    ``scaled_dot_product_attention`` in the activation dtype, the baseline the kernel must beat."""
+    ``scaled_dot_product_attention`` in the activation dtype, the baseline the kernel must beat.
+
+    ``k_bias`` as :func:`decode_attention`'s. ``with_scores``: return ``(out, scores, lse)`` with
+    the final scores (B, Hq, max length; -inf past a row's length) and their log-sum-exp (B, Hq)
+    in natural units (the kernel's log2 units divided by LOG2E)."""
     q3 = q[:, :, 0] if q.dim() == 4 else q
     B, Hq, D = q3.shape
     scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     if use_sdpa:
+        if k_bias is not None or with_scores:
+            raise ValueError("use_sdpa takes neither k_bias nor with_scores")
         k, v = dequantized_cache(k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_res, v_res,
                                  k_bits=k_bits, v_bits=v_bits, group_size=group_size,
                                  dtype=q3.dtype)
@@ -308,6 +372,8 @@ def decode_attention_torch(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero
         return o[:, :, 0]
     rows = row_lengths(k_words, v_words, k_res, k_bits, k_quantized, v_quantized, lengths,
                        k_offset, v_offset).tolist()
+    T = max((r[0] for r in rows), default=0)
+    scores = torch.full((B, Hq, T), float("-inf"), device=q3.device)
     fpi_k, out = codes_per_word(k_bits), []
     for b, (n, tk, tv, ko, vo) in enumerate(rows):
         sl = slice(b, b + 1)
@@ -322,5 +388,11 @@ def decode_attention_torch(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero
         # (1, Hkv, n, D) -> (1, Hq, n, D)
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         s = torch.einsum("bhd,bhtd->bht", q3[sl].float(), k) * scale
+        if k_bias is not None:
+            s[..., :tk] += k_bias[sl, :, :tk].float()
+        scores[sl, :, :n] = s
         out.append(torch.einsum("bht,bhtd->bhd", torch.softmax(s, dim=-1), v))
-    return torch.cat(out).to(q3.dtype)
+    out = torch.cat(out).to(q3.dtype)
+    if with_scores:
+        return out, scores, torch.logsumexp(scores, dim=-1)
+    return out
