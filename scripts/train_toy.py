@@ -1,13 +1,16 @@
 """Train qeval's embedded toy model: a small Llama (RoPE, GQA) on the synthetic data of qeval.toy_data.
 
-    python scripts/train_toy.py                      # writes qeval/assets/toy/ (about 20 min on 2 CPU cores)
-    python scripts/train_toy.py --out /tmp/toy --steps 50
+    python scripts/train_toy.py                      # writes qeval/assets/toy/ (about 22 min on 2 CPU cores)
+    python scripts/train_toy.py --out /tmp/toy --steps 50 --finish-steps 10
+    python scripts/train_toy.py --out /tmp/pre --finish-steps 0          # pretraining only
+    python scripts/train_toy.py --out /tmp/toy --pretrained /tmp/pre     # the finishing phase alone
 
 Everything is seeded (weights, data order, every sample) and runs single-process on the CPU with a
-fixed thread count, so the same seed gives the same losses and weights. Each step trains on one
-batch of arithmetic and multiple-choice examples and, until step 2000 and every second step after,
-one batch of passkey prompts (from the passkey task's own generator, lengths 96..1088 tokens with a
-curriculum that starts short; retrieval is learned by then, and the short tasks need the steps).
+fixed thread count, so the same seed gives the same losses and weights. Pretraining: each step
+trains on one batch of arithmetic and multiple-choice examples and, until step 2000 and every
+second step after, one batch of passkey prompts (from the passkey task's own generator, lengths
+96..1088 tokens with a curriculum that starts short; retrieval is learned by then, and the short
+tasks need the steps). Then a short finishing phase (see FINISH_* below) from those weights.
 
 The loss is the usual next-token loss over the whole text, with the prompt down-weighted against
 the completion: the filler is easy to predict and would otherwise swamp the few answer tokens, and
@@ -46,6 +49,17 @@ PASSKEY_EVERY_LATE = 2             # after PASSKEY_LATE_STEP, a passkey batch ev
 PASSKEY_LATE_STEP = 2000           # retrieval is learned by then, the short tasks need the steps
 KEY_DIGITS = 5
 RAMP_STEPS = 300                   # passkey curriculum: full length range from this step on
+# The finishing phase: a short second run from the pretrained weights (fresh AdamW, low learning
+# rate decayed to zero) with a passkey batch every step and a share of keys at the two edges.
+# Uniform depths almost never put the key right after the instructions or right before the
+# question (round(depth * sentences) is 0, or all sentences, for about 1 % of draws each), and
+# those cells were the pretrained model's only misses; oversampling depth 0 from step 0 instead
+# slowed everything else (multiple choice stayed at chance).
+FINISH_STEPS = 600
+FINISH_LR = 5e-4
+FINISH_WARMUP = 20
+FINISH_EDGE = 0.15                 # share of finishing keys at depth exactly 0, and again at exactly 1
+FINISH_SEED_OFFSET = 1_000_003     # the finishing data stream is its own, seeded from the run's seed
 
 
 def make_model(tokenizer, seed: int, arch: dict = ARCH) -> LlamaForCausalLM:
@@ -82,12 +96,19 @@ def passkey_length(rng: random.Random, step: int) -> int:
     return rng.randint(MIN_LEN, int(top))
 
 
-def make_batches(tokenizer, rng: random.Random, step: int):
+def edge_or(depth: float, u: float) -> float:
+    """Depth 0 with probability FINISH_EDGE, depth 1 with the same, else ``depth``."""
+    return 0.0 if u < FINISH_EDGE else 1.0 if u < 2 * FINISH_EDGE else depth
+
+
+def make_batches(tokenizer, rng: random.Random, step: int, finishing: bool = False):
     pk = None
-    if step < PASSKEY_LATE_STEP or step % PASSKEY_EVERY_LATE == 0:
-        length = passkey_length(rng, step)
+    if finishing or step < PASSKEY_LATE_STEP or step % PASSKEY_EVERY_LATE == 0:
+        length = passkey_length(rng, RAMP_STEPS if finishing else step)  # finishing: the full range
         n = max(1, PASSKEY_TOKENS // length)
         depths = [rng.random() for _ in range(n)]
+        if finishing:
+            depths = [edge_or(d, rng.random()) for d in depths]
         examples = toy_data.passkey_examples(tokenizer, length, depths, KEY_DIGITS, rng.randrange(2**31))
         pk = encode(tokenizer, examples)
     short = [toy_data.arithmetic(rng) for _ in range(SHORT_BATCH // 2)]
@@ -112,30 +133,57 @@ def lr_at(step: int, peak: float, warmup: int = 50, hold: int = 200) -> float:
     return peak * min(1.0, math.sqrt(hold / (step + 1)))
 
 
+def finish_lr_at(step: int, steps: int, peak: float = FINISH_LR) -> float:
+    """Short warmup (the optimizer state is new), then linear decay to zero."""
+    if step < FINISH_WARMUP:
+        return peak * (step + 1) / FINISH_WARMUP
+    return peak * (steps - step) / max(1, steps - FINISH_WARMUP)
+
+
+def deterministic(fn):
+    """Run ``fn`` single-process on 2 threads with deterministic kernels, then leave the process
+    as it was (tests train inside a larger session)."""
+    def wrapped(*args, **kwargs):
+        threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+        torch.set_num_threads(2)
+        torch.use_deterministic_algorithms(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(det)
+    return wrapped
+
+
+@deterministic
 def train(steps: int, seed: int = 0, lr: float = 4e-3, arch: dict = ARCH, log_every: int = 50, log=print,
           checkpoint=None):
-    """Returns (model, tokenizer, losses): one float per step, reproducible bit for bit."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
-    try:
-        return _train(steps, seed, lr, arch, log_every, log, checkpoint)
-    finally:  # leave the process as it was (tests train inside a larger session)
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
-
-
-def _train(steps, seed, lr, arch, log_every, log, checkpoint):
+    """Pretraining. Returns (model, tokenizer, losses): one float per step, reproducible bit for bit."""
     tokenizer = toy_data.build_tokenizer()
     model = make_model(tokenizer, seed, arch)
-    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
-    rng = random.Random(seed)
+    losses = _loop(model, tokenizer, opt, random.Random(seed), range(steps), lambda step: lr_at(step, lr),
+                   False, log_every, log, checkpoint)
+    return model, tokenizer, losses
+
+
+@deterministic
+def finish(model, tokenizer, steps: int = FINISH_STEPS, seed: int = 0, log_every: int = 50, log=print):
+    """The finishing phase on pretrained weights (in place). Returns the losses, one per step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=FINISH_LR, betas=(0.9, 0.95), weight_decay=0.05)
+    rng = random.Random(seed + FINISH_SEED_OFFSET)
+    return _loop(model, tokenizer, opt, rng, range(steps), lambda step: finish_lr_at(step, steps), True,
+                 log_every, log, None)
+
+
+def _loop(model, tokenizer, opt, rng, step_range, lr_of, finishing, log_every, log, checkpoint):
+    model.train()
     losses, start = [], time.perf_counter()
-    for step in range(steps):
-        pk, short = make_batches(tokenizer, rng, step)
+    last = step_range[-1] if len(step_range) else -1
+    for step in step_range:
+        pk, short = make_batches(tokenizer, rng, step, finishing)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, lr)
+            g["lr"] = lr_of(step)
         loss_short = weighted_loss(model, short)
         loss_pk = weighted_loss(model, pk) if pk is not None else None
         loss = loss_short if loss_pk is None else loss_pk + loss_short
@@ -144,14 +192,14 @@ def _train(steps, seed, lr, arch, log_every, log, checkpoint):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-        if log_every and (step % log_every == 0 or step == steps - 1):
+        if log_every and (step % log_every == 0 or step == last):
             pk_text = "-" if pk is None else f"{loss_pk.item():.4f} (len {pk['input_ids'].shape[1]})"
             log(f"step {step:5d}  loss {loss.item():.4f}  passkey {pk_text}  short {loss_short.item():.4f}  "
                 f"{time.perf_counter() - start:.0f}s")
         if checkpoint and log_every and (step + 1) % log_every == 0:
             checkpoint(model, tokenizer, step + 1)  # equals the final weights of a run of step + 1 steps
     model.eval()
-    return model, tokenizer, losses
+    return losses
 
 
 def save(model, tokenizer, out: Path) -> None:
@@ -168,12 +216,24 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--out", type=Path, default=ASSET_DIR)
-    ap.add_argument("--checkpoints", type=Path, default=None, help="also save every 50 steps under this folder")
+    ap.add_argument("--finish-steps", type=int, default=FINISH_STEPS, help="0: pretraining only")
+    ap.add_argument("--pretrained", type=Path, default=None,
+                    help="skip pretraining: finish the weights saved here (by --finish-steps 0 or --checkpoints)")
+    ap.add_argument("--checkpoints", type=Path, default=None,
+                    help="also save the pretraining weights every 50 steps under this folder")
     args = ap.parse_args()
     start = time.perf_counter()
-    model, tokenizer, _ = train(args.steps, args.seed, args.lr, log=lambda s: print(s, flush=True),
-                                checkpoint=None if args.checkpoints is None else
-                                lambda m, t, n: save(m, t, args.checkpoints / f"step{n}"))
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.pretrained is None:
+        model, tokenizer, _ = train(args.steps, args.seed, args.lr, log=log,
+                                    checkpoint=None if args.checkpoints is None else
+                                    lambda m, t, n: save(m, t, args.checkpoints / f"step{n}"))
+    else:
+        tokenizer = toy_data.build_tokenizer()
+        model = LlamaForCausalLM.from_pretrained(args.pretrained, attn_implementation="sdpa", dtype=torch.float32)
+    if args.finish_steps:
+        log(f"finishing: {args.finish_steps} steps")
+        finish(model, tokenizer, args.finish_steps, args.seed, log=log)
     save(model, tokenizer, args.out)
     n = sum(p.numel() for p in model.parameters())
     print(f"saved {n / 1e6:.2f} M parameters to {args.out} after {time.perf_counter() - start:.0f}s")

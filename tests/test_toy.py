@@ -74,15 +74,15 @@ def test_toy_model_full_precision_accuracy():
     model = handle.model
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
     assert sum(p.numel() for p in model.parameters()) < 3_000_000
-    # passkey measured 28/30 at the default grid: two misses with the key at depth 0
-    assert accuracy(handle, cfg, "passkey") >= 0.9
+    # the issue's targets; measured 30/30, 100/100 and 100/100 (MODEL_CARD.md)
+    assert accuracy(handle, cfg, "passkey") >= 0.95
     assert accuracy(handle, cfg, "toy_arith") >= 0.8
     assert accuracy(handle, cfg, "toy_mc") >= 0.9
 
 
 @pytest.mark.timeout(300)
 def test_two_bit_per_tensor_kv_breaks_what_eight_bit_keeps():
-    """Measured on the held-out sets: passkey 93 % -> 20 %, toy_arith 95 % -> 20 % at 2 bits;
+    """Measured on the held-out sets: passkey 100 % -> 6.7 %, toy_arith 100 % -> 27 % at 2 bits;
     8 bits keeps both."""
     kv = ["method=uniform", "method.kv_granularity=per_tensor", "task.toy_arith.n_samples=50"]
     h16, cfg16 = handle_for("task.toy_arith.n_samples=50")
@@ -112,3 +112,23 @@ def test_training_is_deterministic_for_a_seed():
     assert longer[:2] == short
     assert other != short
     assert all(loss > 0 for loss in longer)
+
+
+def test_finishing_phase_is_deterministic_and_trains_on_edge_depths():
+    """The finishing phase from the same weights gives the same losses and weights bit for bit,
+    and its passkey keys sit at depth exactly 0 or 1 about FINISH_EDGE of the time each."""
+    import copy
+
+    import torch
+
+    train_toy = load_train_script()
+    small = dict(train_toy.ARCH, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    model, tok, _ = train_toy.train(steps=2, seed=0, arch=small, log_every=0)
+    twin = copy.deepcopy(model)
+    a = train_toy.finish(model, tok, steps=2, log_every=0)
+    b = train_toy.finish(twin, tok, steps=2, log_every=0)
+    assert a == b and all(torch.equal(x, y) for x, y in zip(model.parameters(), twin.parameters()))
+    rng = random.Random(0)
+    depths = [train_toy.edge_or(0.5, rng.random()) for _ in range(4000)]
+    for edge in (0.0, 1.0):
+        assert abs(depths.count(edge) / len(depths) - train_toy.FINISH_EDGE) < 0.03
