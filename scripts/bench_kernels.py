@@ -9,6 +9,10 @@ Sections (each a function returning JSON-able rows; a new kernel family adds one
   against dequantize-then-matmul, for M = 1..4096 on Llama-2-7B and -70B layer shapes.
 - ``w_e2e``: decode tokens/s and peak memory of W4 (g128) and W8A8 against fp16 on a randomly
   initialised Llama-2-7B-shaped model (batch 1, 128 prompt + 128 generated tokens).
+- ``kv`` and ``kv_e2e`` (from ``scripts/bench_kv_kernels.py``, also runnable alone): fused decode
+  attention over the packed KV cache at 2/4/8 bits against fp16 SDPA and dequantize-then-attend
+  (batch 1-64, context 1k-32k, GB/s beside the copy bandwidth), and KIVI's throughput-vs-batch
+  comparison end to end.
 
 Timing: ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flushed between repetitions,
 median). Achieved rates come from explicit formulas:
@@ -28,6 +32,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_kv_kernels  # noqa: E402  (the KV sections and their options)
 
 # (name, K in, N out) per layer; Llama-2-7B (hidden 4096, MLP 11008) and -70B (8192, 28672, GQA kv 1024)
 SHAPES = {
@@ -166,7 +173,7 @@ def section_w_e2e(args) -> list[dict]:
     return rows
 
 
-SECTIONS = {"ceilings": section_ceilings, "w": section_w, "w_e2e": section_w_e2e}
+SECTIONS = {"ceilings": section_ceilings, "w": section_w, "w_e2e": section_w_e2e, **bench_kv_kernels.SECTIONS}
 
 
 def main(argv=None) -> int:
@@ -175,6 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--m", nargs="+", type=int, default=M_VALUES, help="token counts M for the GEMM sections")
     ap.add_argument("--models", nargs="+", default=None, choices=list(SHAPES), help="layer shapes to run")
     ap.add_argument("--out", type=Path, default=Path("results/bench"))
+    bench_kv_kernels.add_arguments(ap)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device: the kernel benchmarks need a GPU "
@@ -186,7 +194,11 @@ def main(argv=None) -> int:
     report |= {"device": device, "torch": torch.__version__,
                "triton": __import__("triton").__version__, "cuda": torch.version.cuda}
     args.ceilings = report.get("ceilings")
+    args.copy_gbs = None
     for name in args.sections:
+        if name in bench_kv_kernels.SECTIONS and args.copy_gbs is None:
+            # the KV sections read the copy bandwidth: this run's ceiling, else a fresh measurement
+            args.copy_gbs = (args.ceilings or {}).get("copy_GBps") or bench_kv_kernels.copy_bandwidth_gbs()
         report[name] = SECTIONS[name](args)
         if name == "ceilings":
             args.ceilings = report[name]
