@@ -18,6 +18,11 @@ A block X (B, H, n, D) of K or V is compressed as X ~ Q + S + L:
 ``rank_prefill``), then every ``stream_block`` new tokens (rank ``rank_decode``); newer tokens stay
 in full precision until their block is full. ``simulated``: each attention call's whole K/V, per
 sequence with its padding stripped, is compressed as one prefill block.
+
+``backend=triton`` (``cache`` semantics, KIVI backbone at 2/4/8 bits): the cache holds the codes,
+the outliers and the low-rank factors for real (:mod:`qeval.methods.gear_packed`) and decode runs
+the fused packed-KV kernel with the corrections composed around it; both backends compress with
+:func:`gear_decompose`, so they keep the same outliers and factors.
 """
 
 from __future__ import annotations
@@ -39,10 +44,15 @@ def levels(bits: int) -> int:
     return 2**bits - 1
 
 
+def outliers_per_side(ratio: float, n: int, d: int) -> int:
+    """Outliers kept at each end (top, bottom) per (row, head) of an (n, D) block."""
+    return int(ratio / 2 * n * d)
+
+
 def outlier_mask(x: torch.Tensor, ratio: float) -> torch.Tensor | None:
     """(B, H, n, D) -> bool mask of the top and bottom ``ratio / 2`` entries per (row, head)."""
     b, h, n, d = x.shape
-    k = int(ratio / 2 * n * d)
+    k = outliers_per_side(ratio, n, d)
     if k == 0:
         return None
     flat = x.float().reshape(b, h, n * d)                       # (B, H, n, D) -> (B, H, n * D)
@@ -52,31 +62,49 @@ def outlier_mask(x: torch.Tensor, ratio: float) -> torch.Tensor | None:
     return mask.reshape(b, h, n, d)
 
 
-def low_rank(e: torch.Tensor, rank: int, iterations: int, seed: int = 0) -> torch.Tensor:
-    """Rank-``rank`` approximation U U^T E of (..., n, D) by block power iteration."""
+def low_rank_factors(e: torch.Tensor, rank: int, iterations: int,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., n, D) -> U (..., n, r) orthonormal and W = U^T E (..., r, D) by block power iteration."""
     d = e.shape[-1]
     g = torch.Generator(device="cpu").manual_seed(seed)
     v = torch.randn(d, rank, generator=g).to(e.device, e.dtype)    # (D, r), shared by all rows/heads
     u = torch.linalg.qr(e @ v).Q                                    # (..., n, r)
     for _ in range(iterations - 1):
         u = torch.linalg.qr(e @ (e.transpose(-1, -2) @ u)).Q
-    return u @ (u.transpose(-1, -2) @ e)
+    return u, u.transpose(-1, -2) @ e
+
+
+def low_rank(e: torch.Tensor, rank: int, iterations: int, seed: int = 0) -> torch.Tensor:
+    """Rank-``rank`` approximation U U^T E of (..., n, D) by block power iteration."""
+    u, w = low_rank_factors(e, rank, iterations, seed)
+    return u @ w
+
+
+def gear_decompose(x: torch.Tensor, quantizer, outlier_ratio: float, rank: int, iterations: int):
+    """X (B, H, n, D) -> (Q, mask, U, W): the backbone ``Q = quantizer(x, mask)`` in X's dtype, the
+    outlier mask (None without outliers) and the low-rank factors in fp32 (None at rank 0) of the
+    error E = X - Q - S left once the outliers S are exact. The one decomposition both backends use."""
+    mask = outlier_mask(x, outlier_ratio) if outlier_ratio > 0 else None
+    q = quantizer(x, mask)
+    rank = min(rank, *x.shape[-2:])
+    if rank == 0:
+        return q, mask, None, None
+    xf = x.float()
+    qs = q.float() if mask is None else torch.where(mask, xf, q.float())
+    return (q, mask, *low_rank_factors(xf - qs, rank, iterations))
 
 
 def gear_compress(x: torch.Tensor, bits: int, quantizer, outlier_ratio: float, rank: int,
                   iterations: int) -> tuple[torch.Tensor, int, int]:
     """X -> (Q + S + L in X's dtype, number of outliers, rank used). ``quantizer(x, exclude)``
     is the backbone; with no outliers and rank 0 the result is exactly the backbone's."""
-    mask = outlier_mask(x, outlier_ratio) if outlier_ratio > 0 else None
-    q = quantizer(x, mask)
-    if mask is None and rank == 0:
+    q, mask, u, w = gear_decompose(x, quantizer, outlier_ratio, rank, iterations)
+    if mask is None and u is None:
         return q, 0, 0
-    xf = x.float()
-    q = q.float() if mask is None else torch.where(mask, xf, q.float())
-    rank = min(rank, *x.shape[-2:])
-    if rank > 0:
-        q = q + low_rank(xf - q, rank, iterations)
-    return q.to(x.dtype), 0 if mask is None else int(mask.sum()), rank
+    y = q.float() if mask is None else torch.where(mask, x.float(), q.float())
+    if u is not None:
+        y = y + u @ w
+    return y.to(x.dtype), 0 if mask is None else int(mask.sum()), 0 if u is None else u.shape[-1]
 
 
 @register_method("gear")
@@ -116,6 +144,13 @@ class GEAR(Method):
         self.group_size = int(cfg.group_size)
         self.outlier_ratio = float(cfg.outlier_ratio)
         self.iterations = int(cfg.power_iterations)
+        # backend=triton: codes, outliers and factors really held, fused decode (gear_packed); the
+        # uniform backbone or a layout the kernels cannot hold runs on torch, and the row says so
+        self.kv_backend = "torch"
+        if knobs.backend == "triton" and knobs.kv_semantics == "cache" and self.backbone == "kivi":
+            from qeval.methods import kivi_packed
+            if kivi_packed.layout_problem(self.bits.k, self.bits.v, self.group_size) is None:
+                self.kv_backend, self.fused = "triton", kivi_packed.FusedDecode()
 
     def rank(self, first: bool, n: int, d: int) -> int:
         if self.cfg.rank_ratio is not None:
@@ -152,6 +187,18 @@ class GEAR(Method):
                                                        self.compress(vb, "v", True)[0]))
 
     def make_cache_layer(self, layer_idx, seq):
+        if self.kv_backend == "triton":
+            from qeval.methods.gear_packed import PackedGEARLayer
+            return PackedGEARLayer(self, seq, layer_idx, self.fused)
         nb = int(self.cfg.stream_block)
         return BlockCompressedLayer(seq, keys=(nb, 0, lambda x, first: self.compress(x, "k", first)),
                                     values=(nb, 0, lambda x, first: self.compress(x, "v", first)))
+
+    def attention_implementation(self, base: str) -> str | None:
+        if self.kv_backend == "triton":
+            from qeval.methods import kivi_packed
+            return kivi_packed.register(self.fused, base, "gear_packed")
+        return None
+
+    def describe(self) -> dict:
+        return super().describe() | {"kv_backend": self.kv_backend}

@@ -45,7 +45,8 @@ def layout_problem(k_bits: int, v_bits: int, group_size: int) -> str | None:
 class FusedDecode:
     """Which packed layer took the current one-token step, per layer index (a qeval object, so no
     state hangs on HF modules). ``active`` once the attention function is registered: before
-    that, layers materialize K/V for whatever attention the model runs."""
+    that, layers materialize K/V for whatever attention the model runs. Any layer with
+    ``decode(query, scaling)`` can be pending (KIVI's, GEAR's)."""
 
     def __init__(self):
         self.active = False
@@ -55,7 +56,7 @@ class FusedDecode:
         return self.pending.pop(layer_idx, None)
 
 
-def register(fused: FusedDecode, base: str) -> str:
+def register(fused: FusedDecode, base: str, kind: str = "kivi_packed") -> str:
     """Register decode-on-packed-words over ``base`` (sdpa | eager); returns its name."""
     def make(attend):
         def attention(module, query, key, value, attention_mask, **kwargs):
@@ -67,7 +68,7 @@ def register(fused: FusedDecode, base: str) -> str:
             return out[:, None], None
         return attention
 
-    name = register_attention("kivi_packed", base, make)
+    name = register_attention(kind, base, make)
     fused.active = True
     return name
 
