@@ -1,6 +1,6 @@
 """Train qeval's embedded toy model: a small Llama (RoPE, GQA) on the synthetic data of qeval.toy_data.
 
-    python scripts/train_toy.py                      # writes qeval/assets/toy/ (about 22 min on 2 CPU cores)
+    python scripts/train_toy.py                      # writes qeval/assets/toy/ (about 20 min on 2 CPU cores)
     python scripts/train_toy.py --out /tmp/toy --steps 50 --finish-steps 10
     python scripts/train_toy.py --out /tmp/pre --finish-steps 0          # pretraining only
     python scripts/train_toy.py --out /tmp/toy --pretrained /tmp/pre     # the finishing phase alone
