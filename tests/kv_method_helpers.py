@@ -52,5 +52,11 @@ def greedy_loop(model, cache, ids: torch.Tensor, steps: int) -> tuple[torch.Tens
     return torch.cat(tokens, -1), logits
 
 
-def full_cache(model):
-    return DynamicCache(config=model.config)
+def assert_equals_full_cache(handle, ids: torch.Tensor, steps: int = 12) -> None:
+    """The method's cache decodes ``ids`` exactly as an unquantized ``DynamicCache``: the same
+    tokens and bit-identical logits at every step."""
+    tok_m, logits_m = greedy_loop(handle.model, handle.new_cache(torch.ones_like(ids)), ids, steps)
+    tok_f, logits_f = greedy_loop(handle.model, DynamicCache(config=handle.model.config), ids, steps)
+    assert torch.equal(tok_m, tok_f)
+    for a, b in zip(logits_m, logits_f):
+        assert torch.equal(a, b), (a - b).abs().max()

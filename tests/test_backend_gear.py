@@ -2,40 +2,26 @@
 low-rank factors, decode runs the fused kernel with the corrections composed around it, and
 greedy generations equal backend=torch's (CPU: Triton's interpreter; GPU: compiled)."""
 
-import os
-
+import pytest
 import torch
+from omegaconf import OmegaConf
+from packed_backend_helpers import (DEV, check_beams_equal_torch, check_row_operations, check_triton_equals_torch,
+                                    generate, load_tiny)
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
+from qeval.handle import Handle
+from qeval.kernels import kv_pack
+from qeval.kv_cache import held_bytes, packed_layout_bytes
+from qeval.methods.base import Bits, Knobs, SequenceState
+from qeval.methods.gear import GEAR, outlier_mask
+from qeval.methods.gear_packed import PackedGEARLayer, pack_block
+from qeval.methods.kivi_packed import PackedKIVILayer
 
-import pytest  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from qeval import models  # noqa: E402
-from qeval.handle import Handle  # noqa: E402
-from qeval.kernels import kv_pack  # noqa: E402
-from qeval.kv_cache import held_bytes, packed_layout_bytes  # noqa: E402
-from qeval.methods.base import Bits, Knobs, SequenceState  # noqa: E402
-from qeval.methods.gear import GEAR, outlier_mask  # noqa: E402
-from qeval.methods.gear_packed import PackedGEARLayer, pack_block  # noqa: E402
-from qeval.methods.kivi_packed import PackedKIVILayer  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-# mixed lengths: left padding, rows whose prefill blocks differ (32 and 16 real tokens)
-PROMPTS = ["the passkey is 4721. what is it?", "hello there"]
 NO_CORRECTIONS = dict(outlier_ratio=0.0, rank_prefill=0, rank_decode=0)
-
-
-def load(dtype="float32"):
-    cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "model",
-                                      "tiny-random.yaml"))
-    return models.load(cfg, DEV, dtype, "sdpa", 0)
 
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
-    return load()
+    return load_tiny()
 
 
 def gear(backend: str, k_bits=2, v_bits=2, semantics="cache", **overrides):
@@ -45,44 +31,12 @@ def gear(backend: str, k_bits=2, v_bits=2, semantics="cache", **overrides):
     return GEAR(cfg, Knobs(Bits(16, 16, k_bits, v_bits), kv_semantics=semantics, backend=backend))
 
 
-def generate(model, tok, method, n_new=18, **gen):
-    """Greedy tokens and per-step logits of the left-padded PROMPTS, through the method's cache."""
-    attn = method.attention_implementation("sdpa")
-    model.set_attn_implementation(attn or "sdpa")
-    handle = Handle(model, tok, method, "cache")
-    enc = tok(PROMPTS, return_tensors="pt", padding=True).to(DEV)
-    cache = handle.new_cache(enc["attention_mask"])
-    out = model.generate(**enc, past_key_values=cache, max_new_tokens=n_new, do_sample=False,
-                         pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
-                         output_logits=True, **gen)
-    model.set_attn_implementation("sdpa")
-    handle.stats.observe_cache(cache, method)
-    return out.sequences, torch.stack(out.logits), cache, handle.stats
-
-
 @pytest.mark.parametrize("k_bits,v_bits", [(2, 2), (4, 2)])  # K4V2: mixed widths
 def test_triton_greedy_generations_equal_torch(model_and_tokenizer, monkeypatch, k_bits, v_bits):
     model, tok = model_and_tokenizer
-    ref, ref_logits, ref_cache, ref_stats = generate(model, tok, gear("torch", k_bits, v_bits))
-    fused_steps = []
-    decode = PackedGEARLayer.decode
-    monkeypatch.setattr(PackedGEARLayer, "decode",
-                        lambda self, *a: fused_steps.append(1) or decode(self, *a))
-    out, logits, cache, stats = generate(model, tok, gear("triton", k_bits, v_bits))
-    assert all(isinstance(layer, PackedGEARLayer) for layer in cache.layers)
-    # every decode step of every layer ran the fused kernel on the packed words
-    assert len(fused_steps) == 2 * (18 - 1), len(fused_steps)
-    assert torch.equal(out, ref)
-    # same codes, outliers and factors: logits agree to float32 rounding, while quantization
-    # itself moves them far more (the comparison has teeth even where the greedy text does not)
-    _, full_logits, _, _ = generate(model, tok, gear("torch", 16, 16))
-    backend_gap = (logits - ref_logits).abs().max().item()
-    quant_gap = (ref_logits - full_logits).abs().max().item()
-    assert backend_gap < 1e-3 and quant_gap > 50 * backend_gap, (backend_gap, quant_gap)
-    # the same blocks were compressed alike: both backends report the same packed-layout figure
-    assert stats.kv_bytes_packed == ref_stats.kv_bytes_packed
-    held = held_bytes(cache)
-    assert held < held_bytes(ref_cache), (held, held_bytes(ref_cache))
+    cache = check_triton_equals_torch(
+        model, tok, lambda backend, k_bits=k_bits, v_bits=v_bits: gear(backend, k_bits, v_bits),
+        PackedGEARLayer, monkeypatch)
     layer = cache.layers[0]
     assert layer.k_words.dtype == torch.int32 and layer.v_words.dtype == torch.int32
     # prefill blocks of 32 and 16 real tokens (rank 4), then a streamed block (rank 2)
@@ -176,7 +130,7 @@ def test_packed_backbone_is_the_torch_backbone(which):
 def test_held_bytes_fall_well_below_the_torch_cache():
     """fp16 model: the packed layer holds the formula's parts plus small padding (W slots,
     U columns past a block's rank, the token -> block map), well below the fp16 cache."""
-    model, tok = load("float16")
+    model, tok = load_tiny("float16")
     held = {}
     for backend in ("torch", "triton"):
         method = gear(backend)
@@ -202,28 +156,10 @@ def test_backend_recorded_and_unsupported_layouts_fall_back():
 
 
 def test_beam_search_on_packed_cache_equals_torch(model_and_tokenizer):
-    """Beam search reorders the rows every step: codes, outliers, factors, residuals and each
-    row's bookkeeping move together, so the beams equal the torch backend's."""
-    model, tok = model_and_tokenizer
-    ref = generate(model, tok, gear("torch"), n_new=10, num_beams=3)[0]
-    out, _, cache, _ = generate(model, tok, gear("triton"), n_new=10, num_beams=3)
-    assert isinstance(cache.layers[0], PackedGEARLayer) and cache.layers[0].k_words.shape[0] == 2 * 3
-    assert torch.equal(out, ref)
+    check_beams_equal_torch(*model_and_tokenizer, lambda backend: gear(backend), PackedGEARLayer)
 
 
 def test_row_selection_and_expansion_keep_each_row_intact(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    _, _, cache, _ = generate(model, tok, gear("triton"), n_new=6)
-    layer = cache.layers[1]
-    layer.settle()
-    keys, values = layer.materialize()
-    layer.batch_repeat_interleave(2)
-    k2, v2 = layer.materialize()
-    assert torch.equal(k2, keys.repeat_interleave(2, dim=0))
-    assert torch.equal(v2, values.repeat_interleave(2, dim=0))
-    layer.batch_select_indices(torch.tensor([3, 0]))
-    k3, v3 = layer.materialize()
-    assert torch.equal(k3, keys[[1, 0]]) and torch.equal(v3, values[[1, 0]])
-    assert layer.start[0] > 0 and layer.start[1] == 0    # the short (left-padded) prompt now leads
+    layer = check_row_operations(*model_and_tokenizer, gear("triton"))
     with pytest.raises(NotImplementedError):
         layer.crop(1)

@@ -6,7 +6,7 @@ right after eviction."""
 import pytest
 import torch
 
-from kv_method_helpers import full_cache, greedy_loop, make_handle, make_method
+from kv_method_helpers import assert_equals_full_cache, make_handle, make_method
 from qeval.methods.base import SequenceState
 from qeval.methods.h2o_attention import allowed_keys
 
@@ -14,12 +14,7 @@ from qeval.methods.h2o_attention import allowed_keys
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_budget_covering_the_sequence_equals_the_full_cache_exactly(attn):
     h = make_handle("h2o", attn=attn, heavy_budget=100, recent_budget=100)
-    ids = torch.randint(5, 90, (1, 30))
-    tok_h, logits_h = greedy_loop(h.model, h.new_cache(torch.ones_like(ids)), ids, 12)
-    tok_f, logits_f = greedy_loop(h.model, full_cache(h.model), ids, 12)
-    assert torch.equal(tok_h, tok_f)
-    for a, b in zip(logits_h, logits_f):
-        assert torch.equal(a, b), (a - b).abs().max()
+    assert_equals_full_cache(h, torch.randint(5, 90, (1, 30)))
 
 
 def kept(layer, row=0, head=0) -> torch.Tensor:

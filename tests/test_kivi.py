@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kv_method_helpers import full_cache, greedy_loop, make_handle, make_method
+from kv_method_helpers import assert_equals_full_cache, make_handle, make_method
 from qeval.methods.base import SequenceState
 from qeval.methods.kivi import fake_quantize_keys, fake_quantize_values
 from qeval.quant import fake_quantize, relative_error
@@ -15,12 +15,7 @@ from qeval.validate import ConfigError
 
 def test_residual_longer_than_the_sequence_is_exactly_full_precision():
     h = make_handle("kivi", bits=2, residual_length=256)
-    ids = torch.randint(5, 90, (1, 40))
-    tok_q, logits_q = greedy_loop(h.model, h.new_cache(torch.ones_like(ids)), ids, 12)
-    tok_fp, logits_fp = greedy_loop(h.model, full_cache(h.model), ids, 12)
-    assert torch.equal(tok_q, tok_fp)
-    for a, b in zip(logits_q, logits_fp):
-        assert torch.equal(a, b), (a - b).abs().max()
+    assert_equals_full_cache(h, torch.randint(5, 90, (1, 40)))
 
 
 def _drive(layer, prompt: int, steps: int, b: int = 1, pad=None):
