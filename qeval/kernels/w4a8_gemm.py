@@ -23,6 +23,7 @@ import triton.language as tl
 from qeval.kernels import _env  # noqa: F401  (interpreter choice before @triton.jit)
 from qeval.kernels.act_quant import quantize_per_token, quantize_per_token_reference
 from qeval.kernels.pack import PackedWeight, codes_per_word
+from qeval.kernels.w8a8_gemm import store_a8_output
 
 
 @dataclass
@@ -92,14 +93,7 @@ def _w4a8_kernel(
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0)
         acc += dot.to(tl.float32) * s[None, :] + qsum.to(tl.float32)[:, None] * z[None, :]
-    sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
-    zx = tl.load(zx_ptr + offs_m, mask=m_mask, other=0.0)
-    wsum = tl.load(wsum_ptr + offs_n, mask=n_mask, other=0.0)
-    out = sx[:, None] * acc + zx[:, None] * wsum[None, :]
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    store_a8_output(acc, sx_ptr, zx_ptr, wsum_ptr, b_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, N, HAS_BIAS)
 
 
 def w4a8_matmul(x: torch.Tensor, w: GroupedInt8Weight, bias: torch.Tensor | None = None, a_bits: int = 8,

@@ -55,6 +55,22 @@ class Int8Weight:
 
 
 @triton.jit
+def store_a8_output(inner, sx_ptr, zx_ptr, wsum_ptr, b_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, N,
+                    HAS_BIAS: tl.constexpr):
+    """The epilogue every int8-activation GEMM shares: ``inner`` (BLOCK_M, BLOCK_N) float32 is
+    sum_k q_x * w_dequant; the activation's per-token scale and folded zero turn it into x @ W
+    (``sx * inner + zx * sum_k w``), then bias, cast and store."""
+    sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
+    zx = tl.load(zx_ptr + offs_m, mask=m_mask, other=0.0)
+    wsum = tl.load(wsum_ptr + offs_n, mask=n_mask, other=0.0)
+    out = sx[:, None] * inner + zx[:, None] * wsum[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _w8a8_kernel(
     q_ptr,        # (M, K) int8 activation codes
     sx_ptr,       # (M,) float32 activation scale
@@ -83,17 +99,10 @@ def _w8a8_kernel(
         c = tl.load(c_ptr + offs_k[:, None] * N + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0)
         acc = tl.dot(q, c, acc)
         qsum += tl.sum(q.to(tl.int32), axis=1)
-    sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
-    zx = tl.load(zx_ptr + offs_m, mask=m_mask, other=0.0)
     s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
     z = tl.load(z_ptr + offs_n, mask=n_mask, other=0.0)
-    wsum = tl.load(wsum_ptr + offs_n, mask=n_mask, other=0.0)
     inner = acc.to(tl.float32) * s[None, :] + qsum.to(tl.float32)[:, None] * z[None, :]
-    out = sx[:, None] * inner + zx[:, None] * wsum[None, :]
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    store_a8_output(inner, sx_ptr, zx_ptr, wsum_ptr, b_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, N, HAS_BIAS)
 
 
 def w8a8_matmul(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None, a_bits: int = 8,
