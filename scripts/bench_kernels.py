@@ -46,19 +46,12 @@ SHAPES = {
 M_VALUES = [1, 2, 4, 8, 16, 64, 256, 1024, 4096]
 
 
-def bench_ms(fn) -> float:
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+bench_ms = bench_kv_kernels.bench_ms
 
 
 # -- ceilings ---------------------------------------------------------------------------------------
 def section_ceilings(args) -> dict:
-    n = 1 << 28  # 512 MiB of fp16 per side: far beyond L2
-    src = torch.empty(n, dtype=torch.float16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src))
-    copy_gbs = 2 * src.nbytes / ms / 1e6
-    del src, dst
+    copy_gbs = bench_kv_kernels.copy_bandwidth_gbs()   # 512 MiB device-to-device: far beyond L2
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     fp16_tflops = 2 * 8192**3 / bench_ms(lambda: a @ b) / 1e9
@@ -188,11 +181,7 @@ def main(argv=None) -> int:
         print("bench_kernels: no CUDA device: the kernel benchmarks need a GPU "
               "(correctness tests run on a CPU: pytest tests/test_kernels_w*.py)", file=sys.stderr)
         return 2
-    device = torch.cuda.get_device_name()
-    path = args.out / (device.replace(" ", "_").replace("/", "_") + ".json")
-    report = json.loads(path.read_text()) if path.exists() else {}
-    report |= {"device": device, "torch": torch.__version__,
-               "triton": __import__("triton").__version__, "cuda": torch.version.cuda}
+    path, report = bench_kv_kernels.open_report(args.out)
     args.ceilings = report.get("ceilings")
     args.copy_gbs = None
     for name in args.sections:

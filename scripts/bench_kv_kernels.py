@@ -210,6 +210,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--repeats", type=int, default=1, help="kv_e2e timed runs per batch")
 
 
+def open_report(out: Path, suffix: str = "") -> tuple[Path, dict]:
+    """``out/<device><suffix>.json`` and its report so far (sections not rerun are kept), with
+    this run's device and versions."""
+    device = torch.cuda.get_device_name()
+    path = out / (device.replace(" ", "_").replace("/", "_") + suffix + ".json")
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report |= {"device": device, "torch": torch.__version__, "triton": __import__("triton").__version__,
+               "cuda": torch.version.cuda}
+    return path, report
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
@@ -220,13 +231,10 @@ def main(argv=None) -> int:
         print("bench_kv_kernels: no CUDA device; the KV kernel benchmarks need a GPU "
               "(correctness: pytest tests/test_kernels_kv_*.py runs on a CPU)", file=sys.stderr)
         return 2
-    device = torch.cuda.get_device_name()
-    path = args.out / (device.replace(" ", "_").replace("/", "_") + "-kv.json")
-    report = json.loads(path.read_text()) if path.exists() else {}
+    path, report = open_report(args.out, "-kv")
     args.copy_gbs = copy_bandwidth_gbs()
-    report |= {"device": device, "torch": torch.__version__, "triton": __import__("triton").__version__,
-               "cuda": torch.version.cuda, "copy_gbs": args.copy_gbs}
-    print(f"bench_kv_kernels: {device}, measured copy bandwidth {args.copy_gbs:.0f} GB/s")
+    report["copy_gbs"] = args.copy_gbs
+    print(f"bench_kv_kernels: {report['device']}, measured copy bandwidth {args.copy_gbs:.0f} GB/s")
     for name in args.sections:
         report[name] = SECTIONS[name](args)
         path.parent.mkdir(parents=True, exist_ok=True)
