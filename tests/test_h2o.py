@@ -8,13 +8,30 @@ import torch
 
 from kv_method_helpers import assert_equals_full_cache, make_handle, make_method
 from qeval.methods.base import SequenceState
-from qeval.methods.h2o_attention import allowed_keys
+from qeval.methods.h2o_attention import key_scores
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_budget_covering_the_sequence_equals_the_full_cache_exactly(attn):
     h = make_handle("h2o", attn=attn, heavy_budget=100, recent_budget=100)
     assert_equals_full_cache(h, torch.randint(5, 90, (1, 30)))
+
+
+def causal(q_len: int, kv_len: int) -> torch.Tensor:
+    """(1, 1, q, kv) bool: the newest q keys are this step's queries, causal among them."""
+    i = torch.arange(q_len)[:, None]
+    j = torch.arange(kv_len)[None, :]
+    return (j <= kv_len - q_len + i)[None, None]
+
+
+def attention_probs(query, key, allowed, scaling):
+    """Reference: (B, Hq, q, D) x (B, Hkv, kv, D) -> (B, Hq, q, kv) float32 masked softmax (a fully
+    masked row gives zeros)."""
+    b, hq, q, d = query.shape
+    hkv, kv = key.shape[1], key.shape[-2]
+    grouped = query.float().reshape(b, hkv, hq // hkv * q, d)
+    scores = (torch.matmul(grouped, key.float().transpose(2, 3)) * scaling).reshape(b, hq, q, kv)
+    return torch.nan_to_num(torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1), nan=0.0)
 
 
 def kept(layer, row=0, head=0) -> torch.Tensor:
@@ -38,7 +55,7 @@ def _causal_probs(b, hq, t, seed=0, boost=None):
     p = torch.rand(b, hq, t, t, generator=g)
     for col, w in (boost or {}).items():
         p[..., col] += w
-    p = p.masked_fill(~allowed_keys(None, t, t, p.device), 0)
+    p = p.masked_fill(~causal(t, t), 0)
     return p / p.sum(-1, keepdim=True)
 
 
@@ -76,9 +93,15 @@ def test_scores_are_summed_over_the_query_heads_of_a_gqa_group():
     assert torch.allclose(layer.score, expected)
 
 
-def test_causal_mask_never_lets_a_query_score_a_later_key():
-    allowed = allowed_keys(None, 4, 6, torch.device("cpu"))[0, 0]
-    assert allowed.tolist() == [[j <= 2 + i for j in range(6)] for i in range(4)]
+def test_scores_never_credit_a_key_from_an_earlier_query():
+    """A purely causal step (no mask): query i of the step's q sees keys up to kv - q + i only."""
+    query, key = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8)
+    for i in range(4):
+        only_i = torch.zeros(1, 2, 4, dtype=torch.bool)
+        only_i[..., i] = True
+        got = key_scores(query, key, None, 0.3, only_i)
+        assert (got[..., 3 + i:] == 0).all() and (got[..., :3 + i] > 0).all(), (i, got)
+        assert torch.allclose(got.sum(-1), torch.ones(1, 2)), got       # one query's probabilities
 
 
 def test_batched_rows_equal_each_sequence_alone_and_ignore_padding():
@@ -128,12 +151,12 @@ def test_chunked_key_scores_equal_the_summed_softmax_probabilities(monkeypatch, 
     query, key = torch.randn(b, hq, q, d, generator=g), torch.randn(b, hkv, kv, d, generator=g)
     real = torch.ones(b, hkv, q, dtype=torch.bool)
     real[1, :, :2] = False                                          # two pad queries in row 1
-    causal = ha.allowed_keys(None, q, kv, query.device)              # (1, 1, q, kv)
-    per_row = causal.expand(b, hq, q, kv).clone()                   # (B, Hq, q, kv), as after eviction
+    per_row = causal(q, kv).expand(b, hq, q, kv).clone()            # (B, Hq, q, kv), as after eviction
     per_row[1, :, :, :2] = False                                    # row 1: two pad keys hidden
     per_row[1, :, 0, :] = False                                     # and a fully masked pad query
-    for allowed in (causal, per_row):
-        probs = ha.attention_probs(query, key, allowed, 0.3) * real.repeat_interleave(2, 1)[..., None]
+    # None: a purely causal step, masked inside the pass (only each chunk's diagonal block)
+    for allowed, reference in ((None, causal(q, kv)), (causal(q, kv), causal(q, kv)), (per_row, per_row)):
+        probs = attention_probs(query, key, reference, 0.3) * real.repeat_interleave(2, 1)[..., None]
         expected = probs.reshape(b, hkv, 2, q, kv).sum(dim=(2, 3))
         got = ha.key_scores(query, key, allowed, 0.3, real)
         assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()

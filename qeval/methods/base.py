@@ -9,6 +9,7 @@ methods (KIVI, GEAR, H2O) override the KV part and declare ``targets = {"KV"}``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -167,16 +168,18 @@ class SequenceState:
         return pad[:, None, :, None] if pad.any() else None
 
 
-class RowSelectable:
+class RowSelectable(ABC):
     """Mixin for cache layers with per-row state beside K/V (bookkeeping lists, scores, packed
     words): beam reorder, batch expansion and batch selection all become one ``_select_rows(idx)``
     where new row ``i`` is old row ``idx[i]``, so no per-row field can be left behind."""
 
+    @abstractmethod
     def _select_rows(self, idx: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Make row ``i`` of every per-row tensor and list old row ``idx[i]``."""
 
+    @abstractmethod
     def _n_rows(self) -> int:
-        raise NotImplementedError
+        """The batch rows held."""
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:

@@ -14,32 +14,14 @@ import torch
 from qeval.simulated_attention import register_attention
 
 
-def allowed_keys(attention_mask: torch.Tensor | None, q_len: int, kv_len: int,
-                 device: torch.device) -> torch.Tensor:
-    """(B or 1, 1 or H, q, kv) bool: which keys each query may see, from any mask form transformers
-    passes (None = causal, bool = allowed, float = additive)."""
-    if attention_mask is None:
-        # the newest q_len keys are this step's queries: causal among them, everything older visible
-        i = torch.arange(q_len, device=device)[:, None]
-        j = torch.arange(kv_len, device=device)[None, :]
-        return (j <= kv_len - q_len + i)[None, None]
+def allowed_keys(attention_mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """(B or 1, 1 or H, q, kv) bool: which keys each query may see, from the mask transformers
+    passes (bool = allowed, float = additive). None, a purely causal step, never reaches here:
+    ``key_scores`` handles it without a mask."""
     m = attention_mask[..., :kv_len]
     if m.dtype == torch.bool:
         return m
     return m > torch.finfo(m.dtype).min / 2
-
-
-def attention_probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor,
-                    scaling: float) -> torch.Tensor:
-    """(B, Hq, q, D) x (B, Hkv, kv, D) -> (B, Hq, q, kv) float32 softmax probabilities (the reference
-    that ``key_scores`` must sum to)."""
-    b, hq, q, d = query.shape
-    hkv, kv = key.shape[1], key.shape[-2]
-    grouped = query.float().reshape(b, hkv, hq // hkv * q, d)
-    scores = (torch.matmul(grouped, key.float().transpose(2, 3)) * scaling).reshape(b, hq, q, kv)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    # a fully masked row (a pad query) gives NaN; it carries no attention
-    return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
 
 
 # query rows per chunk of the scoring pass: (B, Hq, rows, kv) float32 stays a few MB, so the
@@ -54,8 +36,8 @@ def key_scores(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | N
     """The attention each key received at this step, summed over this step's real queries and over
     the query heads that share its KV head: (B, Hkv, kv) float32.
 
-    Equal to summing ``attention_probs`` (weighted by ``query_real``, (B, Hkv, q) bool; None = all
-    real) over heads of a group and queries, without holding the (q x kv) probabilities: queries go
+    Equal to summing the masked softmax probabilities (weighted by ``query_real``, (B, Hkv, q)
+    bool; None = all real) over heads of a group and queries, without holding them: queries go
     in chunks, and a chunk only scores the keys up to its last query (causal: later keys are masked
     for it anyway, which halves a prefill's work). ``allowed`` None means plain causal: only the
     chunk's diagonal block needs masking. A masked score is the dtype's minimum rather than -inf,
@@ -114,8 +96,7 @@ def register(method, base: str) -> str:
                                   torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
                                   .masked_fill(~allowed, torch.finfo(query.dtype).min))
             else:   # None: transformers found the mask purely causal
-                allowed = None if attention_mask is None else allowed_keys(attention_mask, q_len, kv_len,
-                                                                           query.device)
+                allowed = None if attention_mask is None else allowed_keys(attention_mask, kv_len)
             out, weights = attend(module, query, key, value, attention_mask, **kwargs)
             if weights is not None:   # eager hands its probabilities back
                 layer.observe(weights.float())
