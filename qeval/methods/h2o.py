@@ -133,10 +133,11 @@ class H2OLayer(RowSelectable, DynamicLayer):
     def add_scores(self, scores: torch.Tensor) -> None:
         """Add this step's attention per key, (B, Hkv, W) float32 summed over the real queries and
         the query heads of each KV head, then evict."""
-        self.score += scores if self.dense else scores * self._valid
         if self.dense:
+            self.score += scores
             self._evict_dense()
         else:
+            self.score += scores * self._valid
             self.evict()
 
     def _evict_dense(self) -> None:
@@ -177,7 +178,6 @@ class H2OLayer(RowSelectable, DynamicLayer):
 
     def _drop_free(self) -> None:
         """Remove the free slot and restore position order (before a multi-token step)."""
-        b, h, w = self.score.shape
         pos = self.pos.scatter(2, self.free, -1)                                     # free slot first
         self.free = None
         self._gather(pos.argsort(dim=-1)[..., 1:])
