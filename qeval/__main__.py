@@ -6,19 +6,18 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from qeval.validate import CONFIG_DIR, ConfigError, check_overrides
+from qeval.errors import ConfigError
+from qeval.report.console import print_rows
+from qeval.run import run
+from qeval.validate import CONFIG_DIR, check_overrides
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from qeval.report_table import print_rows
-    from qeval.run import run
-
     try:
         result = run(cfg)
     except ConfigError as e:

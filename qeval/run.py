@@ -11,48 +11,33 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from qeval import models, results, simulated_attention
-from qeval.handle import Handle
-from qeval.methods.base import Bits, Knobs
-from qeval.registry import METHODS, TASKS, load_all
-from qeval.targets import quantize_linears, resolve_backend
-from qeval.validate import ConfigError, check_against_model, check_config, check_model_available
+from qeval import results
+from qeval.errors import ConfigError
+from qeval.kv import simulated
+from qeval.methods import METHODS
+from qeval.methods.base import Bits, Knobs, bit_labels
+from qeval.model import loading
+from qeval.model.handle import Handle
+from qeval.model.linear import quantize_linears, resolve_backend
+from qeval.tasks import TASKS
+from qeval.validate import validate
 
 
 def build_method(cfg):
     cls = METHODS[cfg.method.name]
-    k = cfg.k_bits if cfg.get("k_bits") is not None else cfg.kv_bits
-    v = cfg.v_bits if cfg.get("v_bits") is not None else cfg.kv_bits
-    knobs = Knobs(Bits(cfg.w_bits, cfg.a_bits, k, v), cfg.w_group_size, cfg.a_group_size,
+    knobs = Knobs(Bits.from_config(cfg), cfg.w_group_size, cfg.a_group_size,
                   cfg.kv_group_size, cfg.kv_semantics,
-                  resolve_backend(cfg.get("backend", "auto"), models.resolve_device(cfg.device)))
+                  resolve_backend(cfg.get("backend", "auto"), loading.resolve_device(cfg.device)))
     return cls(cfg.method, knobs)
-
-
-def validate(cfg):
-    """Every check that needs no weights; returns the architecture config."""
-    load_all()
-    if cfg.method.name not in METHODS:
-        raise ConfigError(f"method={cfg.method.name}: no implementation is registered for this method yet "
-                          f"(available: {', '.join(sorted(METHODS))})")
-    for name in cfg.task:
-        if name not in TASKS:
-            raise ConfigError(f"task={name}: no implementation is registered for this task yet "
-                              f"(available: {', '.join(sorted(TASKS))})")
-    check_config(cfg, METHODS[cfg.method.name])
-    check_model_available(cfg.model)
-    arch = models.model_config(cfg.model)
-    check_against_model(cfg, arch, METHODS[cfg.method.name])
-    return arch
 
 
 def prepare(cfg):
     """Load the model and apply every target; returns (handle, facts about the quantized model)."""
     method = build_method(cfg)
-    model, tokenizer = models.load(cfg.model, cfg.device, cfg.dtype, cfg.attn, cfg.seed)
+    model, tokenizer = loading.load(cfg.model, cfg.device, cfg.dtype, cfg.attn, cfg.seed)
     facts = quantize_linears(model, method, cfg.backend)
     if cfg.kv_semantics == "simulated" and method.quantizes_kv:
-        simulated_attention.install(model, method, cfg.attn)
+        simulated.install(model, method, cfg.attn)
     elif (attention := method.attention_implementation(cfg.attn)) is not None:
         model.set_attn_implementation(attention)
     return Handle(model, tokenizer, method, cfg.kv_semantics), facts
@@ -73,7 +58,7 @@ def base_row(cfg, method, run_id: str) -> dict:
         "w_bits": b.w, "a_bits": b.a, "kv_bits": cfg.kv_bits, "k_bits": b.k, "v_bits": b.v,
         "w_group_size": cfg.w_group_size, "a_group_size": cfg.a_group_size,
         "kv_group_size": cfg.kv_group_size, "kv_semantics": cfg.kv_semantics,
-        "dtype": str(models.resolve_dtype(cfg.dtype, models.resolve_device(cfg.device))).removeprefix("torch."),
+        "dtype": str(loading.resolve_dtype(cfg.dtype, loading.resolve_device(cfg.device))).removeprefix("torch."),
         "attn": cfg.attn, "seed": cfg.seed,
         "config_hash": run_id, "git_commit": results.git_commit(),
         **{f"version.{k}": v for k, v in results.library_versions().items()},
@@ -89,7 +74,13 @@ def _in_sweep() -> bool:
 
 def _failed_without_method(cfg, run_id: str, run_dir: Path, error: str) -> dict:
     print(f"qeval: failed: {error}", file=sys.stderr)
+    try:   # labels as the method would give them, where the bits themselves are valid
+        b = Bits.from_config(cfg)
+        target, setting = bit_labels(b.w, b.a, b.k, b.v)
+    except TypeError:
+        target = setting = None
     row = {"run_id": run_id, "config_hash": run_id, "model": cfg.model.name, "method": cfg.method.name,
+           "target": target, "setting": setting,
            "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits,
            "kv_semantics": cfg.kv_semantics, "task": ",".join(cfg.task), "metric": None, "value": None,
            "status": "failed", "error": error, "config": OmegaConf.to_container(cfg, resolve=True)}
@@ -117,7 +108,7 @@ def run(cfg) -> dict:
     torch.manual_seed(cfg.seed)
     method = build_method(cfg)
     rows, status, error, bad_input = [], "ok", None, None
-    device = models.resolve_device(cfg.device)
+    device = loading.resolve_device(cfg.device)
     start = time.perf_counter()
     try:
         handle, facts = prepare(cfg)

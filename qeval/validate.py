@@ -16,12 +16,14 @@ from urllib.parse import urlparse
 
 import yaml
 
+from qeval.errors import ConfigError
+from qeval.methods import METHODS
+from qeval.methods.base import Bits
+from qeval.model import loading
+from qeval.tasks import TASKS
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "method", "task", "experiment")
-
-
-class ConfigError(ValueError):
-    """A one-line, user-facing configuration error."""
 
 
 def _did_you_mean(value: str, options) -> str:
@@ -65,9 +67,8 @@ def check_overrides(argv: list[str]) -> None:
 
 
 def _bits(cfg) -> dict[str, int]:
-    k = cfg.k_bits if cfg.get("k_bits") is not None else cfg.kv_bits
-    v = cfg.v_bits if cfg.get("v_bits") is not None else cfg.kv_bits
-    return {"w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "k_bits": k, "v_bits": v}
+    b = Bits.from_config(cfg)
+    return {"w_bits": b.w, "a_bits": b.a, "k_bits": b.k, "v_bits": b.v}
 
 
 def check_config(cfg, method_cls) -> None:
@@ -118,8 +119,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def check_model_available(model_cfg) -> None:
-    from qeval.models import is_available_offline
-    if model_cfg.get("random_config") or is_available_offline(model_cfg.path):
+    if model_cfg.get("random_config") or loading.is_available_offline(model_cfg.path):
         return
     if not hub_reachable():
         raise ConfigError(
@@ -145,11 +145,17 @@ def check_against_model(cfg, arch_cfg, method_cls) -> None:
     method_cls.check_model(cfg, widths, head_dim)
 
 
-def check_divides(key: str, g: int | None, dims, model_name: str, what: str) -> None:
-    """One shared message for a group size that does not divide a dimension it groups."""
-    if g is None:
-        return
-    bad = sorted(d for d in set(dims) if d % g)
-    if bad:
-        raise ConfigError(f"{key}={g}: does not divide {what}={bad[0]} of model {model_name}; "
-                          f"allowed: a divisor of {', '.join(map(str, sorted(set(dims))))}")
+def validate(cfg):
+    """Every check that needs no weights; returns the architecture config."""
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"method={cfg.method.name}: no implementation is registered for this method yet "
+                          f"(available: {', '.join(sorted(METHODS))})")
+    for name in cfg.task:
+        if name not in TASKS:
+            raise ConfigError(f"task={name}: no implementation is registered for this task yet "
+                              f"(available: {', '.join(sorted(TASKS))})")
+    check_config(cfg, METHODS[cfg.method.name])
+    check_model_available(cfg.model)
+    arch = loading.model_config(cfg.model)
+    check_against_model(cfg, arch, METHODS[cfg.method.name])
+    return arch

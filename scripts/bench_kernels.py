@@ -31,10 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+import bench_kv_kernels  # the KV sections and their options (a script beside this one)
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_kv_kernels  # noqa: E402  (the KV sections and their options)
 
 # (name, K in, N out) per layer; Llama-2-7B (hidden 4096, MLP 11008) and -70B (8192, 28672, GQA kv 1024)
 SHAPES = {
@@ -128,7 +126,7 @@ def section_w_e2e(args) -> list[dict]:
     from qeval.methods.base import Bits, Knobs
     from qeval.methods.group import Group
     from qeval.methods.uniform import Uniform
-    from qeval.targets import quantize_linears
+    from qeval.model.linear import quantize_linears
     uniform = OmegaConf.create({"name": "uniform", "symmetric": False, "w_granularity": "per_channel",
                                 "a_granularity": "per_token", "kv_granularity": "per_token"})
     configs = {"fp16": None,

@@ -143,7 +143,7 @@ def _kivi(bits: int):
 def _generate_seconds(model, method, batch: int, prompt: int, new: int) -> float:
     from transformers import DynamicCache
 
-    from qeval.kv_cache import QevalCache
+    from qeval.kv.cache import QevalCache
     ids = torch.randint(3, 32000, (batch, prompt), device="cuda")
     mask = torch.ones_like(ids)
     cache = (QevalCache(method, 32, mask) if method else DynamicCache(config=model.config))

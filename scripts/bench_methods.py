@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,12 +26,11 @@ from omegaconf import OmegaConf
 from transformers import DynamicCache, QuantizedCache
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from qeval import models  # noqa: E402
-from qeval.handle import Handle  # noqa: E402
-from qeval.methods.base import Bits, Knobs  # noqa: E402
-from qeval.registry import METHODS, load_all  # noqa: E402
+from qeval.methods import METHODS
+from qeval.methods.base import Bits, Knobs
+from qeval.model import loading
+from qeval.model.handle import Handle
 
 
 def quantized_cache_backend() -> str | None:
@@ -90,9 +88,8 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_all()
     model_cfg = OmegaConf.load(ROOT / "configs" / "model" / f"{args.model}.yaml")
-    model, _ = models.load(model_cfg, "cpu", "float32", "sdpa", 0)
+    model, _ = loading.load(model_cfg, "cpu", "float32", "sdpa", 0)
     vocab = model.config.vocab_size
     backend = quantized_cache_backend()
     caches = {"DynamicCache": lambda mask: (model.set_attn_implementation("sdpa"),

@@ -18,23 +18,17 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def cells(overrides: list[str]) -> list:
     """Every composed config of the sweep the overrides (and any experiment) describe."""
     from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3", job_name="prefetch"):
-        fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides)
-                 if not o.is_sweep_override()]  # an experiment's own sweep lives in hydra.sweeper
-        head = compose("config", overrides=fixed, return_hydra_config=True)
-        params = head.hydra.sweeper.get("params") or {}
-        args = [f"{k}={v}" for k, v in params.items()] + overrides
-        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
-        return [compose("config", overrides=list(cell)) for cell in (batches[0] if batches else [overrides])]
+    from qeval.sweep import expand
+    from qeval.validate import CONFIG_DIR
+
+    cell_overrides = expand(overrides)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="prefetch"):
+        return [compose("config", overrides=cell) for cell in cell_overrides]
 
 
 def needs(configs) -> tuple[set, dict]:
@@ -54,7 +48,7 @@ def datasets_for(tasks: dict) -> dict[tuple[str, str | None], set[str]]:
     """(dataset_path, dataset_name) -> the splits lm-eval's configs name, over every leaf task."""
     import tempfile
 
-    from qeval.tasks.lm_eval_tasks import SPLIT_KEYS, load_tasks
+    from qeval.tasks.lm_eval.tasks import SPLIT_KEYS, load_tasks
 
     out: dict[tuple[str, str | None], set[str]] = {}
     for name, task_cfg in tasks.items():

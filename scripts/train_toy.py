@@ -1,4 +1,4 @@
-"""Train qeval's embedded toy model: a small Llama (RoPE, GQA) on the synthetic data of qeval.toy_data.
+"""Train qeval's embedded toy model: a small Llama (RoPE, GQA) on the synthetic data of qeval.toy.
 
     python scripts/train_toy.py                      # writes qeval/assets/toy/ (about 20 min on 2 CPU cores)
     python scripts/train_toy.py --out /tmp/toy --steps 50 --finish-steps 10
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -30,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from qeval import toy_data  # noqa: E402
+from qeval.data import toy
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "qeval" / "assets" / "toy"
 
@@ -109,10 +107,10 @@ def make_batches(tokenizer, rng: random.Random, step: int, finishing: bool = Fal
         depths = [rng.random() for _ in range(n)]
         if finishing:
             depths = [edge_or(d, rng.random()) for d in depths]
-        examples = toy_data.passkey_examples(tokenizer, length, depths, KEY_DIGITS, rng.randrange(2**31))
+        examples = toy.passkey_examples(tokenizer, length, depths, KEY_DIGITS, rng.randrange(2**31))
         pk = encode(tokenizer, examples)
-    short = [toy_data.arithmetic(rng) for _ in range(SHORT_BATCH // 2)]
-    short += [toy_data.multiple_choice(rng) for _ in range(SHORT_BATCH // 2)]
+    short = [toy.arithmetic(rng) for _ in range(SHORT_BATCH // 2)]
+    short += [toy.multiple_choice(rng) for _ in range(SHORT_BATCH // 2)]
     return pk, encode(tokenizer, short, SHORT_PROMPT_WEIGHT)
 
 
@@ -159,7 +157,7 @@ def deterministic(fn):
 def train(steps: int, seed: int = 0, lr: float = 4e-3, arch: dict = ARCH, log_every: int = 50, log=print,
           checkpoint=None):
     """Pretraining. Returns (model, tokenizer, losses): one float per step, reproducible bit for bit."""
-    tokenizer = toy_data.build_tokenizer()
+    tokenizer = toy.build_tokenizer()
     model = make_model(tokenizer, seed, arch)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     losses = _loop(model, tokenizer, opt, random.Random(seed), range(steps), lambda step: lr_at(step, lr),
@@ -229,7 +227,7 @@ def main() -> None:
                                     checkpoint=None if args.checkpoints is None else
                                     lambda m, t, n: save(m, t, args.checkpoints / f"step{n}"))
     else:
-        tokenizer = toy_data.build_tokenizer()
+        tokenizer = toy.build_tokenizer()
         model = LlamaForCausalLM.from_pretrained(args.pretrained, attn_implementation="sdpa", dtype=torch.float32)
     if args.finish_steps:
         log(f"finishing: {args.finish_steps} steps")

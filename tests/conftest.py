@@ -8,10 +8,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Without a GPU, Triton kernels run in its interpreter. The variable is read when a kernel is
-# decorated, so it must be set before any qeval.kernels module is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Importing qeval decides Triton's interpreter (qeval/kernels/_env.py: on without CUDA) before any
+# test module imports triton or a kernel.
+import qeval  # noqa: E402,F401
 
 
 @pytest.fixture

@@ -3,35 +3,26 @@
 from __future__ import annotations
 
 import torch
-from omegaconf import OmegaConf
+from method_configs import CONTRACT
+from method_configs import make_method as make_from_yaml
+from tiny_models import tiny_model
 from transformers import DynamicCache
 
-from qeval import simulated_attention
-from qeval.handle import Handle
-from qeval.methods.base import Bits, Knobs
-from qeval.registry import METHODS, load_all
-from tiny_models import tiny_model
-
-# small groups so short test prompts cross several blocks (tiny llama: head_dim 16)
-DEFAULTS = {
-    "kivi": dict(group_size=8, residual_length=16),
-    "gear": dict(backbone="kivi", group_size=8, outlier_ratio=0.02, rank_prefill=4, rank_decode=2,
-                 rank_ratio=None, power_iterations=3, stream_block=16),
-    "h2o": dict(heavy_ratio=0.2, recent_ratio=0.2, heavy_budget=None, recent_budget=None),
-}
+from qeval.kv import simulated
+from qeval.model.handle import Handle
 
 
 def make_method(name: str, bits: int = 16, semantics: str = "cache", **overrides):
-    load_all()
-    cfg = OmegaConf.create({"name": name, **DEFAULTS[name], **overrides})
-    return METHODS[name](cfg, Knobs(Bits(16, 16, bits, bits), kv_semantics=semantics))
+    """A KV method from its YAML with its contract settings (small groups so short test prompts
+    cross several blocks; tiny llama: head_dim 16) and ``overrides``."""
+    return make_from_yaml(name, bits, semantics, **(CONTRACT[name][0] | overrides))
 
 
 def make_handle(name: str, bits: int = 16, semantics: str = "cache", attn: str = "sdpa", **overrides):
     model, tok = tiny_model("llama", attn=attn)
     method = make_method(name, bits, semantics, **overrides)
     if semantics == "simulated":
-        simulated_attention.install(model, method, attn)
+        simulated.install(model, method, attn)
     elif (impl := method.attention_implementation(attn)) is not None:
         model.set_attn_implementation(impl)
     return Handle(model, tok, method, semantics)

@@ -8,17 +8,13 @@ from __future__ import annotations
 import os
 
 import torch
+from omegaconf import OmegaConf
+from tolerances import network_rounding, sum_rounding
+from transformers import LogitsProcessor
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
-
-from omegaconf import OmegaConf  # noqa: E402
-from tolerances import network_rounding, sum_rounding  # noqa: E402
-from transformers import LogitsProcessor  # noqa: E402
-
-from qeval import models  # noqa: E402
-from qeval.handle import Handle  # noqa: E402
-from qeval.kv_cache import held_bytes  # noqa: E402
+from qeval.kv.cache import held_bytes
+from qeval.model import loading
+from qeval.model.handle import Handle
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # mixed lengths: left padding, rows that compress blocks at different steps
@@ -27,7 +23,7 @@ PROMPTS = ["the passkey is 4721. what is it?", "hello there"]
 
 def load_tiny(dtype: str = "float32"):
     cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "model", "tiny-random.yaml"))
-    return models.load(cfg, DEV, dtype, "sdpa", 0)
+    return loading.load(cfg, DEV, dtype, "sdpa", 0)
 
 
 class _StepRecorder(LogitsProcessor):

@@ -4,17 +4,26 @@ greedy generations equal backend=torch's (CPU: Triton's interpreter; GPU: compil
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-from packed_backend_helpers import (DEV, check_beams_equal_torch, check_row_operations, check_triton_equals_torch,
-                                    compare_backends, generate, load_tiny)
+from method_configs import method_params
+from packed_backend_helpers import (
+    DEV,
+    check_beams_equal_torch,
+    check_row_operations,
+    check_triton_equals_torch,
+    compare_backends,
+    generate,
+    load_tiny,
+)
 
-from qeval.handle import Handle
 from qeval.kernels import kv_pack
-from qeval.kv_cache import held_bytes, packed_layout_bytes
-from qeval.methods.base import Bits, Knobs, SequenceState
-from qeval.methods.gear import GEAR, outlier_mask
+from qeval.kv.cache import held_bytes, packed_layout_bytes
+from qeval.kv.sequence import SequenceState
+from qeval.methods.base import Bits, Knobs
+from qeval.methods.gear import GEAR
 from qeval.methods.gear_packed import PackedGEARLayer, pack_block
 from qeval.methods.kivi_packed import PackedKIVILayer
+from qeval.model.handle import Handle
+from qeval.quant.decompose import outlier_mask
 
 NO_CORRECTIONS = dict(outlier_ratio=0.0, rank_prefill=0, rank_decode=0)
 
@@ -25,9 +34,7 @@ def model_and_tokenizer():
 
 
 def gear(backend: str, k_bits=2, v_bits=2, semantics="cache", **overrides):
-    cfg = OmegaConf.create({"name": "gear", "backbone": "kivi", "group_size": 16, "outlier_ratio": 0.02,
-                            "rank_prefill": 4, "rank_decode": 2, "rank_ratio": None,
-                            "power_iterations": 3, "stream_block": 16, **overrides})
+    cfg = method_params("gear", **({"group_size": 16, "stream_block": 16} | overrides))
     return GEAR(cfg, Knobs(Bits(16, 16, k_bits, v_bits), kv_semantics=semantics, backend=backend))
 
 

@@ -3,15 +3,20 @@ greedy generations equal backend=torch's (CPU: Triton's interpreter; GPU: compil
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-from packed_backend_helpers import (DEV, check_beams_equal_torch, check_row_operations, check_triton_equals_torch,
-                                    load_tiny)
+from method_configs import method_params
+from packed_backend_helpers import (
+    DEV,
+    check_beams_equal_torch,
+    check_row_operations,
+    check_triton_equals_torch,
+    load_tiny,
+)
 
-from qeval.handle import Handle
-from qeval.kv_cache import held_bytes, packed_layout_bytes
+from qeval.kv.cache import held_bytes, packed_layout_bytes
 from qeval.methods.base import Bits, Knobs
 from qeval.methods.kivi import KIVI
 from qeval.methods.kivi_packed import PackedKIVILayer
+from qeval.model.handle import Handle
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +25,8 @@ def model_and_tokenizer():
 
 
 def kivi(backend: str, k_bits=2, v_bits=2, G=16, R=16):
-    cfg = OmegaConf.create({"name": "kivi", "group_size": G, "residual_length": R})
-    return KIVI(cfg, Knobs(Bits(16, 16, k_bits, v_bits), kv_semantics="cache", backend=backend))
+    return KIVI(method_params("kivi", group_size=G, residual_length=R),
+                Knobs(Bits(16, 16, k_bits, v_bits), kv_semantics="cache", backend=backend))
 
 
 @pytest.mark.parametrize("k_bits,v_bits", [(2, 2), (4, 8)])  # K4V8: mixed widths

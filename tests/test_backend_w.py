@@ -2,47 +2,41 @@
 ``backend=torch`` (fake quantization) for W and WA: same greedy generations, near-identical logits,
 real bytes held, and one-line errors for layouts the kernels do not hold."""
 
-import os
 
+import copy
+from pathlib import Path
+
+import pytest
 import torch
+from method_configs import method_params
+from omegaconf import OmegaConf
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import copy  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from qeval import models  # noqa: E402
-from qeval.handle import Handle  # noqa: E402
-from qeval.methods.base import Bits, Knobs  # noqa: E402
-from qeval.methods.group import Group  # noqa: E402
-from qeval.methods.uniform import Uniform  # noqa: E402
-from qeval.quant import relative_error  # noqa: E402
-from qeval.targets import PackedQuantLinear, QuantLinear, quantize_linears  # noqa: E402
-from qeval.validate import ConfigError  # noqa: E402
+from qeval.errors import ConfigError
+from qeval.methods.base import Bits, Knobs
+from qeval.methods.group import Group
+from qeval.methods.uniform import Uniform
+from qeval.model import loading
+from qeval.model.handle import Handle
+from qeval.model.linear import PackedQuantLinear, QuantLinear, quantize_linears
+from qeval.quant.primitives import relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODEL_CFG = OmegaConf.load(Path(__file__).parents[1] / "configs/model/tiny-random.yaml")
 PROMPTS = ["The pass key is 4217. Remember it.", "Go on:"]
-UNIFORM = {"name": "uniform", "symmetric": False, "w_granularity": "per_channel",
-           "a_granularity": "per_token", "kv_granularity": "per_token"}
 
 
 def group(w, a=16, g=32, symmetric=False):
-    return Group(OmegaConf.create({"name": "group", "symmetric": symmetric}), Knobs(Bits(w, a), w_group_size=g))
+    return Group(method_params("group", symmetric=symmetric), Knobs(Bits(w, a), w_group_size=g))
 
 
 def uniform(w, a=16, **over):
-    return Uniform(OmegaConf.create(UNIFORM | over), Knobs(Bits(w, a)))
+    return Uniform(method_params("uniform", **over), Knobs(Bits(w, a)))
 
 
 @pytest.fixture(scope="module")
 def tiny():
     # hidden 128, intermediate 256: w_group_size 32 / 64 divide both
-    return models.load(MODEL_CFG, DEVICE, "float32", "sdpa", seed=0)
+    return loading.load(MODEL_CFG, DEVICE, "float32", "sdpa", seed=0)
 
 
 def _logits(model, tok):

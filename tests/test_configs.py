@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from qeval.sweep import expand
 from qeval.validate import CONFIG_DIR, options
 
 EXPERIMENTS = options("experiment")
@@ -22,11 +21,7 @@ def _compose(overrides, hydra_cfg=False):
 
 def cells(experiment: str, *cli: str) -> list:
     """Every cell's composed config, expanded exactly as the basic sweeper expands them."""
-    top = _compose([f"experiment={experiment}"], hydra_cfg=True)
-    assert str(top.hydra.mode).endswith("MULTIRUN"), f"{experiment}: an experiment is a sweep"
-    args = [f"{k}={v}" for k, v in top.hydra.sweeper.params.items()] + list(cli)
-    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
-    return [_compose([f"experiment={experiment}", *cell]) for cell in batches[0]]
+    return [_compose(cell) for cell in expand([f"experiment={experiment}", *cli])]
 
 
 @pytest.mark.parametrize("group", ["model", "method", "task"])
@@ -37,6 +32,12 @@ def test_every_option_of_every_group_composes(group):
         assert node is not None, (group, option)
         if group in ("model", "method"):
             assert cfg[group].name == option, f"{group}/{option}.yaml: name must equal the file name"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_is_a_sweep(experiment):
+    top = _compose([f"experiment={experiment}"], hydra_cfg=True)
+    assert str(top.hydra.mode).endswith("MULTIRUN"), f"{experiment}: an experiment is a sweep"
 
 
 def test_every_study_has_an_experiment_and_a_smoke_variant():
@@ -94,6 +95,25 @@ def test_every_smoke_cell_passes_validation(study):
 def test_a_swept_key_on_the_command_line_replaces_the_experiments_list():
     trimmed = cells("qllm_eval_w", "model=llama2-7b", "w_bits=4,16")
     assert _grid(trimmed, "model.name", "w_bits") == {("llama2-7b", 4), ("llama2-7b", 16)}
+
+
+def test_expand_a_smoke_experiment_with_the_command_line():
+    # kivi_smoke sweeps model: toy, kv_bits: 2,4,16, task: passkey (in that order)
+    assert expand(["experiment=kivi_smoke"]) == [
+        ["model=toy", f"kv_bits={b}", "task=passkey", "experiment=kivi_smoke"] for b in (2, 4, 16)]
+    # the command line's kv_bits replaces the experiment's list in its place, in the command line's
+    # order; choice(...) sweeps like a,b; a plain key is in every cell
+    two = [["model=toy", f"kv_bits={b}", "task=passkey", "experiment=kivi_smoke", "device=cpu"] for b in (16, 2)]
+    assert expand(["experiment=kivi_smoke", "kv_bits=16,2", "device=cpu"]) == two
+    assert expand(["experiment=kivi_smoke", "kv_bits=choice(16,2)", "device=cpu"]) == two
+    assert expand(["experiment=kivi_smoke", "kv_bits=4"]) == [
+        ["model=toy", "kv_bits=4", "task=passkey", "experiment=kivi_smoke"]]
+    assert [c.kv_bits for c in cells("kivi_smoke", "kv_bits=16,2")] == [16, 2]
+    # with the params given (what a Hydra callback has), nothing is composed
+    assert expand(["kv_bits=4,2", "seed=1"], params={"model": "a,b"}) == [
+        ["model=a", "kv_bits=4", "seed=1"], ["model=a", "kv_bits=2", "seed=1"],
+        ["model=b", "kv_bits=4", "seed=1"], ["model=b", "kv_bits=2", "seed=1"]]
+    assert expand([], params={}) == [[]]
 
 
 def test_local_launcher_is_submitit_local():

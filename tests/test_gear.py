@@ -3,11 +3,11 @@ never increase the backbone's error; 2**bits - 1 levels (7 at 3 bits, not the re
 
 import pytest
 import torch
-
 from kv_method_helpers import make_method
-from qeval.methods.base import SequenceState
-from qeval.methods.gear import gear_compress, levels, low_rank, outlier_mask
-from qeval.quant import quantize, relative_error
+
+from qeval.kv.sequence import SequenceState
+from qeval.quant.decompose import gear_compress, levels, low_rank, outlier_mask
+from qeval.quant.primitives import quantize, relative_error
 
 
 def _x(seed=0, n=64, d=16):

@@ -5,9 +5,9 @@ right after eviction."""
 
 import pytest
 import torch
-
 from kv_method_helpers import assert_equals_full_cache, make_handle, make_method
-from qeval.methods.base import SequenceState
+
+from qeval.kv.sequence import SequenceState
 from qeval.methods.h2o_attention import key_scores
 
 
@@ -64,14 +64,14 @@ def test_planted_heavy_hitters_and_recent_window_are_exactly_what_is_kept():
     k = torch.arange(10.0).reshape(1, 1, 10, 1).repeat(1, 1, 1, 4)    # key value = its position
     layer.update(k, k.clone())
     probs = _causal_probs(1, 2, 10, boost={3: 20.0, 6: 80.0})        # 2 query heads share 1 KV head
-    m.take_pending(0)
+    m.pending.take(0)
     layer.observe(probs)
     assert layer.keys[0, 0, :, 0].tolist() == [3.0, 6.0, 8.0, 9.0]
     assert layer.get_seq_length() == 10 and layer.get_mask_sizes(1) == (5, 0)
     # next token: the slot of position 8 gets almost all attention -> 8 now outranks 6
     new = torch.full((1, 1, 1, 4), 10.0)
     layer.update(new, new.clone())
-    m.take_pending(0)
+    m.pending.take(0)
     score_before = dict(zip(layer.keys[0, 0, :, 0].tolist(), layer.score[0, 0].tolist()))
     step = torch.tensor([[[[0.0, 0.0, 0.9, 0.05, 0.05]]]]).repeat(1, 2, 1, 1)
     layer.observe(step)
@@ -87,7 +87,7 @@ def test_scores_are_summed_over_the_query_heads_of_a_gqa_group():
     k = torch.randn(1, 2, 6, 4)
     layer.update(k, k.clone())
     probs = _causal_probs(1, 4, 6, seed=3)                           # heads 0,1 -> kv 0; 2,3 -> kv 1
-    m.take_pending(0)
+    m.pending.take(0)
     layer.observe(probs)
     expected = probs.reshape(1, 2, 2, 6, 6).sum(dim=(2, 3))
     assert torch.allclose(layer.score, expected)
@@ -113,13 +113,13 @@ def test_batched_rows_equal_each_sequence_alone_and_ignore_padding():
     probs = _causal_probs(2, 4, 12, seed=1)
     probs[0, :, :, :3] = 0.7            # garbage on pad keys and from pad queries: must be ignored
     probs[0, :, :3, :] = 0.9
-    m.take_pending(0)
+    m.pending.take(0)
     layer.observe(probs)
     for row, start in ((0, 3), (1, 0)):
         m1, alone = _layer(heavy=3, recent=2)
         alone.update(k[row:row + 1, :, start:], k[row:row + 1, :, start:].clone())
         p = probs[row:row + 1, :, start:, start:]
-        m1.take_pending(0)
+        m1.pending.take(0)
         alone.observe(p)
         for h in range(2):
             kept = layer.keys[row, h][layer.valid[row, h]]
@@ -177,7 +177,7 @@ def test_dense_fast_path_keeps_exactly_what_the_general_path_keeps():
         assert layer.dense
         if not dense:                                             # force the general path
             layer.dense, layer.pos, layer._valid = False, None, torch.ones(1, 2, 24, dtype=torch.bool)
-        m.take_pending(0)
+        m.pending.take(0)
         layer.observe(probs)
         layers.append((m, layer))
     for step in range(6):
@@ -185,7 +185,7 @@ def test_dense_fast_path_keeps_exactly_what_the_general_path_keeps():
         p = torch.rand(1, 4, 1, 9, generator=g)
         for m, layer in layers:
             layer.update(new, new.clone())
-            m.take_pending(0)
+            m.pending.take(0)
             layer.observe(p / p.sum(-1, keepdim=True))
         (_, a), (_, b) = layers
         for h in range(2):
@@ -197,7 +197,7 @@ def test_dense_fast_path_keeps_exactly_what_the_general_path_keeps():
     p = _causal_probs(1, 4, 11, seed=9)[:, :, -3:]
     for m, layer in layers:
         layer.update(new, new.clone())
-        m.take_pending(0)
+        m.pending.take(0)
         layer.observe(p)
     (_, a), (_, b) = layers
     assert a.free is None and torch.equal(a.pos[0, 0], a.pos[0, 0].sort().values)

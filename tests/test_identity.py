@@ -3,25 +3,22 @@ left-padded batch, under sdpa and eager."""
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from method_configs import method_params
+from tiny_models import tiny_model
 from transformers import DynamicCache
 
-from qeval import simulated_attention
-from qeval.kv_cache import QevalCache
+from qeval.kv import simulated
+from qeval.kv.cache import QevalCache
 from qeval.methods.base import Bits, Knobs
 from qeval.methods.group import Group
 from qeval.methods.uniform import Uniform
-from qeval.targets import QuantLinear, quantize_linears
-from tiny_models import tiny_model
+from qeval.model.linear import QuantLinear, quantize_linears
 
 PROMPTS = ["The pass key is 12345. Remember it.", "Hi"]  # different lengths: left padding
-UNIFORM = OmegaConf.create({"name": "uniform", "symmetric": False, "w_granularity": "per_channel",
-                            "a_granularity": "per_token", "kv_granularity": "per_token"})
 
 
 def method16(cls=Uniform):
-    cfg = UNIFORM if cls is Uniform else OmegaConf.create({"name": "group", "symmetric": False})
-    return cls(cfg, Knobs(Bits(16, 16, 16, 16), w_group_size=32, kv_group_size=8))
+    return cls(method_params(cls.name), Knobs(Bits(16, 16, 16, 16), w_group_size=32, kv_group_size=8))
 
 
 def run(model, tok, cache_factory):
@@ -48,7 +45,7 @@ def test_kv16_cache_semantics_is_identity(attn, cls):
 def test_kv16_simulated_semantics_is_identity(attn):
     model, tok = tiny_model("llama", attn)
     ref_logits, ref_out = run(model, tok, lambda m: DynamicCache(config=model.config))
-    model.set_attn_implementation(simulated_attention.register(method16(), attn))
+    model.set_attn_implementation(simulated.register(method16(), attn))
     logits, out = run(model, tok, lambda m: DynamicCache(config=model.config))
     assert torch.equal(logits, ref_logits), (logits - ref_logits).abs().max()
     assert torch.equal(out, ref_out)

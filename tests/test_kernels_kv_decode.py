@@ -6,17 +6,12 @@ order differs); fp16 / bf16 to 2e-2 absolute on unit-scale outputs (the kernel f
 the activation dtype, the reference computes in fp32).
 """
 
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
-
-import pytest  # noqa: E402
-
-from qeval.kernels import kv_decode_attention as kda  # noqa: E402
-from qeval.kernels import kv_pack  # noqa: E402
+from qeval.kernels import kv_decode_attention as kda
+from qeval.kernels import kv_pack
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}

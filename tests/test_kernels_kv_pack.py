@@ -1,17 +1,12 @@
 """Quantize-and-pack in KIVI's layout: codes bit-for-bit equal to qeval.quant's, scale/zero equal,
 unpack the exact inverse of pack. CPU: Triton's interpreter; GPU: the same tests compiled."""
 
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
-
-import pytest  # noqa: E402
-
-from qeval.kernels import kv_pack  # noqa: E402
-from qeval.quant import quantize  # noqa: E402
+from qeval.kernels import kv_pack
+from qeval.quant.primitives import quantize
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])

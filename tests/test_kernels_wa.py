@@ -5,20 +5,15 @@ compared in float32, where only the summation order differs from the reference, 
 fake-quantized matmul that ``backend=torch`` runs, which they must reproduce.
 """
 
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from qeval.kernels.act_quant import quantize_per_token, quantize_per_token_reference  # noqa: E402
-from qeval.kernels.pack import pack_weight  # noqa: E402
-from qeval.kernels.w4a8_gemm import GroupedInt8Weight, w4a8_matmul, w4a8_matmul_reference  # noqa: E402
-from qeval.kernels.w8a8_gemm import Int8Weight, w8a8_matmul, w8a8_matmul_reference  # noqa: E402
-from qeval.quant import fake_quantize  # noqa: E402
+from qeval.kernels.act_quant import quantize_per_token, quantize_per_token_reference
+from qeval.kernels.pack import pack_weight
+from qeval.kernels.w4a8_gemm import GroupedInt8Weight, w4a8_matmul, w4a8_matmul_reference
+from qeval.kernels.w8a8_gemm import Int8Weight, w8a8_matmul, w8a8_matmul_reference
+from qeval.quant.primitives import fake_quantize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -5,19 +5,13 @@ a GPU when one exists. Odd shapes hit every mask; outputs are poisoned with NaN 
 so an element the kernel forgot to write shows up.
 """
 
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from qeval.kernels.pack import (PackedWeight, codes_per_word, dequantize_packed, pack_codes,  # noqa: E402
-                                pack_weight, unpack_codes)
-from qeval.kernels.wq_gemm import wq_matmul, wq_matmul_reference  # noqa: E402
-from qeval.quant import fake_quantize, quantize, sqnr_db  # noqa: E402
+from qeval.kernels.pack import PackedWeight, codes_per_word, dequantize_packed, pack_codes, pack_weight, unpack_codes
+from qeval.kernels.wq_gemm import wq_matmul, wq_matmul_reference
+from qeval.quant.primitives import fake_quantize, quantize, sqnr_db
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -4,13 +4,13 @@ per-channel keys beat per-token keys on outlier channels; bad R/G are one-line e
 
 import pytest
 import torch
+from kv_method_helpers import assert_equals_full_cache, make_handle, make_method
 from omegaconf import OmegaConf
 
-from kv_method_helpers import assert_equals_full_cache, make_handle, make_method
-from qeval.methods.base import SequenceState
+from qeval.errors import ConfigError
+from qeval.kv.sequence import SequenceState
 from qeval.methods.kivi import fake_quantize_keys, fake_quantize_values
-from qeval.quant import fake_quantize, relative_error
-from qeval.validate import ConfigError
+from qeval.quant.primitives import fake_quantize, relative_error
 
 
 def test_residual_longer_than_the_sequence_is_exactly_full_precision():

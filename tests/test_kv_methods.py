@@ -4,7 +4,6 @@ the cache reports the bytes it holds and a packed layout smaller than that when 
 
 import pytest
 import torch
-
 from kv_method_helpers import greedy_loop, make_handle
 
 CASES = [

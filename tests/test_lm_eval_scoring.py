@@ -6,10 +6,10 @@ import pytest
 import torch
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
-
 from lm_eval_fixtures import handle_for, task_cfg, write_gsm8k, write_mmlu
-from qeval.lm_eval_model import QevalLM
-from qeval.tasks.lm_eval_tasks import leaf_configs, load_tasks, rows_from_results
+
+from qeval.tasks.lm_eval.model import QevalLM
+from qeval.tasks.lm_eval.tasks import leaf_configs, load_tasks, rows_from_results
 
 SEED = dict(random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
 
@@ -34,9 +34,10 @@ def loglikelihoods(out) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def mmlu_data(tmp_path_factory):
-    from lm_eval.tasks import TaskManager
-    import lm_eval.tasks
     from pathlib import Path
+
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
     root = tmp_path_factory.mktemp("data")
     manager = TaskManager(include_defaults=False, include_path=str(Path(lm_eval.tasks.__file__).parent / "mmlu"))
     subjects = [c["dataset_name"] for c in leaf_configs(manager, ["mmlu"]).values()]

@@ -12,10 +12,10 @@ import pytest
 from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
-
 from lm_eval_fixtures import handle_for, task_cfg, write_bbh, write_gsm8k, write_longbench, write_mmlu
-from qeval.tasks.lm_eval_tasks import evaluate_lm_eval, leaf_configs, load_tasks, sent_prompt
-from qeval.validate import ConfigError
+
+from qeval.errors import ConfigError
+from qeval.tasks.lm_eval.tasks import evaluate_lm_eval, leaf_configs, load_tasks, sent_prompt
 
 TASKS_DIR = Path(lm_eval.tasks.__file__).parent
 

@@ -4,12 +4,12 @@ scoring that is exact match."""
 from types import SimpleNamespace
 
 import pytest
-
 from omegaconf import OmegaConf
 
-from qeval.handle import Stats
-from qeval.models import char_tokenizer
-from qeval.tasks.passkey import INTRO, NEEDLE, QUESTION, build_samples, evaluate, first_number
+from qeval.data.passkey import INTRO, NEEDLE, QUESTION, build_samples
+from qeval.model.handle import Stats
+from qeval.model.loading import char_tokenizer
+from qeval.tasks.passkey import evaluate, first_number
 
 TOK = char_tokenizer()
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from qeval.methods.base import Granularity
-from qeval.quant import dequantize, fake_quantize, packed_bytes, quantize, relative_error
+from qeval.quant.granularity import Granularity
+from qeval.quant.primitives import dequantize, fake_quantize, packed_bytes, quantize, relative_error
 
 torch.manual_seed(0)
 # (name, tensor, granularity): one per target and layout the harness uses

@@ -6,9 +6,9 @@ import json
 import subprocess
 import sys
 
+from kv_method_helpers import make_handle
 from omegaconf import OmegaConf
 
-from kv_method_helpers import make_handle
 from qeval.tasks.quant_error import evaluate
 
 CFG = OmegaConf.create({"text": None, "n_tokens": 64, "context_tokens": 40})

@@ -146,10 +146,9 @@ def test_out_of_memory_in_a_task_is_a_failed_row(tmp_path, monkeypatch):
     import torch
     from hydra import compose, initialize_config_dir
 
-    from qeval.registry import TASKS, load_all
     from qeval.run import run
+    from qeval.tasks import TASKS
     from qeval.validate import CONFIG_DIR
-    load_all()
 
     def out_of_memory(handle, cfg):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")

@@ -5,21 +5,21 @@ import copy
 
 import pytest
 import torch
+from method_configs import method_params
 from omegaconf import OmegaConf
+from tiny_models import FAMILIES, tiny_model
 from transformers import DynamicCache
 
-from qeval import simulated_attention
-from qeval.kv_cache import QevalCache, held_bytes, packed_layout_bytes
+from qeval.errors import ConfigError
+from qeval.kv import simulated
+from qeval.kv.cache import QevalCache, held_bytes, packed_layout_bytes
 from qeval.methods.base import Bits, Knobs
 from qeval.methods.uniform import Uniform
-from qeval.quant import relative_error
-from qeval.targets import QuantLinear, quantize_linears
-from qeval.validate import ConfigError
-from tiny_models import FAMILIES, tiny_model
+from qeval.model.linear import QuantLinear, quantize_linears
+from qeval.quant.primitives import relative_error
 
 PROMPTS = ["There and back again. The pass key is 4", "Here we go."]
-CFG = OmegaConf.create({"name": "uniform", "symmetric": False, "w_granularity": "per_channel",
-                        "a_granularity": "per_token", "kv_granularity": "per_token"})
+CFG = method_params("uniform")
 
 
 def method(w=16, a=16, kv=16):
@@ -82,9 +82,9 @@ def test_kv_cache_semantics(family):
     sim = copy.deepcopy(model)
     if family == "falcon":  # Falcon has its own attention code, outside AttentionInterface
         with pytest.raises(ConfigError, match="kv_semantics=simulated"):
-            simulated_attention.install(sim, m4, "sdpa")
+            simulated.install(sim, m4, "sdpa")
         return
-    simulated_attention.install(sim, m4, "sdpa")
+    simulated.install(sim, m4, "sdpa")
     out_sim, _ = logits_of(sim, tok)
     real = enc["attention_mask"].bool()
     assert not torch.equal(out_sim[real], ref[real])

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from qeval import toy_data
-from qeval.models import resolve_path
-from qeval.registry import TASKS, load_all
+from qeval.data import toy
+from qeval.model.loading import resolve_path
 from qeval.run import prepare
+from qeval.tasks import TASKS
 from qeval.validate import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +20,6 @@ PASSKEY_SUBSET = []  # the default grid (3 lengths x 5 depths x 2 keys) runs in 
 
 
 def handle_for(*overrides):
-    load_all()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["model=toy", "task=[passkey,toy_arith,toy_mc]", "device=cpu",
                                            *PASSKEY_SUBSET, *overrides])
@@ -36,10 +35,10 @@ def accuracy(handle, cfg, task: str) -> float:
 
 
 def test_tokenizer_round_trips_every_generator_without_unknowns():
-    tok = toy_data.build_tokenizer()
+    tok = toy.build_tokenizer()
     rng = random.Random(7)
-    examples = [toy_data.arithmetic(rng) for _ in range(50)] + [toy_data.multiple_choice(rng) for _ in range(50)]
-    examples += toy_data.passkey_examples(tok, 300, [0.0, 0.3, 1.0], 5, seed=7)
+    examples = [toy.arithmetic(rng) for _ in range(50)] + [toy.multiple_choice(rng) for _ in range(50)]
+    examples += toy.passkey_examples(tok, 300, [0.0, 0.3, 1.0], 5, seed=7)
     for ex in examples:
         text = ex.prompt + ex.completion
         ids = tok(text)["input_ids"]
@@ -51,8 +50,8 @@ def test_tokenizer_round_trips_every_generator_without_unknowns():
 
 def test_held_out_items_are_not_training_items():
     train_rng, eval_rng = random.Random(0), random.Random(1234)
-    train = {toy_data.arithmetic(train_rng).prompt for _ in range(2000)}
-    held_out = [toy_data.arithmetic(eval_rng).prompt for _ in range(100)]
+    train = {toy.arithmetic(train_rng).prompt for _ in range(2000)}
+    held_out = [toy.arithmetic(eval_rng).prompt for _ in range(100)]
     assert sum(p in train for p in held_out) < 10
 
 
@@ -64,7 +63,7 @@ def test_committed_toy_model_is_packaged_and_loads_like_a_hub_model():
         assert (path / name).is_file(), name
     assert (path / "model.safetensors").stat().st_size < 8 * 2**20
     tok = AutoTokenizer.from_pretrained(path)
-    assert tok("The pass key is 123")["input_ids"] == toy_data.build_tokenizer()("The pass key is 123")["input_ids"]
+    assert tok("The pass key is 123")["input_ids"] == toy.build_tokenizer()("The pass key is 123")["input_ids"]
 
 
 @pytest.mark.timeout(300)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from qeval.models import char_tokenizer
+from qeval.model.loading import char_tokenizer
 
 # family -> config overrides; every one small enough to run a forward in milliseconds
 FAMILIES = {

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from qeval.kernels import _env  # noqa: F401  (interpreter choice before @triton.jit)
-from qeval.quant import quantize
+from qeval.quant.primitives import quantize
 
 
 @triton.jit

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from qeval.kernels._env import INTERPRETING  # noqa: F401  (interpreter choice before @triton.jit)
-from qeval.quant import quantize
+from qeval.quant.primitives import quantize
 
 PACK_BITS = (2, 4, 8)
 

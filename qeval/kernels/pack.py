@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qeval.quant import quantize
+from qeval.quant.primitives import quantize
 
 PACKABLE_BITS = (2, 3, 4, 5, 6, 7, 8)
 

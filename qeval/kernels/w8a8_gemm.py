@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from qeval.kernels import _env  # noqa: F401  (interpreter choice before @triton.jit)
-from qeval.kernels.act_quant import quantize_per_token
+from qeval.kernels.act_quant import quantize_per_token, quantize_per_token_reference
 from qeval.kernels.pack import PackedWeight
 
 
@@ -124,7 +124,6 @@ def w8a8_matmul(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None
 def w8a8_matmul_reference(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None = None,
                           a_bits: int = 8, a_symmetric: bool = False) -> torch.Tensor:
     """Torch reference: dequantize both operands in float32, matmul, cast."""
-    from qeval.kernels.act_quant import quantize_per_token_reference
     x2 = x.reshape(-1, w.in_features)
     q, sx, zx = quantize_per_token_reference(x2, a_bits, a_symmetric)
     xd = sx[:, None] * q.float() + zx[:, None]                     # (M, K)

@@ -2,54 +2,29 @@
 
 The runner never branches on a method's name. It asks a method to quantize a weight once, to
 quantize an activation on the fly, and to build a KV cache layer (``cache`` semantics) or to
-quantize the K/V an attention call is about to use (``simulated`` semantics). The base class
-implements all of them as round-to-nearest with the granularities a subclass sets up; KV-only
-methods (KIVI, GEAR, H2O) override the KV part and declare ``targets = {"KV"}``.
+quantize the K/V an attention call is about to use (``simulated`` semantics). It also asks what
+the method needs: its own cache (``needs_cache``: it quantizes or evicts K/V), an attention
+function (``attention_implementation``), and how its rows are labelled (``labels``). The base
+class implements all of it as round-to-nearest with the granularities a subclass sets up; KV-only
+methods (KIVI, GEAR) override the KV part and declare ``targets = {"KV"}``; eviction methods
+(H2O, StreamingLLM) build on :class:`qeval.methods.eviction.EvictionMethod`.
+
+Names: ``cfg`` is always the whole run config (the class-level checks read it); ``params`` is the
+method's own node (``cfg.method``), what an instance is built from.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from qeval.quant import FULL_PRECISION_BITS, fake_quantize, packed_bytes
-
-
-@dataclass(frozen=True)
-class Granularity:
-    """Where min/max statistics are taken: groups of ``group_size`` along ``axis``.
-
-    ``axis=None`` is one group for the whole tensor, or per sequence when ``per_sequence`` is set
-    (K/V: a batch never shares statistics, so batched and per-sequence runs agree).
-    """
-
-    axis: int | None = -1
-    group_size: int | None = None
-    per_sequence: bool = False
-
-    def apply(self, x: torch.Tensor, bits: int, symmetric: bool,
-              exclude: torch.Tensor | None = None) -> torch.Tensor:
-        if bits >= FULL_PRECISION_BITS:
-            return x
-        if self.per_sequence:
-            # (B, ...) -> (B, n): one group per sequence
-            ex = None if exclude is None else exclude.expand_as(x).reshape(x.shape[0], -1)
-            out = fake_quantize(x.reshape(x.shape[0], -1), bits, -1, None, symmetric, ex)
-            return out.reshape(x.shape)
-        ex = None if exclude is None else exclude.expand_as(x)
-        return fake_quantize(x, bits, self.axis, self.group_size, symmetric, ex)
-
-    def n_groups(self, shape: torch.Size) -> int:
-        numel = shape.numel()
-        if self.per_sequence:
-            return shape[0]
-        if self.axis is None:
-            return 1
-        return numel // (self.group_size or shape[self.axis])
+from qeval.kv.cache import StoreQuantizedLayer
+from qeval.kv.sequence import SequenceState
+from qeval.quant.granularity import Granularity
+from qeval.quant.primitives import FULL_PRECISION_BITS, packed_bytes
 
 
 @dataclass
@@ -58,6 +33,28 @@ class Bits:
     a: int = 16
     k: int = 16
     v: int = 16
+
+    @classmethod
+    def from_config(cls, cfg) -> "Bits":
+        """The run's bits per target: ``k_bits`` / ``v_bits`` override ``kv_bits`` when set."""
+        k = cfg.get("k_bits")
+        v = cfg.get("v_bits")
+        return cls(cfg.w_bits, cfg.a_bits, cfg.kv_bits if k is None else k, cfg.kv_bits if v is None else v)
+
+
+def bit_labels(w, a, k, v) -> tuple[str, str]:
+    """(target, setting) of a row from its bits: ``fp16`` (nothing quantized), ``W`` (``W4``),
+    ``WA`` (``W4A8``), ``KV`` (``KV2``, or ``K4V2`` when they differ), ``mixed`` otherwise."""
+    q = {name: b for name, b in (("W", w), ("A", a), ("K", k), ("V", v)) if b is not None and b < 16}
+    if not q:
+        return "fp16", "fp16"
+    if set(q) == {"W"}:
+        return "W", f"W{w}"
+    if set(q) <= {"W", "A"}:
+        return "WA", f"W{w}A{a}"
+    if set(q) <= {"K", "V"}:
+        return "KV", f"KV{k}" if k == v else f"K{k}V{v}"
+    return "mixed", f"W{w}A{a}K{k}V{v}"
 
 
 @dataclass
@@ -80,11 +77,14 @@ class Method:
     allowed_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8, 16)
     semantics: ClassVar[tuple[str, ...]] = ("cache", "simulated")
 
-    def __init__(self, cfg, knobs: Knobs):
-        self.cfg = cfg            # the method's own config node
+    # an eviction method drops tokens from its cache (EvictionMethod); a quantizing one keeps them
+    evicts: ClassVar[bool] = False
+
+    def __init__(self, params, knobs: Knobs):
+        self.params = params      # the method's own config node (cfg.method)
         self.knobs = knobs
         self.bits = knobs.bits
-        self.symmetric = bool(cfg.get("symmetric", False))
+        self.symmetric = bool(params.get("symmetric", False))
         self.w_gran = Granularity()
         self.a_gran = Granularity()
         self.k_gran = Granularity()
@@ -119,15 +119,20 @@ class Method:
     def quantizes_kv(self) -> bool:
         return min(self.bits.k, self.bits.v) < FULL_PRECISION_BITS
 
+    @property
+    def needs_cache(self) -> bool:
+        """Whether ``cache`` semantics need this method's own cache: it quantizes or evicts K/V.
+        Otherwise a plain ``DynamicCache`` serves (nothing would change)."""
+        return self.quantizes_kv or self.evicts
+
     def quantize_kv(self, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None = None):
         """(B, H_kv, T, D) post-RoPE K/V -> quantized K/V. ``pad``: (B, 1, T, 1) bool, True at
         left-padding positions, which are kept out of the statistics."""
         return (self.k_gran.apply(k, self.bits.k, self.symmetric, pad),
                 self.v_gran.apply(v, self.bits.v, self.symmetric, pad))
 
-    def make_cache_layer(self, layer_idx: int, seq: "SequenceState") -> DynamicLayer:
+    def make_cache_layer(self, layer_idx: int, seq: SequenceState) -> DynamicLayer:
         """One layer of a ``cache``-semantics KV cache."""
-        from qeval.kv_cache import StoreQuantizedLayer
         return StoreQuantizedLayer(self, seq)
 
     def kv_packed_bytes(self, keys: torch.Tensor, values: torch.Tensor) -> int:
@@ -144,52 +149,13 @@ class Method:
         return None
 
     def describe(self) -> dict:
-        """Method parameters as flat row columns (``method.<name>``)."""
-        return {f"method.{k}": v for k, v in self.cfg.items() if k != "name"}
+        """Method parameters as flat row columns (``method.<name>``), and the row's labels."""
+        return {f"method.{k}": v for k, v in self.params.items() if k != "name"} | self.labels()
 
-
-class SequenceState:
-    """Per-batch facts a cache layer needs but transformers does not pass: where the padding is."""
-
-    def __init__(self, attention_mask: torch.Tensor | None = None):
-        # (B, T_prompt) with 1 = real token, 0 = left padding
-        self.attention_mask = attention_mask
-
-    def pad(self, start: int, length: int, batch: int) -> torch.Tensor | None:
-        """(B, 1, length, 1) bool mask of padding among positions [start, start + length)."""
-        m = self.attention_mask
-        if m is None or start >= m.shape[-1]:
-            return None
-        if m.shape[0] != batch:  # beam search expands the batch before prefill
-            m = m.repeat_interleave(batch // m.shape[0], dim=0)
-        pad = m[:, start:start + length] == 0
-        if pad.shape[-1] < length:  # decode tokens past the prompt are never padding
-            pad = torch.cat([pad, pad.new_zeros(batch, length - pad.shape[-1])], -1)
-        return pad[:, None, :, None] if pad.any() else None
-
-
-class RowSelectable(ABC):
-    """Mixin for cache layers with per-row state beside K/V (bookkeeping lists, scores, packed
-    words): beam reorder, batch expansion and batch selection all become one ``_select_rows(idx)``
-    where new row ``i`` is old row ``idx[i]``, so no per-row field can be left behind."""
-
-    @abstractmethod
-    def _select_rows(self, idx: torch.Tensor) -> None:
-        """Make row ``i`` of every per-row tensor and list old row ``idx[i]``."""
-
-    @abstractmethod
-    def _n_rows(self) -> int:
-        """The batch rows held."""
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            self._select_rows(torch.as_tensor(beam_idx))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._select_rows(torch.arange(self._n_rows()).repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            idx = torch.as_tensor(indices)
-            self._select_rows(idx.nonzero().flatten() if idx.dtype == torch.bool else idx)
+    def labels(self) -> dict:
+        """What the report calls this setting: ``target``, ``setting`` and ``kv_budget`` (the
+        fraction of the prompt an evicting method keeps; None for a method that keeps every
+        token)."""
+        b = self.bits
+        target, setting = bit_labels(b.w, b.a, b.k, b.v)
+        return {"target": target, "setting": setting, "kv_budget": None}

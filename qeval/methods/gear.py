@@ -22,100 +22,32 @@ sequence with its padding stripped, is compressed as one prefill block.
 ``backend=triton`` (``cache`` semantics, KIVI backbone at 2/4/8 bits): the cache holds the codes,
 the outliers and the low-rank factors for real (:mod:`qeval.methods.gear_packed`) and decode runs
 the fused packed-KV kernel with the corrections composed around it; both backends compress with
-:func:`gear_decompose`, so they keep the same outliers and factors.
+:func:`qeval.quant.decompose.gear_decompose`, so they keep the same outliers and factors.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qeval.errors import ConfigError, check_divides
+from qeval.kv.blocks import BlockCompressedLayer, per_row_real
 from qeval.methods.base import Method
 from qeval.methods.kivi import fake_quantize_keys, fake_quantize_values
-from qeval.methods.kv_blocks import BlockCompressedLayer, per_row_real
-from qeval.quant import FULL_PRECISION_BITS, fake_quantize, packed_bytes
-from qeval.registry import register_method
+from qeval.quant.decompose import gear_compress
+from qeval.quant.primitives import FULL_PRECISION_BITS, fake_quantize, packed_bytes
 
 BACKBONES = ("kivi", "uniform")
 OUTLIER_BYTES = 2 + 4   # fp16 value + int32 index per stored outlier
 
 
-def levels(bits: int) -> int:
-    """Quantization levels (largest code) GEAR uses: ``2**bits - 1`` at every width."""
-    return 2**bits - 1
-
-
-def outliers_per_side(ratio: float, n: int, d: int) -> int:
-    """Outliers kept at each end (top, bottom) per (row, head) of an (n, D) block."""
-    return int(ratio / 2 * n * d)
-
-
-def outlier_mask(x: torch.Tensor, ratio: float) -> torch.Tensor | None:
-    """(B, H, n, D) -> bool mask of the top and bottom ``ratio / 2`` entries per (row, head)."""
-    b, h, n, d = x.shape
-    k = outliers_per_side(ratio, n, d)
-    if k == 0:
-        return None
-    flat = x.float().reshape(b, h, n * d)                       # (B, H, n, D) -> (B, H, n * D)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask.scatter_(-1, flat.topk(k, dim=-1).indices, True)
-    mask.scatter_(-1, flat.topk(k, dim=-1, largest=False).indices, True)
-    return mask.reshape(b, h, n, d)
-
-
-def low_rank_factors(e: torch.Tensor, rank: int, iterations: int,
-                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., n, D) -> U (..., n, r) orthonormal and W = U^T E (..., r, D) by block power iteration."""
-    d = e.shape[-1]
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(d, rank, generator=g).to(e.device, e.dtype)    # (D, r), shared by all rows/heads
-    u = torch.linalg.qr(e @ v).Q                                    # (..., n, r)
-    for _ in range(iterations - 1):
-        u = torch.linalg.qr(e @ (e.transpose(-1, -2) @ u)).Q
-    return u, u.transpose(-1, -2) @ e
-
-
-def low_rank(e: torch.Tensor, rank: int, iterations: int, seed: int = 0) -> torch.Tensor:
-    """Rank-``rank`` approximation U U^T E of (..., n, D) by block power iteration."""
-    u, w = low_rank_factors(e, rank, iterations, seed)
-    return u @ w
-
-
-def gear_decompose(x: torch.Tensor, quantizer, outlier_ratio: float, rank: int, iterations: int):
-    """X (B, H, n, D) -> (Q, mask, U, W): the backbone ``Q = quantizer(x, mask)`` in X's dtype, the
-    outlier mask (None without outliers) and the low-rank factors in fp32 (None at rank 0) of the
-    error E = X - Q - S left once the outliers S are exact. The one decomposition both backends use."""
-    mask = outlier_mask(x, outlier_ratio) if outlier_ratio > 0 else None
-    q = quantizer(x, mask)
-    rank = min(rank, *x.shape[-2:])
-    if rank == 0:
-        return q, mask, None, None
-    xf = x.float()
-    qs = q.float() if mask is None else torch.where(mask, xf, q.float())
-    return (q, mask, *low_rank_factors(xf - qs, rank, iterations))
-
-
-def gear_compress(x: torch.Tensor, bits: int, quantizer, outlier_ratio: float, rank: int,
-                  iterations: int) -> tuple[torch.Tensor, int, int]:
-    """X -> (Q + S + L in X's dtype, number of outliers, rank used). ``quantizer(x, exclude)``
-    is the backbone; with no outliers and rank 0 the result is exactly the backbone's."""
-    q, mask, u, w = gear_decompose(x, quantizer, outlier_ratio, rank, iterations)
-    if mask is None and u is None:
-        return q, 0, 0
-    y = q.float() if mask is None else torch.where(mask, x.float(), q.float())
-    if u is not None:
-        y = y + u @ w
-    return y.to(x.dtype), 0 if mask is None else int(mask.sum()), 0 if u is None else u.shape[-1]
-
-
-@register_method("gear")
 class GEAR(Method):
+    name = "gear"
     targets = frozenset({"KV"})
     allowed_bits = (2, 3, 4, 5, 6, 7, 8, 16)
     semantics = ("cache", "simulated")
 
     @classmethod
     def check(cls, cfg) -> None:
-        from qeval.validate import ConfigError
         m = cfg.method
         if m.backbone not in BACKBONES:
             raise ConfigError(f"method.backbone={m.backbone}: allowed: {', '.join(BACKBONES)}")
@@ -134,28 +66,29 @@ class GEAR(Method):
 
     @classmethod
     def check_model(cls, cfg, linear_widths, head_dim) -> None:
-        from qeval.validate import check_divides
         if cfg.method.backbone == "kivi":  # the KIVI backbone groups values along the head dimension
             check_divides("method.group_size", cfg.method.group_size, [head_dim], cfg.model.name, "head_dim")
 
-    def __init__(self, cfg, knobs):
-        super().__init__(cfg, knobs)
-        self.backbone = cfg.backbone
-        self.group_size = int(cfg.group_size)
-        self.outlier_ratio = float(cfg.outlier_ratio)
-        self.iterations = int(cfg.power_iterations)
+    def __init__(self, params, knobs):
+        super().__init__(params, knobs)
+        self.backbone = params.backbone
+        self.group_size = int(params.group_size)
+        self.outlier_ratio = float(params.outlier_ratio)
+        self.iterations = int(params.power_iterations)
         # backend=triton: codes, outliers and factors really held, fused decode (gear_packed); the
         # uniform backbone or a layout the kernels cannot hold runs on torch, and the row says so
         self.kv_backend = "torch"
         if knobs.backend == "triton" and knobs.kv_semantics == "cache" and self.backbone == "kivi":
-            from qeval.methods import kivi_packed
+            # imported only here: triton is an optional, Linux-only dependency
+            from qeval.methods import gear_packed, kivi_packed
             if kivi_packed.layout_problem(self.bits.k, self.bits.v, self.group_size) is None:
                 self.kv_backend, self.fused = "triton", kivi_packed.FusedDecode()
+                self.packed_layer, self.register_fused = gear_packed.PackedGEARLayer, kivi_packed.register
 
     def rank(self, first: bool, n: int, d: int) -> int:
-        if self.cfg.rank_ratio is not None:
-            return round(self.cfg.rank_ratio * min(n, d))
-        return int(self.cfg.rank_prefill if first else self.cfg.rank_decode)
+        if self.params.rank_ratio is not None:
+            return round(self.params.rank_ratio * min(n, d))
+        return int(self.params.rank_prefill if first else self.params.rank_decode)
 
     def quantizer(self, which: str):
         """The backbone as ``f(x, exclude) -> x_hat`` for keys or values."""
@@ -188,16 +121,14 @@ class GEAR(Method):
 
     def make_cache_layer(self, layer_idx, seq):
         if self.kv_backend == "triton":
-            from qeval.methods.gear_packed import PackedGEARLayer
-            return PackedGEARLayer(self, seq, layer_idx, self.fused)
-        nb = int(self.cfg.stream_block)
+            return self.packed_layer(self, seq, layer_idx, self.fused)
+        nb = int(self.params.stream_block)
         return BlockCompressedLayer(seq, keys=(nb, 0, lambda x, first: self.compress(x, "k", first)),
                                     values=(nb, 0, lambda x, first: self.compress(x, "v", first)))
 
     def attention_implementation(self, base: str) -> str | None:
         if self.kv_backend == "triton":
-            from qeval.methods import kivi_packed
-            return kivi_packed.register(self.fused, base, "gear_packed")
+            return self.register_fused(self.fused, base, "gear_packed")
         return None
 
     def describe(self) -> dict:

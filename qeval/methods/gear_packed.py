@@ -1,16 +1,16 @@
 """GEAR with real low-bit storage: KIVI-backbone codes, sparse outliers and low-rank factors held
 in the cache, decode on the fused packed-KV kernel (arXiv 2403.05527; ``backend=triton``).
 
-The block structure is :class:`qeval.methods.kv_blocks.BlockCompressedLayer`'s with GEAR's
+The block structure is :class:`qeval.kv.blocks.BlockCompressedLayer`'s with GEAR's
 streams: per row, counted from its first real token, the prompt's first L - (L mod n_b) tokens
 are one block (rank ``rank_prefill``), then every ``stream_block`` new tokens one block (rank
 ``rank_decode``), keys and values in the same blocks, compressed at the start of the next update.
 Blocks are grouped across rows exactly as the torch backend groups them and decomposed by the
-same :func:`qeval.methods.gear.gear_decompose`, so both backends keep the same codes, outliers
+same :func:`qeval.quant.decompose.gear_decompose`, so both backends keep the same codes, outliers
 and factors. A block X (K or V) is held as X ~ Q + S + L:
 
 - Q: int32 words with scale / zero in the model's dtype in :mod:`qeval.kernels.kv_pack`'s layout
-  (the codes of :func:`qeval.quant.quantize` with the outliers kept out of min/max);
+  (the codes of :func:`qeval.quant.primitives.quantize` with the outliers kept out of min/max);
 - S: per (row, head), int32 flat indices ``t * D + d`` (row-local token t) and values in the
   model's dtype. A value is the outlier minus what its code dequantizes to, so Q + S gives the
   outlier back (to float rounding) while the codes stay as packed;
@@ -38,30 +38,20 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from qeval.kernels import kv_pack
 from qeval.kernels.kv_decode_attention import decode_attention
-from qeval.methods.gear import gear_decompose, outliers_per_side
-from qeval.methods.kivi_packed import PackedKIVILayer
-from qeval.quant import dequantize, quantize
+from qeval.methods.kivi_packed import PackedKVLayer, grow
+from qeval.quant.decompose import gear_decompose, outliers_per_side
+from qeval.quant.primitives import dequantize, quantize
 
 W_CHUNK = 4   # block slots of W added at a time
-
-
-def _grow(t: torch.Tensor, dim: int, need: int, chunk: int) -> torch.Tensor:
-    """``t`` with at least ``need`` slots along ``dim``, growing in whole chunks (amortized copies)."""
-    if t.shape[dim] >= need:
-        return t
-    shape = list(t.shape)
-    shape[dim] = -(-need // chunk) * chunk - t.shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
 def pack_block(x: torch.Tensor, bits: int, group_size: int, which: str, exclude: torch.Tensor | None):
     """(B', H, n, D) -> (words, scale, zero) in kv_pack's layout and the dequantized Q in x's dtype.
 
-    The codes are :func:`qeval.quant.quantize`'s with ``exclude`` (the outlier mask) kept out of
+    The codes are :func:`qeval.quant.primitives.quantize`'s with ``exclude`` (the outlier mask) kept out of
     min/max, and Q is exactly what GEAR's KIVI backbone (``fake_quantize_keys`` / ``_values``)
     returns for the same block and mask."""
     B, H, n, D = x.shape
@@ -94,21 +84,19 @@ def sparse_outliers(x: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None,
     return torch.where(hit, pos, 0).to(torch.int32), torch.where(hit, diff, 0.0).to(x.dtype)
 
 
-class PackedGEARLayer(PackedKIVILayer):
+class PackedGEARLayer(PackedKVLayer):
     """One layer of GEAR's cache holding codes, outliers and low-rank factors (module docstring).
 
-    Reuses :class:`PackedKIVILayer`'s residual windows, offsets, row bookkeeping (``start``,
+    Reuses :class:`PackedKVLayer`'s residual windows, offsets, row bookkeeping (``start``,
     ``dk == dv`` packed tokens per row) and backbone materialization; GEAR's blocks, the
     corrections and the byte figure are its own."""
 
-    ROW_TENSORS = PackedKIVILayer.ROW_TENSORS + (
+    ROW_TENSORS = PackedKVLayer.ROW_TENSORS + (
         "k_sidx", "k_sval", "v_sidx", "v_sval", "k_u", "v_u", "k_w", "v_w", "block_of")
 
     def __init__(self, method, seq, layer_idx: int, fused):
-        DynamicLayer.__init__(self)
-        self.method, self.seq, self.layer_idx, self.fused = method, seq, layer_idx, fused
-        self.nb, self.G = int(method.cfg.stream_block), method.group_size
-        self.kb, self.vb = method.bits.k, method.bits.v
+        super().__init__(method, seq, layer_idx, fused)
+        self.nb = int(method.params.stream_block)
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
@@ -126,10 +114,10 @@ class PackedGEARLayer(PackedKIVILayer):
 
     def _rank_cap(self, d: int) -> int:
         """The largest rank a block can get (``rank`` is capped by min(n, D))."""
-        cfg = self.method.cfg
-        if cfg.rank_ratio is not None:
-            return round(cfg.rank_ratio * d)
-        return min(d, max(int(cfg.rank_prefill), int(cfg.rank_decode)))
+        params = self.method.params
+        if params.rank_ratio is not None:
+            return round(params.rank_ratio * d)
+        return min(d, max(int(params.rank_prefill), int(params.rank_decode)))
 
     # -- compression ---------------------------------------------------------------------------
     def settle(self) -> None:
@@ -191,7 +179,7 @@ class PackedGEARLayer(PackedKIVILayer):
                                ("k_zero", kz, lo // self.G), ("v_words", vw, lo),
                                ("v_scale", vs, lo), ("v_zero", vz, lo)):
             n = part.shape[2]
-            buf = _grow(getattr(self, name), 2, at + n, n)
+            buf = grow(getattr(self, name), 2, at + n, n)
             buf[b, :, at:at + n] = part[i]
             setattr(self, name, buf)
         rank = parts["k"]["rank"]
@@ -201,18 +189,18 @@ class PackedGEARLayer(PackedKIVILayer):
             if slots:
                 s0 = self.n_slots[b]
                 for name, part in ((f"{w}_sidx", p["sidx"][i] + lo * D), (f"{w}_sval", p["sval"][i])):
-                    buf = _grow(getattr(self, name), 2, s0 + slots, slots)
+                    buf = grow(getattr(self, name), 2, s0 + slots, slots)
                     buf[b, :, s0:s0 + slots] = part
                     setattr(self, name, buf)
             if self.rank_cap:   # every block gets its slots, rank 0 ones stay zero
-                u = _grow(getattr(self, f"{w}_u"), 2, lo + m, self.nb)
-                wb = _grow(getattr(self, f"{w}_w"), 2, j + 1, W_CHUNK)
+                u = grow(getattr(self, f"{w}_u"), 2, lo + m, self.nb)
+                wb = grow(getattr(self, f"{w}_w"), 2, j + 1, W_CHUNK)
                 if rank:
                     u[b, :, lo:lo + m, :rank] = p["u"][i]
                     wb[b, :, j, :rank] = p["w"][i]
                 setattr(self, f"{w}_u", u)
                 setattr(self, f"{w}_w", wb)
-        self.block_of = _grow(self.block_of, 1, lo + m, self.nb)
+        self.block_of = grow(self.block_of, 1, lo + m, self.nb)
         self.block_of[b, lo:lo + m] = j
         self.n_slots[b] += slots
         self.blocks[b].append((lo, m, rank))

@@ -7,27 +7,28 @@ groups of ``kv_group_size`` channels of each head per token.
 
 from __future__ import annotations
 
-from qeval.methods.base import Granularity, Method
-from qeval.registry import register_method
+from qeval.errors import check_divides
+from qeval.methods.base import Bits, Method
+from qeval.quant.granularity import Granularity
 
 
-@register_method("group")
 class Group(Method):
+    name = "group"
     allowed_bits = (2, 3, 4, 5, 6, 7, 8, 16)
 
     @classmethod
     def check_model(cls, cfg, linear_widths, head_dim) -> None:
-        from qeval.validate import check_divides
         name = cfg.model.name
         if cfg.w_bits < 16:
             check_divides("w_group_size", cfg.w_group_size, linear_widths, name, "the Linear input width")
         if cfg.a_bits < 16:
             check_divides("a_group_size", cfg.a_group_size, linear_widths, name, "the Linear input width")
-        if min(cfg.k_bits or cfg.kv_bits, cfg.v_bits or cfg.kv_bits) < 16:
+        bits = Bits.from_config(cfg)
+        if min(bits.k, bits.v) < 16:
             check_divides("kv_group_size", cfg.kv_group_size, [head_dim], name, "head_dim")
 
-    def __init__(self, cfg, knobs):
-        super().__init__(cfg, knobs)
+    def __init__(self, params, knobs):
+        super().__init__(params, knobs)
         self.w_gran = Granularity(axis=-1, group_size=knobs.w_group_size)
         self.a_gran = Granularity(axis=-1, group_size=knobs.a_group_size)
         self.k_gran = self.v_gran = Granularity(axis=-1, group_size=knobs.kv_group_size)

@@ -30,10 +30,12 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from qeval.methods.base import Method, RowSelectable, SequenceState
-from qeval.registry import register_method
-
-FP16_BYTES = 2
+from qeval.errors import ConfigError
+from qeval.kv.attention import PendingLayers
+from qeval.kv.rows import RowSelectable
+from qeval.kv.sequence import SequenceState
+from qeval.methods import h2o_attention
+from qeval.methods.eviction import FP16_BYTES, EvictionMethod
 
 
 class H2OLayer(RowSelectable, DynamicLayer):
@@ -91,10 +93,10 @@ class H2OLayer(RowSelectable, DynamicLayer):
                 self._valid = torch.cat([self._valid, real], dim=-1)
             self.score = torch.nn.functional.pad(self.score, (0, t))        # new slots: no score yet
         self.length += t
-        if self.method.take_pending(self.layer_idx) is not None:
+        if self.method.pending.take(self.layer_idx) is not None:
             raise RuntimeError("method=h2o: the previous step's attention never reported its scores; the model "
                                "must use the method's attention_implementation (see qeval.run.prepare)")
-        self.method.set_pending(self.layer_idx, self)
+        self.method.pending.put(self.layer_idx, self)
         return self.keys, self.values
 
     def _budget_tensors(self) -> None:
@@ -260,15 +262,11 @@ class H2OLayer(RowSelectable, DynamicLayer):
         raise NotImplementedError("an evicting KV layer cannot be cropped (evicted tokens are gone)")
 
 
-@register_method("h2o")
-class H2O(Method):
-    targets = frozenset({"KV"})
-    allowed_bits = (16,)
-    semantics = ("cache",)
+class H2O(EvictionMethod):
+    name = "h2o"
 
     @classmethod
     def check(cls, cfg) -> None:
-        from qeval.validate import ConfigError
         m = cfg.method
         for key in ("heavy_ratio", "recent_ratio"):
             if not isinstance(m[key], (int, float)) or not 0 <= m[key] <= 1:
@@ -277,38 +275,27 @@ class H2O(Method):
             if m[key] is not None and (not isinstance(m[key], int) or m[key] < 0):
                 raise ConfigError(f"method.{key}={m[key]}: must be null (use the ratio) or a token count >= 0")
 
-    def __init__(self, cfg, knobs):
-        super().__init__(cfg, knobs)
-        self._pending: dict[int, H2OLayer] = {}
-
-    @property
-    def quantizes_kv(self) -> bool:
-        # eviction compresses the cache at 16 bits: the method's cache must always be built
-        return True
+    def __init__(self, params, knobs):
+        super().__init__(params, knobs)
+        self.pending = PendingLayers()   # the layer that took this step, for the attention function
 
     def budgets(self, prompt_lengths: list[int]) -> tuple[list[int], list[int]]:
         """Per row (heavy, recent) token counts from each sequence's real prompt length."""
-        c = self.cfg
+        c = self.params
         heavy = [c.heavy_budget if c.heavy_budget is not None else int(c.heavy_ratio * n) for n in prompt_lengths]
         recent = [c.recent_budget if c.recent_budget is not None else int(c.recent_ratio * n) for n in prompt_lengths]
         return heavy, recent
 
-    def quantize_kv(self, k, v, pad=None):
-        raise ValueError("method=h2o evicts from a cache; it has no simulated (one-pass) form")
+    def budget(self) -> tuple[float | None, int | None]:
+        c = self.params
+        if c.heavy_budget is None and c.recent_budget is None:
+            return c.heavy_ratio + c.recent_ratio, None
+        if c.heavy_budget is not None and c.recent_budget is not None:
+            return None, c.heavy_budget + c.recent_budget
+        return None, None
 
     def make_cache_layer(self, layer_idx, seq):
         return H2OLayer(self, layer_idx, seq)
 
-    def set_pending(self, layer_idx: int, layer: H2OLayer) -> None:
-        self._pending[layer_idx] = layer
-
-    def take_pending(self, layer_idx: int) -> H2OLayer | None:
-        return self._pending.pop(layer_idx, None)
-
     def attention_implementation(self, base: str) -> str | None:
-        # imported here: the attention module reaches qeval.simulated_attention, which imports methods
-        from qeval.methods import h2o_attention
         return h2o_attention.register(self, base)
-
-    def kv_packed_bytes(self, keys, values) -> int:
-        return (keys.numel() + values.numel()) * FP16_BYTES

@@ -3,7 +3,7 @@ to the H2O cache layer that just took this step's K/V (arXiv 2306.14048).
 
 Registered with transformers' ``AttentionInterface`` under a name unique to the run, together with
 the matching mask function (without it the mask arrives as None). State lives in qeval objects:
-the method remembers which layer updated last (``take_pending``); a forward without an H2O cache
+the method's :class:`qeval.kv.attention.PendingLayers` holds the layer that updated last; a forward without an H2O cache
 (e.g. a plain ``DynamicCache``) finds nothing pending and runs the base attention unchanged.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from qeval.simulated_attention import register_attention
+from qeval.kv.attention import attention_mask as masked
+from qeval.kv.attention import register_attention
 
 
 def allowed_keys(attention_mask: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -82,7 +83,7 @@ def register(method, base: str) -> str:
     """Register attend-and-score over ``base`` (sdpa | eager); returns its name."""
     def make(attend):
         def attention(module, query, key, value, attention_mask, **kwargs):
-            layer = method.take_pending(module.layer_idx)
+            layer = method.pending.take(module.layer_idx)
             if layer is None:
                 return attend(module, query, key, value, attention_mask, **kwargs)
             q_len, kv_len = query.shape[-2], key.shape[-2]
@@ -92,9 +93,7 @@ def register(method, base: str) -> str:
             elif layer.compacted:
                 # after eviction, slot j no longer is position j: the layer knows which slots are real
                 allowed = layer.allowed_slots(q_len, query.shape[1])
-                attention_mask = (allowed if base == "sdpa" else
-                                  torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-                                  .masked_fill(~allowed, torch.finfo(query.dtype).min))
+                attention_mask = masked(allowed, base, query.dtype)
             else:   # None: transformers found the mask purely causal
                 allowed = None if attention_mask is None else allowed_keys(attention_mask, kv_len)
             out, weights = attend(module, query, key, value, attention_mask, **kwargs)

@@ -27,10 +27,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qeval.errors import ConfigError, check_divides
+from qeval.kv.blocks import BlockCompressedLayer, per_row_real
 from qeval.methods.base import Method
-from qeval.methods.kv_blocks import BlockCompressedLayer, per_row_real
-from qeval.quant import FULL_PRECISION_BITS, QParams, fake_quantize, packed_bytes, quantize
-from qeval.registry import register_method
+from qeval.quant.primitives import FULL_PRECISION_BITS, QParams, fake_quantize, packed_bytes, quantize
 
 
 def quantize_keys(k: torch.Tensor, bits: int, group_size: int) -> QParams:
@@ -75,15 +75,14 @@ def key_packed_bytes(n_elements: int, bits: int, group_size: int) -> int:
     return packed_bytes(n_elements, bits, group_size)
 
 
-@register_method("kivi")
 class KIVI(Method):
+    name = "kivi"
     targets = frozenset({"KV"})
     allowed_bits = (2, 4, 8, 16)
     semantics = ("cache", "simulated")
 
     @classmethod
     def check(cls, cfg) -> None:
-        from qeval.validate import ConfigError
         g, r = cfg.method.group_size, cfg.method.residual_length
         if not isinstance(g, int) or g <= 0:
             raise ConfigError(f"method.group_size={g}: must be a positive integer (KIVI uses 32)")
@@ -91,27 +90,27 @@ class KIVI(Method):
             raise ConfigError(f"method.residual_length={r}: must be a positive multiple of "
                               f"method.group_size={g} (keys are flushed in whole groups)")
 
-    def __init__(self, cfg, knobs):
-        super().__init__(cfg, knobs)
-        self.group_size = int(cfg.group_size)
-        self.residual_length = int(cfg.residual_length)
+    def __init__(self, params, knobs):
+        super().__init__(params, knobs)
+        self.group_size = int(params.group_size)
+        self.residual_length = int(params.residual_length)
         # backend=triton: int32 codes in the cache and fused decode attention (kivi_packed); a
         # layout the kernels cannot hold (e.g. 16-bit keys) runs on torch, and the row says so
         self.kv_backend = "torch"
         if knobs.backend == "triton" and knobs.kv_semantics == "cache":
+            # imported only here: triton is an optional, Linux-only dependency
             from qeval.methods import kivi_packed
             if kivi_packed.layout_problem(self.bits.k, self.bits.v, self.group_size) is None:
                 self.kv_backend, self.fused = "triton", kivi_packed.FusedDecode()
+                self.packed_layer, self.register_fused = kivi_packed.PackedKIVILayer, kivi_packed.register
 
     @classmethod
     def check_model(cls, cfg, linear_widths, head_dim) -> None:
-        from qeval.validate import check_divides
         # values are grouped along the head dimension
         check_divides("method.group_size", cfg.method.group_size, [head_dim], cfg.model.name, "head_dim")
 
     def _check_head_dim(self, d: int) -> None:
         if d % self.group_size:
-            from qeval.validate import ConfigError
             raise ConfigError(f"method.group_size={self.group_size}: must divide the model's head_dim={d} "
                               f"(values are grouped along the head dimension)")
 
@@ -136,16 +135,14 @@ class KIVI(Method):
 
     def make_cache_layer(self, layer_idx, seq):
         if self.kv_backend == "triton":
-            from qeval.methods.kivi_packed import PackedKIVILayer
-            return PackedKIVILayer(self, seq, layer_idx, self.fused)
+            return self.packed_layer(self, seq, layer_idx, self.fused)
         r = self.residual_length
         # keys: whole blocks of R once R tokens wait; values: token by token, R newest kept
         return BlockCompressedLayer(seq, keys=(r, 0, self._compress_keys), values=(1, r, self._compress_values))
 
     def attention_implementation(self, base: str) -> str | None:
         if self.kv_backend == "triton":
-            from qeval.methods import kivi_packed
-            return kivi_packed.register(self.fused, base)
+            return self.register_fused(self.fused, base)
         return None
 
     def describe(self) -> dict:

@@ -1,7 +1,7 @@
 """KIVI with real low-bit storage: int32 words in the cache and fused decode attention on them.
 
 Used when the run's ``backend`` is ``triton`` (arXiv:2402.02750). The block structure is exactly
-:class:`qeval.methods.kv_blocks.BlockCompressedLayer`'s with KIVI's streams (keys flushed in whole
+:class:`qeval.kv.blocks.BlockCompressedLayer`'s with KIVI's streams (keys flushed in whole
 blocks of R, values token by token behind a window of R, counted per row from its first real
 token, flushed at the start of the next update), so the torch and triton backends quantize the same
 elements with the same codes; only the storage differs:
@@ -20,14 +20,18 @@ materialized in the padded timeline and attends as usual.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from qeval.errors import ConfigError
 from qeval.kernels import kv_pack
 from qeval.kernels.kv_decode_attention import decode_attention
-from qeval.methods.base import RowSelectable, SequenceState
-from qeval.quant import packed_bytes
-from qeval.simulated_attention import register_attention
+from qeval.kv.attention import PendingLayers, register_attention
+from qeval.kv.rows import RowSelectable
+from qeval.kv.sequence import SequenceState
+from qeval.quant.primitives import packed_bytes
 
 
 def layout_problem(k_bits: int, v_bits: int, group_size: int) -> str | None:
@@ -42,18 +46,14 @@ def layout_problem(k_bits: int, v_bits: int, group_size: int) -> str | None:
     return None
 
 
-class FusedDecode:
-    """Which packed layer took the current one-token step, per layer index (a qeval object, so no
-    state hangs on HF modules). ``active`` once the attention function is registered: before
-    that, layers materialize K/V for whatever attention the model runs. Any layer with
-    ``decode(query, scaling)`` can be pending (KIVI's, GEAR's)."""
+class FusedDecode(PendingLayers):
+    """Which packed layer took the current one-token step, per layer index. ``active`` once the
+    attention function is registered: before that, layers materialize K/V for whatever attention
+    the model runs. Any layer with ``decode(query, scaling)`` can be pending (KIVI's, GEAR's)."""
 
     def __init__(self):
+        super().__init__()
         self.active = False
-        self.pending: dict[int, "PackedKIVILayer"] = {}
-
-    def take(self, layer_idx: int):
-        return self.pending.pop(layer_idx, None)
 
 
 def register(fused: FusedDecode, base: str, kind: str = "kivi_packed") -> str:
@@ -73,29 +73,40 @@ def register(fused: FusedDecode, base: str, kind: str = "kivi_packed") -> str:
     return name
 
 
-def _grow(t: torch.Tensor, need: int, chunk: int) -> torch.Tensor:
-    """``t`` with at least ``need`` slots along dim 2, growing in whole chunks (amortized copies)."""
-    if t.shape[2] >= need:
+def grow(t: torch.Tensor, dim: int, need: int, chunk: int) -> torch.Tensor:
+    """``t`` with at least ``need`` slots along ``dim``, growing in whole chunks of ``chunk``
+    (amortized copies); the new slots are zero."""
+    if t.shape[dim] >= need:
         return t
-    size = -(-need // chunk) * chunk
-    # (B, H, n, X) -> (B, H, size, X), the new slots zero
-    return torch.cat([t, t.new_zeros(*t.shape[:2], size - t.shape[2], t.shape[3])], dim=2)
+    shape = list(t.shape)
+    shape[dim] = -(-need // chunk) * chunk - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-class PackedKIVILayer(RowSelectable, DynamicLayer):
-    """One layer of KIVI's cache holding int32 codes (see the module docstring)."""
+class PackedKVLayer(RowSelectable, DynamicLayer):
+    """What every packed layer shares: int32 words with scale / zero in kv_pack's layout, the
+    right-aligned full-precision residual windows, per-row bookkeeping (``start``, packed counts
+    ``dk`` / ``dv``), fused decode, materialization and row operations. When blocks are packed
+    is the subclass's policy (``settle``), as is its byte formula (``packed_bytes``)."""
 
     def __init__(self, method, seq: SequenceState, layer_idx: int, fused: FusedDecode):
         super().__init__()
         self.method, self.seq, self.layer_idx, self.fused = method, seq, layer_idx, fused
-        self.R, self.G = method.residual_length, method.group_size
+        self.G = method.group_size
         self.kb, self.vb = method.bits.k, method.bits.v
+
+    @abstractmethod
+    def settle(self) -> None:
+        """Pack every block that is due; idempotent."""
+
+    @abstractmethod
+    def packed_bytes(self) -> int:
+        """The packed-layout formula for what this layer holds."""
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)   # empty keys / values: 0 bytes
         B, H, T, D = key_states.shape
         if D % self.G:
-            from qeval.validate import ConfigError
             raise ConfigError(f"method.group_size={self.G}: must divide the model's head_dim={D}")
         dev, dt = key_states.device, key_states.dtype
         fk, fv = kv_pack.codes_per_word(self.kb), kv_pack.codes_per_word(self.vb)
@@ -107,9 +118,7 @@ class PackedKIVILayer(RowSelectable, DynamicLayer):
         self.v_zero = torch.zeros(B, H, 0, D // self.G, dtype=dt, device=dev)
         self.k_res = key_states[:, :, :0]
         self.v_res = value_states[:, :, :0]
-        pad = self.seq.pad(0, T, B)
-        # (B, 1, T, 1) -> (B,): left-pad count = the row's first real position
-        self.start = [0] * B if pad is None else pad[:, 0, :, 0].sum(-1).tolist()
+        self.start = self.seq.starts(T, B)
         self.dk, self.dv = [0] * B, [0] * B      # packed keys / values per row (row-local)
         self.length = 0                           # padded positions seen
         self._fk = fk
@@ -130,51 +139,9 @@ class PackedKIVILayer(RowSelectable, DynamicLayer):
         self.v_res = torch.cat([self.v_res, value_states], dim=2)
         self.length += key_states.shape[2]
         if key_states.shape[2] == 1 and self.fused.active:
-            self.fused.pending[self.layer_idx] = self
+            self.fused.put(self.layer_idx, self)
             return key_states, value_states      # not read: the attention asks the layer
         return self.materialize()
-
-    def settle(self) -> None:
-        """Pack every block that is due (KIVI's flush after attention); idempotent."""
-        B = len(self.start)
-        key_due = [(self._n(b) - self.dk[b]) // self.R * self.R for b in range(B)]
-        val_due = [max(0, self._n(b) - self.R - self.dv[b]) for b in range(B)]
-        if any(key_due):
-            self._flush("k", key_due)
-        if any(val_due):
-            self._flush("v", val_due)
-
-    def _flush(self, which: str, due: list[int]) -> None:
-        res = getattr(self, f"{which}_res")
-        done = self.dk if which == "k" else self.dv
-        W = res.shape[2]
-        groups: dict[tuple[int, int, int], list[int]] = {}
-        for b, m in enumerate(due):
-            if m:
-                groups.setdefault((done[b], self._n(b) - done[b], m), []).append(b)
-        for (lo, resid, m), rows in groups.items():
-            idx = slice(None) if len(rows) == res.shape[0] else torch.tensor(rows, device=res.device)
-            # (B', H, m, D): the oldest m residual positions of these rows
-            chunk = res[idx, :, W - resid:W - resid + m]
-            if which == "k":
-                words, scale, zero = kv_pack.pack_keys(chunk, self.kb, self.G)
-                self.k_words = _grow(self.k_words, (lo + m) // self._fk, self.R // self._fk)
-                self.k_scale = _grow(self.k_scale, (lo + m) // self.G, self.R // self.G)
-                self.k_zero = _grow(self.k_zero, (lo + m) // self.G, self.R // self.G)
-                self.k_words[idx, :, lo // self._fk:(lo + m) // self._fk] = words
-                self.k_scale[idx, :, lo // self.G:(lo + m) // self.G] = scale
-                self.k_zero[idx, :, lo // self.G:(lo + m) // self.G] = zero
-            else:
-                words, scale, zero = kv_pack.pack_values(chunk, self.vb, self.G)
-                for name, part in (("v_words", words), ("v_scale", scale), ("v_zero", zero)):
-                    buf = _grow(getattr(self, name), lo + m, self.R)
-                    buf[idx, :, lo:lo + m] = part
-                    setattr(self, name, buf)
-            for b in rows:
-                done[b] += m
-        keep = max(self._n(b) - done[b] for b in range(len(done)))
-        # a copy, not a view: the packed positions' full-precision storage is really freed
-        setattr(self, f"{which}_res", res[:, :, W - keep:].clone())
 
     # -- reading -------------------------------------------------------------------------------
     def _offsets(self) -> dict:
@@ -213,20 +180,6 @@ class PackedKIVILayer(RowSelectable, DynamicLayer):
             values[b, :, s + dv:] = self.v_res[b, :, self.v_res.shape[2] - (n - dv):]
         return keys, values
 
-    def packed_bytes(self) -> int:
-        """The packed-layout formula: codes + scale/zero per group + the fp16 residual tail."""
-        if not self.is_initialized:
-            return 0
-        self.settle()   # as BlockCompressedLayer.packed_bytes, so both backends report alike
-        _, H, _, D = self.k_res.shape
-        total = 0
-        for b in range(len(self.start)):
-            n = self._n(b)
-            total += (packed_bytes(self.dk[b] * H * D, self.kb, self.G)
-                      + packed_bytes(self.dv[b] * H * D, self.vb, self.G)
-                      + ((n - self.dk[b]) + (n - self.dv[b])) * H * D * 2)
-        return total
-
     def crop(self, tokens_to_remove: int) -> None:
         # as the torch backend: a packed block cannot be un-quantized back into the residual
         raise NotImplementedError("packed KV layers cannot be cropped (packed blocks are final)")
@@ -244,3 +197,68 @@ class PackedKIVILayer(RowSelectable, DynamicLayer):
             setattr(self, name, getattr(self, name).index_select(0, idx))
         order = idx.tolist()
         self.start, self.dk, self.dv = ([xs[i] for i in order] for xs in (self.start, self.dk, self.dv))
+
+
+class PackedKIVILayer(PackedKVLayer):
+    """One layer of KIVI's cache holding int32 codes (see the module docstring): keys packed in
+    whole blocks of R once R wait, values token by token behind a window of R."""
+
+    def __init__(self, method, seq: SequenceState, layer_idx: int, fused: FusedDecode):
+        super().__init__(method, seq, layer_idx, fused)
+        self.R = method.residual_length
+
+    def settle(self) -> None:
+        """Pack every block that is due (KIVI's flush after attention); idempotent."""
+        B = len(self.start)
+        key_due = [(self._n(b) - self.dk[b]) // self.R * self.R for b in range(B)]
+        val_due = [max(0, self._n(b) - self.R - self.dv[b]) for b in range(B)]
+        if any(key_due):
+            self._flush("k", key_due)
+        if any(val_due):
+            self._flush("v", val_due)
+
+    def _flush(self, which: str, due: list[int]) -> None:
+        res = getattr(self, f"{which}_res")
+        done = self.dk if which == "k" else self.dv
+        W = res.shape[2]
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for b, m in enumerate(due):
+            if m:
+                groups.setdefault((done[b], self._n(b) - done[b], m), []).append(b)
+        for (lo, resid, m), rows in groups.items():
+            idx = slice(None) if len(rows) == res.shape[0] else torch.tensor(rows, device=res.device)
+            # (B', H, m, D): the oldest m residual positions of these rows
+            chunk = res[idx, :, W - resid:W - resid + m]
+            if which == "k":
+                words, scale, zero = kv_pack.pack_keys(chunk, self.kb, self.G)
+                self.k_words = grow(self.k_words, 2, (lo + m) // self._fk, self.R // self._fk)
+                self.k_scale = grow(self.k_scale, 2, (lo + m) // self.G, self.R // self.G)
+                self.k_zero = grow(self.k_zero, 2, (lo + m) // self.G, self.R // self.G)
+                self.k_words[idx, :, lo // self._fk:(lo + m) // self._fk] = words
+                self.k_scale[idx, :, lo // self.G:(lo + m) // self.G] = scale
+                self.k_zero[idx, :, lo // self.G:(lo + m) // self.G] = zero
+            else:
+                words, scale, zero = kv_pack.pack_values(chunk, self.vb, self.G)
+                for name, part in (("v_words", words), ("v_scale", scale), ("v_zero", zero)):
+                    buf = grow(getattr(self, name), 2, lo + m, self.R)
+                    buf[idx, :, lo:lo + m] = part
+                    setattr(self, name, buf)
+            for b in rows:
+                done[b] += m
+        keep = max(self._n(b) - done[b] for b in range(len(done)))
+        # a copy, not a view: the packed positions' full-precision storage is really freed
+        setattr(self, f"{which}_res", res[:, :, W - keep:].clone())
+
+    def packed_bytes(self) -> int:
+        """The packed-layout formula: codes + scale/zero per group + the fp16 residual tail."""
+        if not self.is_initialized:
+            return 0
+        self.settle()   # as BlockCompressedLayer.packed_bytes, so both backends report alike
+        _, H, _, D = self.k_res.shape
+        total = 0
+        for b in range(len(self.start)):
+            n = self._n(b)
+            total += (packed_bytes(self.dk[b] * H * D, self.kb, self.G)
+                      + packed_bytes(self.dv[b] * H * D, self.vb, self.G)
+                      + ((n - self.dk[b]) + (n - self.dv[b])) * H * D * 2)
+        return total

@@ -6,8 +6,9 @@ KV cache per token after RoPE; ``*_granularity`` selects coarser or finer statis
 
 from __future__ import annotations
 
-from qeval.methods.base import Granularity, Method
-from qeval.registry import register_method
+from qeval.errors import ConfigError
+from qeval.methods.base import Method
+from qeval.quant.granularity import Granularity
 
 W_GRANULARITIES = {"per_tensor": Granularity(axis=None), "per_channel": Granularity(axis=-1)}
 A_GRANULARITIES = {"per_tensor": Granularity(per_sequence=True), "per_token": Granularity(axis=-1)}
@@ -17,13 +18,12 @@ KV_GRANULARITIES = {"per_tensor": Granularity(per_sequence=True), "per_token": G
                     "per_channel": Granularity(axis=-2)}
 
 
-@register_method("uniform")
 class Uniform(Method):
+    name = "uniform"
     allowed_bits = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 
     @classmethod
     def check(cls, cfg) -> None:
-        from qeval.validate import ConfigError
         for key, table in (("w_granularity", W_GRANULARITIES), ("a_granularity", A_GRANULARITIES),
                            ("kv_granularity", KV_GRANULARITIES)):
             if cfg.method[key] not in table:
@@ -33,8 +33,8 @@ class Uniform(Method):
             raise ConfigError("method.kv_granularity=per_channel: with kv_semantics=cache each decode token "
                               "would be its own group and lossless; use kv_semantics=simulated or method=kivi")
 
-    def __init__(self, cfg, knobs):
-        super().__init__(cfg, knobs)
-        self.w_gran = W_GRANULARITIES[cfg.w_granularity]
-        self.a_gran = A_GRANULARITIES[cfg.a_granularity]
-        self.k_gran = self.v_gran = KV_GRANULARITIES[cfg.kv_granularity]
+    def __init__(self, params, knobs):
+        super().__init__(params, knobs)
+        self.w_gran = W_GRANULARITIES[params.w_granularity]
+        self.a_gran = A_GRANULARITIES[params.a_granularity]
+        self.k_gran = self.v_gran = KV_GRANULARITIES[params.kv_granularity]

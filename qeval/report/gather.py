@@ -4,13 +4,12 @@ A run directory (``runs/<config_hash>/``) counts once its ``result.json`` exists
 written last and atomically by :func:`qeval.results.write_run`, so its ``rows.jsonl`` is complete.
 A run still in progress (no ``result.json`` yet) is left out rather than read half-way.
 
-Derived columns added here (never parsed from directory names; only from the row's own knobs):
-
-* ``target``: ``fp16`` (nothing quantized), ``W``, ``WA``, ``KV`` or ``KV-evict`` (H2O-style
-  eviction at 16 bits), ``mixed`` otherwise.
-* ``bits``: the bit width on the row's target axis (weights for W/WA, K/V for KV; 16 for fp16).
-* ``setting``: a short label such as ``W4A8``, ``KV2`` or ``KV 20%`` for tables and legends.
-* ``kv_budget``: the fraction of the prompt an evicting method keeps (heavy + recent ratios).
+Labels come from the rows themselves: every method writes ``target`` (``fp16``, ``W``, ``WA``,
+``KV``, ``KV-evict`` for an eviction method, ``mixed``), ``setting`` (a short label such as
+``W4A8``, ``KV2`` or ``KV 20%`` for tables and legends) and ``kv_budget`` (the fraction of the
+prompt an evicting method keeps) with :meth:`qeval.methods.base.Method.labels`, so nothing here
+knows any method. Derived here: ``bits``, the bit width on the row's target axis (weights for
+W/WA, K/V for KV; 16 for fp16). Nothing is ever parsed from directory names.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from qeval import results
+from qeval.methods.base import bit_labels
 
 # rows whose value is a headline number of a task (no per-cell or per-layer breakdown)
 BREAKDOWN_COLUMNS = results.DETAIL_COLUMNS
@@ -44,38 +44,15 @@ def read_run(run_dir: Path) -> list[dict]:
     return rows
 
 
-def _target(r) -> str:
-    w, a, k, v = (r.get(c) for c in ("w_bits", "a_bits", "k_bits", "v_bits"))
-    k = k if pd.notna(k) else r.get("kv_bits")
-    v = v if pd.notna(v) else r.get("kv_bits")
-    q = {name: b for name, b in (("W", w), ("A", a), ("K", k), ("V", v)) if pd.notna(b) and b < 16}
-    if not q:
-        return "KV-evict" if pd.notna(r.get("kv_budget")) and r["kv_budget"] < 1 else "fp16"
-    if set(q) == {"W"}:
-        return "W"
-    if set(q) <= {"W", "A"} and "A" in q:
-        return "WA"
-    if set(q) <= {"K", "V"}:
-        return "KV"
-    return "mixed"
+def _int(x):
+    return int(x) if pd.notna(x) else None
 
 
-def _setting(r) -> str:
-    t = r["target"]
-    if t == "W":
-        return f"W{int(r['w_bits'])}"
-    if t == "WA":
-        return f"W{int(r['w_bits'])}A{int(r['a_bits'])}"
-    if t == "KV":
-        k, v = r.get("k_bits"), r.get("v_bits")
-        if pd.notna(k) and pd.notna(v) and k != v:
-            return f"K{int(k)}V{int(v)}"
-        return f"KV{int(r['kv_bits'])}"
-    if t == "KV-evict":
-        return f"KV {r['kv_budget']:.0%}"
-    if t == "fp16":
-        return "fp16"
-    return f"W{int(r['w_bits'])}A{int(r['a_bits'])}KV{int(r['kv_bits'])}"
+def _bit_labels(r) -> pd.Series:
+    k = r["k_bits"] if pd.notna(r["k_bits"]) else r.get("kv_bits")
+    v = r["v_bits"] if pd.notna(r["v_bits"]) else r.get("kv_bits")
+    return pd.Series(bit_labels(_int(r.get("w_bits")), _int(r.get("a_bits")), _int(k), _int(v)),
+                     index=["target", "setting"])
 
 
 def _bits(r) -> float:
@@ -83,21 +60,21 @@ def _bits(r) -> float:
 
 
 def add_derived(df: pd.DataFrame) -> pd.DataFrame:
+    """Labels come from the rows (the method wrote them); rows written without them (a cell that
+    failed before its method was built) get the labels their bits give."""
     if df.empty:
         return df
     df = df.copy()
-    if "method.heavy_ratio" in df:
-        heavy = pd.to_numeric(df["method.heavy_ratio"], errors="coerce")
-        recent = pd.to_numeric(df.get("method.recent_ratio"), errors="coerce")
-        df["kv_budget"] = heavy + recent.fillna(0)
-        df.loc[df["method"] != "h2o", "kv_budget"] = float("nan")
-    else:
-        df["kv_budget"] = float("nan")
     for c in ("k_bits", "v_bits"):
         if c not in df:
             df[c] = df["kv_bits"]
-    df["target"] = df.apply(_target, axis=1)
-    df["setting"] = df.apply(_setting, axis=1)
+    for c in ("target", "setting", "kv_budget"):
+        if c not in df:
+            df[c] = None
+    missing = df["target"].isna()
+    if missing.any():
+        df.loc[missing, ["target", "setting"]] = df[missing].apply(_bit_labels, axis=1)
+    df["kv_budget"] = pd.to_numeric(df["kv_budget"], errors="coerce")
     df["bits"] = df.apply(_bits, axis=1)
     return df
 

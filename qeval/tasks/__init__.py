@@ -1,7 +1,16 @@
-"""Tasks: each evaluates a :class:`qeval.handle.Handle` and returns metric rows."""
+"""Tasks: each evaluates a :class:`qeval.model.handle.Handle` with its config node and returns
+metric rows. ``TASKS`` is the table the runner and validation read: key = config file name
+(``configs/task/<name>.yaml``)."""
 
-from qeval.tasks import passkey  # noqa: F401
-from qeval.tasks import lm_eval_tasks  # noqa: F401
-from qeval.tasks import quant_error  # noqa: F401
-from qeval.tasks import toy_arith  # noqa: F401
-from qeval.tasks import toy_mc  # noqa: F401
+from typing import Callable
+
+from qeval.tasks import passkey, quant_error, toy_arith, toy_mc
+from qeval.tasks.lm_eval import tasks as lm_eval_tasks
+
+TASKS: dict[str, Callable] = {
+    "passkey": passkey.evaluate,
+    "toy_arith": toy_arith.evaluate,
+    "toy_mc": toy_mc.evaluate,
+    "quant_error": quant_error.evaluate,
+    **{name: lm_eval_tasks.task(name) for name in lm_eval_tasks.LM_EVAL_TASKS},
+}

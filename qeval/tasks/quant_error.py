@@ -17,11 +17,12 @@ run's model config.
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 
-from qeval import models
-from qeval.quant import relative_error
-from qeval.registry import register_task
-from qeval.tasks.passkey import FILLER
+from qeval.data.passkey import FILLER
+from qeval.errors import ConfigError
+from qeval.model import loading
+from qeval.quant.primitives import relative_error
 
 
 class Recorder:
@@ -78,7 +79,6 @@ def fixed_text(tokenizer, n_tokens: int, text: str | None) -> torch.Tensor:
         text = "".join(FILLER[i % len(FILLER)] for i in range(4 * n_tokens))
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][:, :n_tokens]
     if ids.shape[1] < n_tokens:
-        from qeval.validate import ConfigError
         raise ConfigError(f"task.quant_error.n_tokens={n_tokens}: the text has only {ids.shape[1]} tokens")
     return ids
 
@@ -87,15 +87,12 @@ def reference_model(handle, cfg):
     b = handle.method.bits
     if handle.kv_semantics == "cache" and b.w >= 16 and b.a >= 16:
         return handle.model
-    model, _ = models.load(cfg.model, cfg.device, cfg.dtype, cfg.attn, cfg.seed)
+    model, _ = loading.load(cfg.model, cfg.device, cfg.dtype, cfg.attn, cfg.seed)
     return model
 
 
-@register_task("quant_error")
 def evaluate(handle, cfg) -> list[dict]:
-    from transformers import DynamicCache
     if not 0 < cfg.context_tokens < cfg.n_tokens:
-        from qeval.validate import ConfigError
         raise ConfigError(f"task.quant_error.context_tokens={cfg.context_tokens}: must be in (0, n_tokens="
                           f"{cfg.n_tokens})")
     ids = fixed_text(handle.tokenizer, cfg.n_tokens, cfg.get("text")).to(handle.device)

@@ -1,7 +1,8 @@
 """KV caches for the ``cache`` semantics, and the byte accounting every KV run reports.
 
 A qeval cache is a plain ``transformers.Cache(layers=[...])``; the method decides what a layer
-is. ``SequenceState`` carries the padding mask, which transformers does not hand to a layer.
+is (``method.make_cache_layer``), and round-to-nearest methods get :class:`StoreQuantizedLayer`
+(``method.quantize_kv``). ``SequenceState`` carries the padding mask, which transformers does not hand to a layer.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from qeval.methods.base import Method, SequenceState
+from qeval.kv.sequence import SequenceState
 
 
 class QevalCache(Cache):
     """A ``Cache`` whose layers are built by a method; ``seq`` is shared with every layer."""
 
-    def __init__(self, method: Method, n_layers: int, attention_mask: torch.Tensor | None = None):
+    def __init__(self, method, n_layers: int, attention_mask: torch.Tensor | None = None):
         self.method = method
         self.seq = SequenceState(attention_mask)
         super().__init__(layers=[method.make_cache_layer(i, self.seq) for i in range(n_layers)])
@@ -30,7 +31,7 @@ class StoreQuantizedLayer(DynamicLayer):
     a packed layout would need are reported separately.
     """
 
-    def __init__(self, method: Method, seq: SequenceState):
+    def __init__(self, method, seq: SequenceState):
         super().__init__()
         self.method = method
         self.seq = seq
@@ -77,7 +78,7 @@ def held_bytes(cache: Cache | None) -> int:
     return total
 
 
-def packed_layout_bytes(cache: Cache | None, method: Method) -> int:
+def packed_layout_bytes(cache: Cache | None, method) -> int:
     """Bytes a packed low-bit layout of the same cache would need (from the method's formula)."""
     if cache is None:
         return 0

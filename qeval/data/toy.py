@@ -3,8 +3,8 @@
 Three generators, shared by ``scripts/train_toy.py`` (training, one seed) and the toy tasks
 (held-out evaluation, another seed), so the model sees exactly the prompt format it is scored in:
 
-* passkey: prompts come from :mod:`qeval.tasks.passkey` itself (``build_samples``); the answer is
-  `` <key>.`` after "The pass key is".
+* passkey: prompts come from :mod:`qeval.data.passkey` (``build_samples``, the passkey task's own
+  builder); the answer is `` <key>.`` after "The pass key is".
 * arithmetic: one- and two-step grade-school word problems, GSM8K's ``Question: ..\\nAnswer:``
   prompt, answers that show the working and end in ``#### <number>``.
 * multiple choice: four-option questions about a closed vocabulary of categories, in MMLU's prompt
@@ -23,7 +23,7 @@ import re
 import string
 from dataclasses import dataclass
 
-from qeval.tasks import passkey
+from qeval.data import passkey
 
 NAMES = ["Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Leo", "Ella", "Max", "Zoe", "Jack", "Lily"]
 ITEMS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "cards", "shells"]
@@ -153,23 +153,3 @@ def build_tokenizer():
                                                        special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>", unk_token="<unk>", padding_side="left")
-
-
-def score_generations(handle, examples: list[Example], desc: str, batch_size: int, max_new_tokens: int,
-                      extract, breakdown: str) -> list[dict]:
-    """Greedy-generate each prompt, compare ``extract(output)`` with the answer, and return the
-    accuracy per ``Example.kind`` (as column ``breakdown``) and overall."""
-    hits: dict[str, list[bool]] = {}
-    bar = handle.progress_bar(len(examples), desc)
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i:i + batch_size]
-        outputs = handle.generate([e.prompt for e in batch], max_new_tokens=max_new_tokens)
-        for e, out in zip(batch, outputs):
-            hits.setdefault(e.kind, []).append(extract(out) == e.answer)
-        bar.update(len(batch))
-    bar.close()
-    rows = [{"metric": "accuracy", "value": sum(h) / len(h), "n": len(h), breakdown: kind}
-            for kind, h in sorted(hits.items())]
-    flat = [x for h in hits.values() for x in h]
-    rows.append({"metric": "accuracy", "value": sum(flat) / len(flat), "n": len(flat)})
-    return rows

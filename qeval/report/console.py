@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import pandas as pd
+
+from qeval.results import is_headline
+
 COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "kv_semantics", "task", "metric",
            "length", "depth", "value", "n", "kv_bytes_held", "kv_bytes_packed", "seconds", "status"]
 
 
 def print_rows(rows: list[dict], full: bool = False) -> None:
-    import pandas as pd
     if not rows:
         return
-    from qeval.results import is_headline
     if not full:  # the headline numbers; per-cell, per-layer and per-subtask rows are in rows.jsonl
         rows = [r for r in rows if is_headline(r)] or rows
     df = pd.DataFrame(rows)

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 # ``path: "@name"`` names a model shipped inside the package (qeval/assets/<name>, e.g. the toy model)
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
 def resolve_path(path: str) -> str:

@@ -1,7 +1,7 @@
 """GSM8K, MMLU, BBH and LongBench through lm-eval, with the method's KV cache on the path.
 
 lm-eval owns the prompts, few-shot examples, answer extraction and metrics (and their versions);
-qeval owns the model (:class:`qeval.lm_eval_model.QevalLM`) and the rows. One qeval task is one
+qeval owns the model (:class:`qeval.tasks.lm_eval.model.QevalLM`) and the rows. One qeval task is one
 ``simple_evaluate`` call over lm-eval task or group names (``cfg.lm_eval_tasks``).
 
 Data: from the Hugging Face hub by default. ``data_dir`` points every leaf task at local JSON
@@ -18,9 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qeval.lm_eval_model import QevalLM
-from qeval.registry import register_task
-from qeval.validate import ConfigError
+from qeval.errors import ConfigError
+from qeval.tasks.lm_eval.model import QevalLM
 
 SPLIT_KEYS = ("test_split", "validation_split", "training_split", "fewshot_split")
 
@@ -91,9 +90,8 @@ def write_local_overrides(leaves: dict[str, dict], data_dir: Path, out_dir: Path
 def load_tasks(name: str, cfg, tmp: Path):
     """A TaskManager (local overrides included when ``data_dir`` is set) and the leaf configs.
     Nothing is built here: lm-eval builds (and downloads) inside ``simple_evaluate``."""
-    from lm_eval.tasks import TaskManager
-
     import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
 
     names = list(cfg.lm_eval_tasks)
     # indexing all of lm-eval's YAMLs takes tens of seconds; a task names the folders it needs
@@ -230,9 +228,9 @@ def evaluate_lm_eval(name: str, handle, cfg) -> list[dict]:
     return rows
 
 
-def _register(name: str) -> None:
-    register_task(name)(lambda handle, cfg: evaluate_lm_eval(name, handle, cfg))
+def task(name: str):
+    """The task function for lm-eval task group ``name`` (``configs/task/<name>.yaml``)."""
+    return lambda handle, cfg: evaluate_lm_eval(name, handle, cfg)
 
 
-for _name in ("gsm8k", "gsm8k_cot", "mmlu", "bbh", "longbench"):
-    _register(_name)
+LM_EVAL_TASKS = ("gsm8k", "gsm8k_cot", "mmlu", "bbh", "longbench")

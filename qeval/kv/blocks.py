@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from qeval.methods.base import RowSelectable, SequenceState
+from qeval.kv.rows import RowSelectable
+from qeval.kv.sequence import SequenceState
 
 FP16_BYTES = 2
 
@@ -49,9 +50,7 @@ class BlockCompressedLayer(RowSelectable, DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             b, t = key_states.shape[0], key_states.shape[-2]
-            pad = self.seq.pad(0, t, b)
-            # (B, 1, T, 1) -> (B,): number of left-pad positions = first real position
-            self.start = [0] * b if pad is None else pad[:, 0, :, 0].sum(-1).tolist()
+            self.start = self.seq.starts(t, b)
             self.done = {name: list(self.start) for name in self.streams}
             self.packed = [0] * b
         else:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from qeval.kv_cache import QevalCache, held_bytes, packed_layout_bytes
+from qeval.kv.cache import QevalCache, held_bytes, packed_layout_bytes
 from qeval.methods.base import Method
 
 
@@ -48,10 +48,10 @@ class Handle:
         return self.model.get_input_embeddings().weight.device
 
     def new_cache(self, attention_mask: torch.Tensor | None = None):
-        """A fresh cache for one batch. ``cache`` semantics: the method's quantizing cache;
-        ``simulated`` or no KV quantization: a plain ``DynamicCache`` (the attention function
-        does the quantizing)."""
-        if self.kv_semantics == "cache" and self.method.quantizes_kv:
+        """A fresh cache for one batch. ``cache`` semantics and a method that quantizes or evicts
+        K/V: the method's own cache; otherwise a plain ``DynamicCache`` (under ``simulated`` the
+        attention function does the quantizing)."""
+        if self.kv_semantics == "cache" and self.method.needs_cache:
             n_layers = self.model.config.get_text_config().num_hidden_layers
             return QevalCache(self.method, n_layers, attention_mask)
         return DynamicCache(config=self.model.config)

@@ -9,6 +9,9 @@ Two implementations, chosen by the top-level ``backend`` knob:
   without CUDA the kernels run in Triton's interpreter (slow, for tests).
 - ``auto``: ``triton`` on CUDA where the method's layout is one the kernels hold, else ``torch``.
 
+The kernels are imported inside the functions that use them: triton is an optional, Linux-only
+dependency, and ``backend=torch`` never needs it.
+
 The packed path only takes layouts it reproduces exactly: the packed weight, dequantized, must
 equal the method's own ``quantize_weight`` bit for bit before its scales are rounded to the storage
 dtype, so a method that quantizes weights some other way is refused instead of silently changed.
@@ -20,8 +23,9 @@ import torch
 from torch import nn
 from transformers.quantizers.base import get_keys_to_not_convert
 
+from qeval.errors import ConfigError
 from qeval.methods.base import Method
-from qeval.quant import FULL_PRECISION_BITS
+from qeval.quant.primitives import FULL_PRECISION_BITS
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -122,7 +126,6 @@ class PackedQuantLinear(nn.Module):
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto`` -> ``triton`` on CUDA, ``torch`` elsewhere."""
     if backend not in BACKENDS:
-        from qeval.validate import ConfigError
         raise ConfigError(f"backend={backend}: allowed: {', '.join(BACKENDS)}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
@@ -135,10 +138,8 @@ def _make_linear(module: nn.Linear, method: Method, quantize_input: bool, backen
             return PackedQuantLinear(module, method, quantize_input)
         except UnsupportedLayout as e:
             if strict:
-                from qeval.validate import ConfigError
                 raise ConfigError(f"backend=triton: {e}") from e
     elif backend == "triton" and strict:
-        from qeval.validate import ConfigError
         raise ConfigError(f"backend=triton: w_bits={method.bits.w}: the kernels need quantized weights "
                           "(activation-only quantization runs with backend=torch)")
     return QuantLinear(module, method, quantize_input)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 
-from qeval.validate import ConfigError
+from qeval.errors import ConfigError
 
 SCORINGS = ("prefill", "stock")
 TRUNCATIONS = ("left", "middle")

@@ -1,0 +1,1 @@
+"""Synthetic text qeval generates itself: passkey prompts and the toy model's corpus."""

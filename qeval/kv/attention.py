@@ -1,0 +1,68 @@
+"""Attention functions registered with transformers, and the hand-off from cache layer to them.
+
+transformers calls a registered attention function with the module (``module.layer_idx``) but not
+the cache. A method whose attention needs the layer that just took this step's K/V (H2O's scores,
+fused decode over packed words) has the layer put itself in a :class:`PendingLayers` in
+``update`` and the attention function take it back: state lives in qeval objects, never on HF
+modules, and a forward without such a cache finds nothing pending and runs the base attention.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+_ids = itertools.count()
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Plain softmax attention over (B, H, T, D) with GQA key/value heads repeated."""
+    n_rep = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(n_rep, dim=1)
+    value = value.repeat_interleave(n_rep, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def register_attention(kind: str, base: str, make) -> str:
+    """Register ``make(attend)`` (an attention function wrapping the ``base`` one: sdpa | eager)
+    under a name unique to the run, with the base's mask function; returns the name.
+
+    Every qeval attention function goes through here, so the mask function is never forgotten:
+    without it the mask arrives as None and padded batches silently go wrong."""
+    attend = {"sdpa": sdpa_attention_forward, "eager": eager_attention}[base]
+    name = f"qeval_{kind}_{base}_{next(_ids)}"
+    AttentionInterface.register(name, make(attend))
+    AttentionMaskInterface.register(name, {"sdpa": sdpa_mask, "eager": eager_mask}[base])
+    return name
+
+
+def attention_mask(allowed: torch.Tensor, base: str, dtype: torch.dtype) -> torch.Tensor:
+    """The mask ``base`` attention takes for a bool ``allowed`` (True = may attend): sdpa takes it
+    as is, eager adds it, so it becomes 0 where allowed and the dtype's minimum elsewhere."""
+    if base == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class PendingLayers:
+    """Which cache layer took the current step, per layer index: ``put`` in the layer's
+    ``update``, ``take`` in the attention function that runs right after it."""
+
+    def __init__(self):
+        self._layers: dict[int, object] = {}
+
+    def put(self, layer_idx: int, layer) -> None:
+        self._layers[layer_idx] = layer
+
+    def take(self, layer_idx: int):
+        return self._layers.pop(layer_idx, None)

@@ -1,0 +1,41 @@
+"""What every eviction method shares: it compresses the cache by dropping tokens, not bits.
+
+An eviction method (H2O, StreamingLLM) keeps K/V at the model's precision (``kv_bits`` must be
+16), needs its own cache whatever the bits (``evicts``), has no one-pass ``simulated`` form (a
+single forward over full K/V has nothing to evict), and labels its rows by the budget it keeps, so
+the report needs no knowledge of any method.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from qeval.methods.base import Method
+
+FP16_BYTES = 2
+
+
+class EvictionMethod(Method, ABC):
+    targets = frozenset({"KV"})
+    allowed_bits = (16,)
+    semantics: ClassVar[tuple[str, ...]] = ("cache",)
+    evicts = True
+
+    @abstractmethod
+    def budget(self) -> tuple[float | None, int | None]:
+        """What the cache keeps: (fraction of each prompt, None) or (None, token count)."""
+
+    def quantize_kv(self, k, v, pad=None):
+        raise ValueError(f"method={self.name} evicts from a cache; it has no simulated (one-pass) form")
+
+    def kv_packed_bytes(self, keys, values) -> int:
+        """The kept tokens at fp16."""
+        return (keys.numel() + values.numel()) * FP16_BYTES
+
+    def labels(self) -> dict:
+        budget, tokens = self.budget()
+        if budget is not None and budget >= 1:   # nothing evicted: the full-cache baseline
+            return {"target": "fp16", "setting": "fp16", "kv_budget": budget}
+        setting = f"KV {budget:.0%}" if budget is not None else f"KV {tokens} tok"
+        return {"target": "KV-evict", "setting": setting, "kv_budget": budget}

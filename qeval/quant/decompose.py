@@ -1,0 +1,79 @@
+"""GEAR's decomposition as pure functions: X ~ Q + S + L, a quantized backbone Q, exact sparse
+outliers S and a low-rank fit L of the remaining error (Kang et al., arXiv 2403.05527).
+
+Both of GEAR's backends (:mod:`qeval.methods.gear`, :mod:`qeval.methods.gear_packed`) call
+:func:`gear_decompose`, so they keep the same outliers and factors. The backbone is passed in as
+``quantizer(x, exclude) -> x_hat``; the outliers are kept out of its min/max.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def levels(bits: int) -> int:
+    """Quantization levels (largest code) GEAR uses: ``2**bits - 1`` at every width."""
+    return 2**bits - 1
+
+
+def outliers_per_side(ratio: float, n: int, d: int) -> int:
+    """Outliers kept at each end (top, bottom) per (row, head) of an (n, D) block."""
+    return int(ratio / 2 * n * d)
+
+
+def outlier_mask(x: torch.Tensor, ratio: float) -> torch.Tensor | None:
+    """(B, H, n, D) -> bool mask of the top and bottom ``ratio / 2`` entries per (row, head)."""
+    b, h, n, d = x.shape
+    k = outliers_per_side(ratio, n, d)
+    if k == 0:
+        return None
+    flat = x.float().reshape(b, h, n * d)                       # (B, H, n, D) -> (B, H, n * D)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask.scatter_(-1, flat.topk(k, dim=-1).indices, True)
+    mask.scatter_(-1, flat.topk(k, dim=-1, largest=False).indices, True)
+    return mask.reshape(b, h, n, d)
+
+
+def low_rank_factors(e: torch.Tensor, rank: int, iterations: int,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., n, D) -> U (..., n, r) orthonormal and W = U^T E (..., r, D) by block power iteration."""
+    d = e.shape[-1]
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(d, rank, generator=g).to(e.device, e.dtype)    # (D, r), shared by all rows/heads
+    u = torch.linalg.qr(e @ v).Q                                    # (..., n, r)
+    for _ in range(iterations - 1):
+        u = torch.linalg.qr(e @ (e.transpose(-1, -2) @ u)).Q
+    return u, u.transpose(-1, -2) @ e
+
+
+def low_rank(e: torch.Tensor, rank: int, iterations: int, seed: int = 0) -> torch.Tensor:
+    """Rank-``rank`` approximation U U^T E of (..., n, D) by block power iteration."""
+    u, w = low_rank_factors(e, rank, iterations, seed)
+    return u @ w
+
+
+def gear_decompose(x: torch.Tensor, quantizer, outlier_ratio: float, rank: int, iterations: int):
+    """X (B, H, n, D) -> (Q, mask, U, W): the backbone ``Q = quantizer(x, mask)`` in X's dtype, the
+    outlier mask (None without outliers) and the low-rank factors in fp32 (None at rank 0) of the
+    error E = X - Q - S left once the outliers S are exact. The one decomposition both backends use."""
+    mask = outlier_mask(x, outlier_ratio) if outlier_ratio > 0 else None
+    q = quantizer(x, mask)
+    rank = min(rank, *x.shape[-2:])
+    if rank == 0:
+        return q, mask, None, None
+    xf = x.float()
+    qs = q.float() if mask is None else torch.where(mask, xf, q.float())
+    return (q, mask, *low_rank_factors(xf - qs, rank, iterations))
+
+
+def gear_compress(x: torch.Tensor, bits: int, quantizer, outlier_ratio: float, rank: int,
+                  iterations: int) -> tuple[torch.Tensor, int, int]:
+    """X -> (Q + S + L in X's dtype, number of outliers, rank used). ``quantizer(x, exclude)``
+    is the backbone; with no outliers and rank 0 the result is exactly the backbone's."""
+    q, mask, u, w = gear_decompose(x, quantizer, outlier_ratio, rank, iterations)
+    if mask is None and u is None:
+        return q, 0, 0
+    y = q.float() if mask is None else torch.where(mask, x.float(), q.float())
+    if u is not None:
+        y = y + u @ w
+    return y.to(x.dtype), 0 if mask is None else int(mask.sum()), 0 if u is None else u.shape[-1]

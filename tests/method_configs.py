@@ -1,0 +1,51 @@
+"""Methods built the way a run builds them: from their shipped YAML (``configs/method/<name>.yaml``)
+with a few keys overridden, so a test never retypes a method's parameters.
+
+``CONTRACT`` is the table every registered method must have a row in (tests/test_method_contract.py
+fails loudly for a method without one): the settings that put the method to work on the tiny test
+models (small groups, so short prompts cross several blocks) and the KV bits it is tested at.
+"""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from qeval.methods import METHODS
+from qeval.methods.base import Bits, Knobs
+from qeval.validate import CONFIG_DIR
+
+# name -> (overrides for tiny models, KV bits it is tested at, the semantics it supports)
+CONTRACT = {
+    "uniform": (dict(), 4, ("cache", "simulated")),
+    "group": (dict(), 4, ("cache", "simulated")),
+    "kivi": (dict(group_size=8, residual_length=16), 2, ("cache", "simulated")),
+    "gear": (dict(group_size=8, stream_block=16), 2, ("cache", "simulated")),
+    "h2o": (dict(heavy_ratio=0.2, recent_ratio=0.2), 16, ("cache",)),
+    "streaming": (dict(n_sink=2, recent_ratio=0.2), 16, ("cache",)),
+}
+
+
+def method_params(name: str, **overrides):
+    """The method's node as a run composes it: its YAML, then ``overrides`` (each must be a key the
+    YAML has, so a renamed parameter fails here instead of being silently ignored)."""
+    params = OmegaConf.load(CONFIG_DIR / "method" / f"{name}.yaml")
+    unknown = set(overrides) - set(params)
+    assert not unknown, f"method {name} has no parameter {sorted(unknown)}"
+    return OmegaConf.merge(params, overrides)
+
+
+def make_method(name: str, kv_bits: int = 16, semantics: str = "cache", backend: str = "torch", *,
+                w_bits: int = 16, a_bits: int = 16, k_bits: int | None = None, v_bits: int | None = None,
+                w_group_size: int | None = 128, a_group_size: int | None = None,
+                kv_group_size: int | None = None, **overrides):
+    """A method instance from its YAML and the run's knobs (``k_bits``/``v_bits`` override
+    ``kv_bits``, as on the command line)."""
+    bits = Bits(w_bits, a_bits, kv_bits if k_bits is None else k_bits, kv_bits if v_bits is None else v_bits)
+    knobs = Knobs(bits, w_group_size, a_group_size, kv_group_size, semantics, backend)
+    return METHODS[name](method_params(name, **overrides), knobs)
+
+
+def make_contract_method(name: str, semantics: str = "cache", **overrides):
+    """The method at its contract row's settings and bits."""
+    settings, bits, _ = CONTRACT[name]
+    return make_method(name, bits, semantics, **(settings | overrides))
