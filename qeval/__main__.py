@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from qeval.errors import ConfigError
 from qeval.report.console import print_rows
 from qeval.run import run
-from qeval.validate import CONFIG_DIR, check_overrides
+from qeval.validate import CONFIG_DIR, check_composes, check_overrides
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
@@ -32,13 +32,23 @@ def main(cfg: DictConfig) -> None:
 
 
 def entry() -> None:
-    if len(sys.argv) == 1:  # no arguments: the demo (configs/experiment/demo.yaml)
-        sys.argv.append("experiment=demo")
-    if not any(a.lstrip("+").startswith("results_dir=") for a in sys.argv[1:]):
-        # an absolute path, fixed where the command is typed: launcher jobs may start elsewhere
-        sys.argv.append(f"results_dir={Path.cwd() / 'results'}")
+    args = sys.argv[1:]
+    if not args:  # no arguments: the demo (configs/experiment/demo.yaml)
+        args = ["experiment=demo"]
+    keys = {a.lstrip("+~").partition("=")[0] for a in args if "=" in a and not a.startswith("-")}
+    if "results_dir" not in keys:
+        # an absolute path, fixed where the command is typed: launcher jobs may start elsewhere.
+        # Put first, so flags such as --cfg job or --help keep their own arguments.
+        args.insert(0, f"results_dir={Path.cwd() / 'results'}")
+    path = next((a.partition("=")[2] for a in args if a.lstrip("+").startswith("model.path=")), None)
+    if path and "model.name" not in keys:
+        # a user's model is named after its folder (or hub id), never after the default model
+        args.insert(0, f"model.name={Path(path.rstrip('/')).name or path}")
+    sys.argv[1:] = args
     try:
-        check_overrides(sys.argv[1:])
+        check_overrides(args)
+        if not any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in args):
+            check_composes(args)
     except ConfigError as e:
         print(f"qeval: error: {e}", file=sys.stderr)
         sys.exit(2)

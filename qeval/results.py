@@ -28,7 +28,7 @@ def is_headline(row: dict) -> bool:
 
 
 # keys that say where or how a run is launched, not what it computes
-NON_IDENTITY_KEYS = ("hydra", "results_dir", "force")
+NON_IDENTITY_KEYS = ("hydra", "results_dir", "force", "resume")
 
 
 def config_hash(cfg: dict) -> str:
@@ -92,15 +92,67 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def rows_text(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, default=str) + "\n" for r in rows)
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def write_run(run_dir: Path, result: dict, rows: list[dict], config_yaml: str) -> None:
+    """config.yaml, rows.jsonl, then result.json, each atomically. result.json records how many
+    rows there are, their checksum and the code that wrote them, so a finished cell is checked
+    when read rather than trusted."""
+    text = rows_text(rows)
     write_atomic(run_dir / "config.yaml", config_yaml)
-    write_atomic(run_dir / "rows.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    write_atomic(run_dir / "rows.jsonl", text)
+    result = result | {"rows_count": len(rows), "rows_sha256": digest(text), "git_commit": git_commit(),
+                       "qeval_version": library_versions()["qeval"]}
     # result.json last: its presence with status "ok" marks the run as finished
     write_atomic(run_dir / "result.json", json.dumps(result, indent=2, default=str))
 
 
-def read_status(run_dir: Path) -> str | None:
+class UnreadableRun(ValueError):
+    """A run directory whose files do not agree; the message names the file and what is wrong."""
+
+
+def read_finished(run_dir: Path) -> tuple[dict | None, str | None]:
+    """(result.json, problem): (None, None) while the run has not finished; a problem when
+    result.json is unreadable or rows.jsonl is missing, truncated or not the rows it recorded."""
     try:
-        return json.loads((run_dir / "result.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
+        result = json.loads((run_dir / "result.json").read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as e:
+        return None, f"{run_dir / 'result.json'} is unreadable ({type(e).__name__})"
+    try:
+        text = (run_dir / "rows.jsonl").read_text()
+    except OSError:
+        return result, f"{run_dir / 'rows.jsonl'} is missing"
+    if "rows_sha256" in result:
+        if digest(text) != result["rows_sha256"] or text.count("\n") != result.get("rows_count"):
+            return result, (f"{run_dir / 'rows.jsonl'} does not hold the {result.get('rows_count')} rows "
+                            f"result.json recorded (changed or truncated)")
+    else:   # written before checksums: every line must at least parse
+        try:
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError:
+            return result, f"{run_dir / 'rows.jsonl'} has a line that is not JSON"
+    return result, None
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    """The rows of a finished run, checked against result.json; [] while it is unfinished."""
+    result, problem = read_finished(run_dir)
+    if problem:
+        raise UnreadableRun(problem)
+    if result is None:
+        return []
+    return [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines() if line.strip()]
+
+
+def read_status(run_dir: Path) -> str | None:
+    """``ok`` / ``failed`` of a finished run whose files agree; None otherwise."""
+    result, problem = read_finished(run_dir)
+    return None if result is None or problem else result.get("status")

@@ -89,14 +89,32 @@ def _failed_without_method(cfg, run_id: str, run_dir: Path, error: str) -> dict:
     return result | {"run_dir": str(run_dir)}
 
 
+def _finished(cfg, run_id: str, run_dir: Path) -> dict | None:
+    """The skip result when this cell is finished and its files agree; says why it is not."""
+    result, problem = results.read_finished(run_dir)
+    if problem:
+        print(f"qeval: {run_id}: {problem}; recomputing", file=sys.stderr)
+    if problem or result is None or result.get("status") != "ok":
+        return None
+    then, now = result.get("git_commit"), results.git_commit()
+    if then != now:
+        if cfg.get("resume", "skip") == "strict":
+            print(f"qeval: {run_id} was finished by qeval at commit {then}, this is {now}; "
+                  f"resume=strict: recomputing", file=sys.stderr)
+            return None
+        print(f"qeval: {run_id} was finished by qeval at commit {then}, this is {now}; kept "
+              f"(resume=strict recomputes it)", file=sys.stderr)
+    print(f"qeval: {run_id} already done in {run_dir} (force=true recomputes)")
+    return {"status": "skipped", "run_dir": str(run_dir)}
+
+
 def run(cfg) -> dict:
     """Run every task of one configuration; always writes result.json, ``ok`` or ``failed``."""
     container = OmegaConf.to_container(cfg, resolve=True)
     run_id = results.config_hash(container)
     run_dir = Path(cfg.results_dir) / "runs" / run_id
-    if not cfg.force and results.read_status(run_dir) == "ok":
-        print(f"qeval: {run_id} already done in {run_dir} (force=true recomputes)")
-        return {"status": "skipped", "run_dir": str(run_dir)}
+    if not cfg.force and (skip := _finished(cfg, run_id, run_dir)):
+        return skip
     try:
         validate(cfg)
     except ConfigError as e:

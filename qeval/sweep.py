@@ -26,13 +26,14 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from qeval import results
+from qeval import CONFIG_DIR, results
 
 MARKER_DIR = ".qeval_cells"
 STATUSES = ("done", "skipped", "failed")
@@ -64,10 +65,6 @@ def expand(overrides: Sequence[str], params: Mapping[str, object] | None = None)
     overrides = list(overrides)
     parser = OverridesParser.create()
     if params is None:
-        from hydra import compose, initialize_config_dir
-
-        from qeval.validate import CONFIG_DIR
-
         # the sweep overrides are the cells', not the head config's (Hydra composes it the same way)
         fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -166,14 +163,27 @@ def comparison(markers: list[dict]) -> str:
             r = json.loads(line)
             if r.get("status") == "ok" and results.is_headline(r):
                 rows.append({"cell": label, "job": m["job"], "task": r["task"], "metric": r["metric"],
-                             "value": r["value"]})
+                             "value": r["value"], **{k: r.get(k) for k in r if _is_knob(k)}})
     if not rows:
         return ""
     df = pd.DataFrame(rows)
+    # what every cell shares, so the table says what it compares (a demo's quiet per-tensor KV too)
+    shared = [f"{k}={df[k].iloc[0]}" for k in df.columns if _is_knob(k)
+              and df[k].astype(str).nunique() == 1 and df[k].notna().all()]
     table = df.pivot_table(index=["job", "cell"], columns=["task", "metric"], values="value", aggfunc="first")
     table.index = table.index.droplevel("job")
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        return table.to_string(float_format=lambda x: f"{x:.3f}")
+        text = table.to_string(float_format=lambda x: f"{x:.3f}")
+    return ("every cell: " + " ".join(shared) + "\n" if shared else "") + text
+
+
+# the row columns that say how a cell ran (shown when every cell shares them)
+KNOBS = ("model", "method", "w_bits", "a_bits", "kv_bits", "k_bits", "v_bits", "kv_semantics", "dtype",
+         "device", "kv_backend")
+
+
+def _is_knob(key: str) -> bool:
+    return key in KNOBS or key.startswith("method.")
 
 
 class SweepSummary(Callback):

@@ -15,14 +15,15 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import yaml
+from omegaconf import OmegaConf
 
+from qeval import CONFIG_DIR
 from qeval.errors import ConfigError
 from qeval.methods import METHODS
 from qeval.methods.base import Bits
 from qeval.model import loading
-from qeval.tasks import TASKS
+from qeval.tasks import CHECKS, TASKS
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "method", "task", "experiment")
 
 
@@ -60,10 +61,87 @@ def check_overrides(argv: list[str]) -> None:
                 if v not in allowed:
                     raise ConfigError(f"{key}={v}: unknown {key}{_did_you_mean(v, allowed)} "
                                       f"(allowed: {', '.join(allowed)})")
-        elif head not in top_keys and head not in GROUPS and not arg.startswith("+"):
+        elif head not in top_keys and head not in GROUPS:   # with or without +
             known = sorted(top_keys | set(GROUPS))
             raise ConfigError(f"{key}={value}: unknown key{_did_you_mean(head, known)} "
                               f"(top-level keys: {', '.join(known)})")
+
+
+def _one_line(e: Exception) -> str:
+    """Hydra's and OmegaConf's multi-line messages as one line, without their internal details."""
+    skip = ("full_key", "object_type", "reference_type", "To append", "Set the environment")
+    lines = [l.strip() for l in str(e).splitlines() if l.strip() and not l.strip().startswith(skip)]
+    return "; ".join(lines) or type(e).__name__
+
+
+def check_composes(argv: list[str]) -> None:
+    """Every cell the command line asks for composes (Hydra's own errors, as one line), no node
+    holds a key its YAML does not define, and results can be written; before Hydra starts, so
+    nothing runs or is written."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from qeval.sweep import expand
+
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    for arg in overrides:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "task" and value.strip() in ("[]", ""):
+            raise ConfigError(f"task={value}: at least one task (allowed: {', '.join(options('task'))})")
+    def composed(cell: list[str]):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose("config", overrides=cell)
+
+    try:
+        try:
+            _check_sweep_has_multirun(argv, overrides, initialize_config_dir, compose)
+            cells = expand(overrides)
+            configs = [composed(cell) for cell in cells]
+        except HydraException as e:
+            raise _unknown_override(e, overrides, composed) from e
+        for cfg in configs:
+            check_results_dir(cfg.results_dir)
+            check_known_keys(cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_one_line(e)) from e
+
+
+def _check_sweep_has_multirun(argv, overrides, initialize_config_dir, compose) -> None:
+    """``kv_bits=2,4`` sweeps only under ``-m`` (or an experiment that is a sweep)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    sweep = next((o.input_line for o in parsed if o.is_sweep_override()), None)
+    if sweep is None or any(a in ("-m", "--multirun") for a in argv):
+        return
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        mode = compose("config", overrides=fixed, return_hydra_config=True).hydra.get("mode")
+    if str(mode) != "RunMode.MULTIRUN" and str(mode) != "MULTIRUN":
+        key, _, value = sweep.partition("=")
+        raise ConfigError(f"{sweep}: a sweep needs -m (python -m qeval -m {sweep}); a list is "
+                          f"{key}=[{value}]")
+
+
+def _unknown_override(e: Exception, cell: list[str], composed) -> Exception:
+    """Hydra's "Could not override 'method.foo'" as qeval's unknown-key line, naming the keys the
+    node has; any other composition error unchanged."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    if not first.startswith("Could not override '"):
+        return e
+    key = first.split("'")[1]
+    arg = next((a for a in cell if a.lstrip("+~").partition("=")[0] == key), f"{key}=")
+    try:   # the node as it composes without the unknown key
+        cfg = composed([a for a in cell if a != arg])
+        node = OmegaConf.select(cfg, key.rpartition(".")[0])
+    except Exception:   # noqa: BLE001 - only a nicer message is at stake; the original stands
+        return e
+    if node is None or not hasattr(node, "keys"):
+        return e
+    leaf, known = key.rpartition(".")[2], set(node.keys())
+    return ConfigError(f"{key}={arg.partition('=')[2]}: unknown key{_did_you_mean(leaf, known)} "
+                       f"({key.rpartition('.')[0]} has: {', '.join(sorted(known))})")
 
 
 def _bits(cfg) -> dict[str, int]:
@@ -103,7 +181,53 @@ def check_config(cfg, method_cls) -> None:
         raise ConfigError(f"attn={cfg.attn}: allowed: sdpa, eager")
     if cfg.backend not in ("auto", "torch", "triton"):
         raise ConfigError(f"backend={cfg.backend}: allowed: auto, torch, triton")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"seed={cfg.seed}: allowed: an integer")
+    if not isinstance(cfg.force, bool):
+        raise ConfigError(f"force={cfg.force}: allowed: true, false")
+    if cfg.get("resume", "skip") not in ("skip", "strict"):
+        raise ConfigError(f"resume={cfg.resume}: allowed: skip, strict")
+    if not cfg.task:
+        raise ConfigError(f"task=[]: at least one task (allowed: {', '.join(options('task'))})")
+    check_results_dir(cfg.results_dir)
+    check_known_keys(cfg)
     method_cls.check(cfg)
+
+
+def check_results_dir(results_dir) -> None:
+    """A directory, or a place one can be made: its nearest existing ancestor is a writable
+    directory (nothing is created here)."""
+    path = Path(str(results_dir)).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"results_dir={results_dir}: exists and is not a directory; allowed: a directory")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"results_dir={results_dir}: {probe} is not writable; allowed: a writable directory")
+
+
+def yaml_keys(group: str, option: str) -> set[str]:
+    """The keys an option's YAML defines (``configs/<group>/<option>.yaml``)."""
+    node = yaml.safe_load((CONFIG_DIR / group / f"{option}.yaml").read_text()) or {}
+    return set(node) - {"defaults"}
+
+
+MODEL_KEYS = ("name", "path", "revision", "trust_remote_code", "random_config")
+
+
+def check_known_keys(cfg) -> None:
+    """Every key of the method's and the tasks' nodes is one its YAML defines, so a key added with
+    ``+`` (a typo Hydra would otherwise accept) is refused like any unknown key."""
+    nodes = [("method", cfg.method, yaml_keys("method", cfg.method.name)),
+             ("model", cfg.model, set(MODEL_KEYS))]
+    nodes += [(f"task.{name}", node, yaml_keys("task", name)) for name, node in cfg.task.items()
+              if name in options("task")]
+    for prefix, node, known in nodes:
+        for key in node:
+            if key not in known:
+                raise ConfigError(f"{prefix}.{key}={node[key]}: unknown key{_did_you_mean(key, known)} "
+                                  f"({prefix} has: {', '.join(sorted(known))})")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -118,9 +242,31 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def looks_local(path) -> bool:
+    """A filesystem path rather than a hub id (``org/name``)."""
+    p = str(path)
+    return p.startswith(("/", ".", "~")) or os.path.exists(p) or p.count("/") > 1
+
+
 def check_model_available(model_cfg) -> None:
-    if model_cfg.get("random_config") or loading.is_available_offline(model_cfg.path):
+    if model_cfg.get("random_config"):
         return
+    path = model_cfg.get("path")
+    if not path:
+        raise ConfigError(f"model.path={path}: allowed: a hub id (org/name) or a local model directory")
+    if looks_local(loading.resolve_path(path)):
+        local = Path(loading.resolve_path(path)).expanduser()
+        if not local.is_dir() or not (local / "config.json").is_file():
+            what = "does not exist" if not local.exists() else "is not a directory" if not local.is_dir() \
+                else "has no config.json"
+            raise ConfigError(f"model.path={path}: {what}; allowed: a directory holding a Hugging Face model "
+                              f"(config.json, weights, tokenizer) or a hub id")
+        return
+    try:
+        if loading.is_available_offline(path):
+            return
+    except ValueError as e:   # huggingface_hub refuses the id itself
+        raise ConfigError(f"model.path={path}: not a hub id (org/name) nor a local directory") from e
     if not hub_reachable():
         raise ConfigError(
             f"model.path={model_cfg.path}: not a local directory and not in the Hugging Face cache "
@@ -156,6 +302,12 @@ def validate(cfg):
                               f"(available: {', '.join(sorted(TASKS))})")
     check_config(cfg, METHODS[cfg.method.name])
     check_model_available(cfg.model)
-    arch = loading.model_config(cfg.model)
+    try:
+        arch = loading.model_config(cfg.model)
+    except (OSError, ValueError) as e:   # a local folder whose config.json transformers cannot read
+        raise ConfigError(f"model.path={cfg.model.path}: not a readable model config "
+                          f"({str(e).splitlines()[0][:200]})") from e
     check_against_model(cfg, arch, METHODS[cfg.method.name])
+    for name, node in cfg.task.items():
+        CHECKS[name](name, node, arch)
     return arch

@@ -75,3 +75,23 @@ def test_no_arguments_runs_the_demo_comparison(tmp_path):
                 and r.get("operation") is None and r.get("question_type") is None}
     # what the demo is for: 2-bit KV costs passkey accuracy that 4-bit keeps
     assert headline[(2, "passkey")] < headline[(16, "passkey")] - 0.3
+
+
+def test_hydra_flags_keep_their_arguments(tmp_path):
+    """results_dir is added before the user's arguments, so --cfg job and --help still work."""
+    p = qeval("model=toy", "--cfg", "job", cwd=tmp_path)
+    assert p.returncode == 0 and "name: toy" in p.stdout, p.stderr[-2000:]
+    p = qeval("--help", cwd=tmp_path)
+    assert p.returncode == 0 and "Configuration groups" in p.stdout, p.stderr[-2000:]
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_model_given_by_path_is_named_after_its_folder(tmp_path):
+    import shutil
+
+    from qeval.model.loading import ASSETS
+    shutil.copytree(Path(ASSETS) / "toy", tmp_path / "my-model")
+    p = qeval(f"model.path={tmp_path / 'my-model'}", "task=toy_mc", "task.toy_mc.n_samples=4",
+              f"results_dir={tmp_path / 'results'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert {r["model"] for r in rows_in(tmp_path / "results")} == {"my-model"}

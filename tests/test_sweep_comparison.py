@@ -26,3 +26,14 @@ def test_comparison_keeps_headline_rows_and_varying_overrides(tmp_path):
     row2 = next(l for l in lines if l.startswith("kv_bits=2 "))
     assert "1.000" in row16 and "0.500" not in row16  # the per-length detail row is not a headline
     assert "0.250" in row2 and "0.750" in row2
+
+
+def test_comparison_says_what_every_cell_shares(tmp_path):
+    """The demo's quiet per-tensor KV statistics are printed, not hidden."""
+    ok = lambda bits: {"task": "passkey", "metric": "accuracy", "value": 1.0, "status": "ok", "model": "toy",
+                       "method": "uniform", "method.kv_granularity": "per_tensor", "kv_bits": bits,
+                       "kv_semantics": "cache"}
+    markers = [cell(tmp_path, 0, ["kv_bits=16"], [ok(16)]), cell(tmp_path, 1, ["kv_bits=2"], [ok(2)])]
+    first = comparison(markers).splitlines()[0]
+    assert first.startswith("every cell: ") and "method.kv_granularity=per_tensor" in first
+    assert "model=toy" in first and "kv_bits" not in first   # what varies is the row label, not shared

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from qeval.methods.base import Method
 from qeval.run import validate
-from qeval.validate import CONFIG_DIR, ConfigError, check_config, check_overrides
+from qeval.validate import CONFIG_DIR, ConfigError, check_composes, check_config, check_overrides
 
 # (command-line overrides, text the one-line error must contain)
 BAD_INPUTS = [
@@ -30,15 +30,47 @@ BAD_INPUTS = [
     (["method=kivi", "w_bits=4"], "w_bits=4: method kivi quantizes only the KV cache"),
     (["method=kivi", "kv_bits=3"], "kv_bits=3: method kivi supports"),
     (["model=llama2-7b"], "model.path=meta-llama/Llama-2-7b-hf: not a local directory and not in the Hugging Face cache"),
+    (["model.path=/nonexistent/model"], "model.path=/nonexistent/model: does not exist; allowed: a directory"),
+    (["model.path=EMPTY_DIR"], "has no config.json; allowed: a directory holding a Hugging Face model"),
+    (["model.path=A_FILE"], "is not a directory; allowed: a directory holding a Hugging Face model"),
+    (["results_dir=A_FILE"], "exists and is not a directory; allowed: a directory"),
+    (["seed=abc"], "seed=abc: allowed: an integer"),
+    (["force=maybe"], "force=maybe: allowed: true, false"),
+    (["task=[]"], "task=[]: at least one task (allowed: "),
+    (["kv_bits=2,4"], "kv_bits=2,4: a sweep needs -m"),
+    (["method.foo=1"], "method.foo=1: unknown key (method has: a_granularity"),
+    (["+method.foo=1"], "method.foo=1: unknown key (method has: a_granularity"),
+    (["+kv_bit=2"], "kv_bit=2: unknown key; did you mean 'kv_bits'?"),
+    (["+task.passkey.lenghts=[256]"], "task.passkey.lenghts=[256]: unknown key; did you mean 'lengths'?"),
+    (["task.passkey.lenghts=[256]"], "task.passkey.lenghts=[256]: unknown key; did you mean 'lengths'?"),
+    (["task.passkey.lengths=[-5]"], "task.passkey.lengths=[-5]: -5 is out of range; allowed: integers from 1 to"),
+    (["task.passkey.lengths=[100000]"], "task.passkey.lengths=[100000]: 100000 is out of range; allowed: integers from 1 to 4088"),
+    (["task.passkey.depths=[1.5]"], "task.passkey.depths=[1.5]: allowed: a non-empty list of numbers in [0, 1]"),
+    (["task.passkey.depths=[-0.5]"], "task.passkey.depths=[-0.5]: allowed: a non-empty list of numbers in [0, 1]"),
+    (["task.passkey.samples_per_cell=0"], "task.passkey.samples_per_cell=0: allowed: an integer >= 1"),
+    (["task.passkey.batch_size=0"], "task.passkey.batch_size=0: allowed: an integer >= 1"),
+    (["task.passkey.key_digits=0"], "task.passkey.key_digits=0: allowed: an integer from 1 to 18"),
+    (["task=toy_arith", "task.toy_arith.n_samples=0"], "task.toy_arith.n_samples=0: allowed: an integer >= 1"),
+    (["task=quant_error", "task.quant_error.context_tokens=300"],
+     "task.quant_error.context_tokens=300: allowed: an integer from 1 to 255"),
+    (["task=gsm8k", "task.gsm8k.scoring=fast"], "task.gsm8k.scoring=fast: allowed: prefill, stock"),
+    (["task=mmlu", "task.mmlu.limit=-1"], "task.mmlu.limit=-1: allowed: null, an integer >= 1"),
 ]
 
 
 def error_for(overrides: list[str], tmp_path) -> str:
     """What ``python -m qeval <overrides>`` reports, run in-process up to validation."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    overrides = [o.replace("EMPTY_DIR", str(tmp_path / "empty")).replace("A_FILE", str(tmp_path / "a_file"))
+                 for o in overrides]
+    # the tiny random model, unless the case is about a model's path (the default toy model's then)
+    base = [] if any(o.startswith("model.path=") for o in overrides) else ["model=tiny-random"]
     try:
         check_overrides(overrides)
+        check_composes([*base, f"results_dir={tmp_path}", *overrides])
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=["model=tiny-random"] + overrides + [f"results_dir={tmp_path}"])
+            cfg = compose("config", overrides=[*base, f"results_dir={tmp_path}", *overrides])
         validate(cfg)
     except ConfigError as e:
         return str(e)
@@ -64,7 +96,11 @@ def test_kv_only_methods_refuse_weights():
 
 
 @pytest.mark.parametrize("args,expected", [(["method=unifrom"], "did you mean 'uniform'"),
-                                           (["w_bits=9", "model=tiny-random"], "w_bits=9")])
+                                           (["w_bits=9", "model=tiny-random"], "w_bits=9"),
+                                           (["task.passkey.lengths=[-5]"], "task.passkey.lengths=[-5]"),
+                                           (["+method.foo=1"], "method.foo=1: unknown key"),
+                                           (["method.foo=1"], "method.foo=1: unknown key"),
+                                           (["kv_bits=2,4"], "a sweep needs -m")])
 def test_command_line_exits_2_with_one_line_and_no_traceback(args, expected, tmp_path):
     p = subprocess.run([sys.executable, "-m", "qeval", *args, f"results_dir={tmp_path}"],
                        capture_output=True, text=True, timeout=120)

@@ -7,10 +7,18 @@ is (``method.make_cache_layer``), and round-to-nearest methods get :class:`Store
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from qeval.kv.sequence import SequenceState
+
+
+def cache_kwarg(model) -> str:
+    """The keyword a model's ``forward`` and ``generate`` take a cache by: ``cache`` since
+    transformers renamed it (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class QevalCache(Cache):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from qeval.kv.cache import QevalCache, held_bytes, packed_layout_bytes
+from qeval.kv.cache import QevalCache, cache_kwarg, held_bytes, packed_layout_bytes
 from qeval.methods.base import Method
 
 
@@ -63,7 +63,7 @@ class Handle:
         enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         cache = self.new_cache(enc["attention_mask"])
         gen_kwargs.setdefault("do_sample", False)
-        out = self.model.generate(**enc, past_key_values=cache, max_new_tokens=max_new_tokens,
+        out = self.model.generate(**enc, **{cache_kwarg(self.model): cache}, max_new_tokens=max_new_tokens,
                                   pad_token_id=self.tokenizer.pad_token_id, **gen_kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
         self.stats.prompt_tokens += int(enc["attention_mask"].sum())

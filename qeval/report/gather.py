@@ -14,7 +14,7 @@ W/WA, K/V for KV; 16 for fp16). Nothing is ever parsed from directory names.
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -30,17 +30,16 @@ METRIC_PREFERENCE = ("accuracy", "exact_match,strict-match", "exact_match,flexib
 
 
 def read_run(run_dir: Path) -> list[dict]:
-    """Rows of one finished run (empty while the run is still being written)."""
-    if not (run_dir / "result.json").is_file():
+    """Rows of one finished run (empty while the run is still being written, and for a run whose
+    files do not agree, which is named on stderr and left out)."""
+    try:
+        rows = results.read_rows(run_dir)
+    except results.UnreadableRun as e:
+        print(f"qeval report: skipped {e}", file=sys.stderr)
         return []
-    rows = []
-    with open(run_dir / "rows.jsonl") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                row.pop("config", None)  # nested; the run's config.yaml holds it in full
-                row["run_dir"] = str(run_dir)
-                rows.append(row)
+    for row in rows:
+        row.pop("config", None)  # nested; the run's config.yaml holds it in full
+        row["run_dir"] = str(run_dir)
     return rows
 
 

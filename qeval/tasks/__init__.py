@@ -1,6 +1,6 @@
 """Tasks: each evaluates a :class:`qeval.model.handle.Handle` with its config node and returns
-metric rows. ``TASKS`` is the table the runner and validation read: key = config file name
-(``configs/task/<name>.yaml``)."""
+metric rows, and checks its own keys before any model loads. ``TASKS`` and ``CHECKS`` are the
+tables the runner and validation read: key = config file name (``configs/task/<name>.yaml``)."""
 
 from typing import Callable
 
@@ -13,4 +13,12 @@ TASKS: dict[str, Callable] = {
     "toy_mc": toy_mc.evaluate,
     "quant_error": quant_error.evaluate,
     **{name: lm_eval_tasks.task(name) for name in lm_eval_tasks.LM_EVAL_TASKS},
+}
+# check(name, node, architecture config): each task's keys, before any model loads
+CHECKS: dict[str, Callable] = {
+    "passkey": passkey.check,
+    "toy_arith": toy_arith.check,
+    "toy_mc": toy_mc.check,
+    "quant_error": quant_error.check,
+    **{name: lm_eval_tasks.check for name in lm_eval_tasks.LM_EVAL_TASKS},
 }

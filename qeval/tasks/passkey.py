@@ -10,11 +10,25 @@ from __future__ import annotations
 import re
 
 from qeval.data.passkey import build_samples
+from qeval.tasks import keys
 
 
 def first_number(text: str) -> str | None:
     m = re.search(r"\d+", text)
     return m.group(0) if m else None
+
+
+def check(name: str, cfg, arch) -> None:
+    """The grid fits the model: lengths within its positions (with room for the answer), depths in
+    [0, 1], at least one key per cell; before any model loads."""
+    longest = keys.max_positions(arch)
+    keys.integer(name, cfg, "key_digits", 1, 18)
+    answer = cfg.key_digits + 3                       # tokens generated after each prompt
+    keys.integers(name, cfg, "lengths", 1, None if longest is None else longest - answer)
+    keys.fractions(name, cfg, "depths")
+    keys.integer(name, cfg, "samples_per_cell")
+    keys.integer(name, cfg, "batch_size")
+    keys.integer(name, cfg, "seed", 0)
 
 
 def evaluate(handle, cfg) -> list[dict]:

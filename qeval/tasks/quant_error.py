@@ -21,8 +21,10 @@ from transformers import DynamicCache
 
 from qeval.data.passkey import FILLER
 from qeval.errors import ConfigError
+from qeval.kv.cache import cache_kwarg
 from qeval.model import loading
 from qeval.quant.primitives import relative_error
+from qeval.tasks import keys
 
 
 class Recorder:
@@ -65,10 +67,10 @@ def measure(model, new_cache, ids: torch.Tensor, context: int):
     try:
         mask = torch.ones_like(ids)
         cache = rec.wrap(new_cache(mask[:, :context]))
-        model(input_ids=ids[:, :context], attention_mask=mask[:, :context], past_key_values=cache, use_cache=True)
+        kw = {cache_kwarg(model): cache}
+        model(input_ids=ids[:, :context], attention_mask=mask[:, :context], **kw, use_cache=True)
         rec.on = True
-        logits = model(input_ids=ids[:, context:], attention_mask=mask, past_key_values=cache,
-                       use_cache=True).logits.float()
+        logits = model(input_ids=ids[:, context:], attention_mask=mask, **kw, use_cache=True).logits.float()
     finally:
         rec.close()
     return rec, logits, cache
@@ -91,10 +93,13 @@ def reference_model(handle, cfg):
     return model
 
 
+def check(name: str, cfg, arch) -> None:
+    longest = keys.max_positions(arch)
+    keys.integer(name, cfg, "n_tokens", 2, longest)
+    keys.integer(name, cfg, "context_tokens", 1, cfg.n_tokens - 1)
+
+
 def evaluate(handle, cfg) -> list[dict]:
-    if not 0 < cfg.context_tokens < cfg.n_tokens:
-        raise ConfigError(f"task.quant_error.context_tokens={cfg.context_tokens}: must be in (0, n_tokens="
-                          f"{cfg.n_tokens})")
     ids = fixed_text(handle.tokenizer, cfg.n_tokens, cfg.get("text")).to(handle.device)
     ref = reference_model(handle, cfg)
     fp, fp_logits, _ = measure(ref, lambda m: DynamicCache(config=ref.config), ids, cfg.context_tokens)

@@ -11,6 +11,7 @@ import random
 import re
 
 from qeval.data import toy
+from qeval.tasks import keys
 from qeval.tasks.toy_scoring import score_generations
 
 ANSWER = re.compile(r"####\s*(-?\d+)")
@@ -19,6 +20,13 @@ ANSWER = re.compile(r"####\s*(-?\d+)")
 def final_number(text: str) -> str | None:
     m = ANSWER.search(text)
     return m.group(1) if m else None
+
+
+def check(name: str, cfg, arch) -> None:
+    keys.integer(name, cfg, "n_samples")
+    keys.integer(name, cfg, "batch_size")
+    keys.integer(name, cfg, "max_new_tokens")
+    keys.integer(name, cfg, "seed", 0)
 
 
 def evaluate(handle, cfg) -> list[dict]:

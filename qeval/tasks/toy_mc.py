@@ -11,6 +11,7 @@ import random
 import re
 
 from qeval.data import toy
+from qeval.tasks import keys
 from qeval.tasks.toy_scoring import score_generations
 
 LETTER = re.compile(r"[ABCD]")
@@ -19,6 +20,12 @@ LETTER = re.compile(r"[ABCD]")
 def first_letter(text: str) -> str | None:
     m = LETTER.search(text)
     return m.group(0) if m else None
+
+
+def check(name: str, cfg, arch) -> None:
+    keys.integer(name, cfg, "n_samples")
+    keys.integer(name, cfg, "batch_size")
+    keys.integer(name, cfg, "seed", 0)
 
 
 def evaluate(handle, cfg) -> list[dict]:

@@ -7,7 +7,7 @@ one-pass score therefore never reads a quantized K/V, and MMLU-style tasks canno
 
 ``QevalLM`` changes exactly two things:
 
-* every ``generate()`` gets ``past_key_values=handle.new_cache(attention_mask)``;
+* every ``generate()`` gets ``handle.new_cache(attention_mask)`` as its cache;
 * ``scoring="prefill"`` scores a (context, continuation) pair in two steps, as a server would
   after a prompt is cached: the context minus its last token is prefilled into a fresh method
   cache, then the last context token and the continuation (minus its last token) are fed through
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 
 from qeval.errors import ConfigError
+from qeval.kv.cache import cache_kwarg
 
 SCORINGS = ("prefill", "stock")
 TRUNCATIONS = ("left", "middle")
@@ -60,7 +61,7 @@ class QevalLM(HFLM):
             mask = torch.ones_like(context)
         cache = self.handle.new_cache(mask)
         out = super()._model_generate(context, max_length, stop, attention_mask=mask,
-                                      past_key_values=cache, **generation_kwargs)
+                                      **{cache_kwarg(self.model): cache}, **generation_kwargs)
         s = self.handle.stats
         s.prompt_tokens += int(mask.sum())
         s.generated_tokens += int((out[:, context.shape[1]:] != self.tokenizer.pad_token_id).sum())
@@ -144,10 +145,10 @@ class QevalLM(HFLM):
         if Lp:
             pos_p = (mask_p.cumsum(-1) - 1).clamp(min=0)
             self.model(input_ids=ids_p, attention_mask=mask_p, position_ids=pos_p,
-                       past_key_values=cache, use_cache=True)
+                       **{cache_kwarg(self.model): cache}, use_cache=True)
         pos_t = mask_p.sum(-1, keepdim=True) + torch.arange(Lt, device=dev)[None]
         logits = self.model(input_ids=ids_t, attention_mask=mask, position_ids=pos_t,
-                            past_key_values=cache, use_cache=True).logits  # (B, Lt, V)
+                            **{cache_kwarg(self.model): cache}, use_cache=True).logits  # (B, Lt, V)
         logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
         s = self.handle.stats
         s.prompt_tokens += int(mask.sum())

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from qeval.errors import ConfigError
+from qeval.tasks import keys
 from qeval.tasks.lm_eval.model import QevalLM
 
 SPLIT_KEYS = ("test_split", "validation_split", "training_split", "fewshot_split")
@@ -226,6 +227,25 @@ def evaluate_lm_eval(name: str, handle, cfg) -> list[dict]:
             r["input_tokens_mean"] = sum(sent) / len(sent)
     write_samples(getattr(handle, "run_dir", None), name, results, lm)
     return rows
+
+
+def check(name: str, cfg, arch) -> None:
+    """lm-eval's own keys, before any model loads (what lm-eval itself checks, it checks later)."""
+    keys.integer(name, cfg, "num_fewshot", 0, nullable=True)
+    limit = cfg.get("limit")
+    if limit is not None and not ((isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1)
+                                  or (isinstance(limit, float) and 0 < limit < 1)):
+        raise ConfigError(f"task.{name}.limit={limit}: allowed: null, an integer >= 1 (documents per task) "
+                          f"or a fraction in (0, 1)")
+    keys.integer(name, cfg, "batch_size")
+    keys.integer(name, cfg, "max_gen_toks", nullable=True)
+    keys.integer(name, cfg, "max_length", 1, keys.max_positions(arch), nullable=True)
+    keys.choice(name, cfg, "scoring", ("prefill", "stock"))
+    if "truncation" in cfg:
+        keys.choice(name, cfg, "truncation", ("middle", "left"))
+    if "max_input_tokens" in cfg:
+        keys.integer(name, cfg, "max_input_tokens", nullable=True)
+    keys.integer(name, cfg, "seed", 0)
 
 
 def task(name: str):
