@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 import traceback
@@ -19,6 +18,7 @@ from qeval.methods.base import Bits, Knobs, bit_labels
 from qeval.model import loading
 from qeval.model.handle import Handle
 from qeval.model.linear import quantize_linears, resolve_backend
+from qeval.model.memory import PeakMemory
 from qeval.tasks import TASKS
 from qeval.validate import validate
 
@@ -41,12 +41,6 @@ def prepare(cfg):
     elif (attention := method.attention_implementation(cfg.attn)) is not None:
         model.set_attn_implementation(attention)
     return Handle(model, tokenizer, method, cfg.kv_semantics), facts
-
-
-def _peak_memory(device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
 
 
 def base_row(cfg, method, run_id: str) -> dict:
@@ -135,9 +129,10 @@ def run(cfg) -> dict:
         for name, task_cfg in cfg.task.items():
             handle.stats.__init__()
             t0 = time.perf_counter()
-            task_rows = TASKS[name](handle, task_cfg)
+            with PeakMemory(handle.device) as memory:
+                task_rows = TASKS[name](handle, task_cfg)
             seconds = time.perf_counter() - t0
-            peak, peak_kind = _peak_memory(handle.device)
+            peak, peak_kind = memory.bytes, memory.kind
             s = handle.stats
             for r in task_rows:
                 rows.append(base | {"task": name, "split": task_cfg.get("split", "test")} | r | {

@@ -8,7 +8,9 @@ Registered as a Hydra callback in ``configs/config.yaml``. It runs in two places
   as one small marker file under ``<sweep dir>/.qeval_cells/`` and prints ``[k/N finished]``;
 * in the process that launched the sweep (``on_multirun_start`` / ``on_multirun_end``), where it
   counts the cells before anything runs and reads the markers back at the end into
-  ``<sweep dir>/sweep_summary.json`` and one printed line: done, skipped, failed.
+  ``<sweep dir>/sweep_summary.json`` and one printed line: done, skipped, failed. The process
+  exits with status 1 when any cell failed or is missing. Markers left in a reused sweep folder
+  by an earlier sweep are cleared at the start, so only this sweep's cells are counted.
 
 Markers are files, not shared memory, because the submitit launchers run cells in separate
 processes (or on separate machines sharing a file system). A cell killed from outside (SLURM
@@ -196,6 +198,13 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         total = count_cells(config)
         (sweep_dir / MARKER_DIR).mkdir(parents=True, exist_ok=True)
+        # a reused sweep folder: an earlier sweep's markers would be counted as this one's cells
+        stale = sorted((sweep_dir / MARKER_DIR).glob("*.json"))
+        for marker in stale:
+            marker.unlink(missing_ok=True)
+        if stale:
+            print(f"qeval sweep: {sweep_dir} held {len(stale)} cell markers of an earlier sweep; "
+                  f"cleared (their rows stay in the results directory)", flush=True)
         results.write_atomic(sweep_dir / MARKER_DIR / "total", json.dumps(total))
         print(f"qeval sweep: {total if total is not None else '?'} cells -> {sweep_dir}", flush=True)
 
@@ -234,6 +243,10 @@ class SweepSummary(Callback):
         for cell in s["failed_cells"]:
             print(f"qeval sweep:   failed cell {cell['job']} ({' '.join(cell['overrides'])}): {cell['error']}",
                   flush=True)
+        if s["failed"] or s["missing"]:
+            # a sweep with a failed or missing cell did not do what it was asked: say so to the
+            # shell and to a job scheduler (SystemExit passes through Hydra's error handling)
+            raise SystemExit(1)
 
 
 def main(argv=None) -> int:

@@ -13,12 +13,12 @@ that ``include``s lm-eval's own and swaps only the dataset (``dataset_path: json
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from qeval.errors import ConfigError
+from qeval.results import write_atomic
 from qeval.tasks import keys
 from qeval.tasks.lm_eval.model import QevalLM
 
@@ -172,9 +172,8 @@ def write_samples(run_dir, qeval_task: str, results: dict, lm: QevalLM) -> None:
             if isinstance(prompt, str) and prompt in lm.input_lengths:
                 line["input_tokens"], line["input_tokens_truncated"] = lm.input_lengths[prompt]
             new.append(json.dumps(line, default=str))
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("\n".join(kept + new) + "\n")
-    os.replace(tmp, path)
+    # a unique temporary name per writer (qeval.results.write_atomic), then an atomic rename
+    write_atomic(path, "\n".join(kept + new) + "\n")
 
 
 # ---------------------------------------------------------------------------- the task
