@@ -8,12 +8,14 @@ directory name.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -100,17 +102,40 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@contextmanager
+def run_lock(run_dir: Path, exclusive: bool):
+    """An advisory lock on ``<run_dir>/.lock``: writers of a run's files hold it exclusively and
+    readers shared, so two processes finishing the same cell at once never leave (or read) rows of
+    one beside the result.json of the other."""
+    if exclusive:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        f = open(run_dir / ".lock", "a")
+    except OSError:
+        if exclusive:
+            raise
+        yield   # a results directory this reader may not write: read it as it is
+        return
+    with f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def write_run(run_dir: Path, result: dict, rows: list[dict], config_yaml: str) -> None:
-    """config.yaml, rows.jsonl, then result.json, each atomically. result.json records how many
-    rows there are, their checksum and the code that wrote them, so a finished cell is checked
-    when read rather than trusted."""
+    """config.yaml, rows.jsonl, then result.json, each atomically and all under the run's lock.
+    result.json records how many rows there are, their checksum and the code that wrote them, so
+    a finished cell is checked when read rather than trusted."""
     text = rows_text(rows)
-    write_atomic(run_dir / "config.yaml", config_yaml)
-    write_atomic(run_dir / "rows.jsonl", text)
     result = result | {"rows_count": len(rows), "rows_sha256": digest(text), "git_commit": git_commit(),
                        "qeval_version": library_versions()["qeval"]}
-    # result.json last: its presence with status "ok" marks the run as finished
-    write_atomic(run_dir / "result.json", json.dumps(result, indent=2, default=str))
+    with run_lock(run_dir, exclusive=True):
+        write_atomic(run_dir / "config.yaml", config_yaml)
+        write_atomic(run_dir / "rows.jsonl", text)
+        # result.json last: its presence with status "ok" marks the run as finished
+        write_atomic(run_dir / "result.json", json.dumps(result, indent=2, default=str))
 
 
 class UnreadableRun(ValueError):
@@ -120,6 +145,13 @@ class UnreadableRun(ValueError):
 def read_finished(run_dir: Path) -> tuple[dict | None, str | None]:
     """(result.json, problem): (None, None) while the run has not finished; a problem when
     result.json is unreadable or rows.jsonl is missing, truncated or not the rows it recorded."""
+    if not (run_dir / "result.json").exists():
+        return None, None
+    with run_lock(run_dir, exclusive=False):
+        return _read_finished(run_dir)
+
+
+def _read_finished(run_dir: Path) -> tuple[dict | None, str | None]:
     try:
         result = json.loads((run_dir / "result.json").read_text())
     except FileNotFoundError:
@@ -144,12 +176,14 @@ def read_finished(run_dir: Path) -> tuple[dict | None, str | None]:
 
 def read_rows(run_dir: Path) -> list[dict]:
     """The rows of a finished run, checked against result.json; [] while it is unfinished."""
-    result, problem = read_finished(run_dir)
-    if problem:
-        raise UnreadableRun(problem)
-    if result is None:
+    if not (run_dir / "result.json").exists():
         return []
-    return [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines() if line.strip()]
+    with run_lock(run_dir, exclusive=False):   # result.json and rows.jsonl of the same writer
+        result, problem = _read_finished(run_dir)
+        if problem:
+            raise UnreadableRun(problem)
+        text = (run_dir / "rows.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def read_status(run_dir: Path) -> str | None:
