@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -17,18 +18,30 @@ from qeval.validate import CONFIG_DIR, check_composes, check_overrides
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict:
+    """One cell. Returns what it did (``ok``/``skipped``/``failed``, the run directory, the
+    error), which the sweep callback records; in a sweep it never raises, so the sweep goes on."""
+    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         result = run(cfg)
     except ConfigError as e:
         print(f"qeval: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        if not sweeping:
+            raise
+        # run() writes a failed row for every failure it can see; this is one it could not
+        # (say an unwritable results directory): the cell's marker still records it
+        traceback.print_exc(file=sys.stderr)
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}", "run_dir": None}
+    said = {"status": result["status"], "error": result.get("error"), "run_dir": result["run_dir"]}
     if result["status"] == "skipped":
-        return
+        return said
     print_rows(result["rows"])
     print(f"qeval: {result['status']}: {result['run_dir']}")
-    if result["status"] == "failed" and HydraConfig.get().mode != RunMode.MULTIRUN:
+    if result["status"] == "failed" and not sweeping:
         sys.exit(1)
+    return said
 
 
 def entry() -> None:

@@ -124,6 +124,51 @@ def run_lock(run_dir: Path, exclusive: bool):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def temporaries(directory: Path) -> list[Path]:
+    """The temporary files :func:`write_atomic` leaves in ``directory`` when its process is killed
+    between writing and renaming (only a process that owns the directory may delete them)."""
+    return sorted(directory.glob(".*.tmp")) if directory.is_dir() else []
+
+
+@contextmanager
+def cell_lock(run_dir: Path, block: bool = True):
+    """Hold ``<run_dir>/.computing`` exclusively while a cell is computed, so two sweeps sharing a
+    results directory never compute one cell twice: the second waits, then finds it finished.
+
+    Yields True when it had to wait for another process, False when the cell was free, and None
+    when ``block`` is false and another process holds it. ``flock`` is released by the kernel when
+    its holder dies, so a killed cell never leaves a stale lock; on NFS, Linux maps it to POSIX
+    byte-range locks, which the NFS lock manager shares between machines. The file holds the
+    holder's host and pid, for the message a waiting process prints. On entry, the temporaries a
+    killed writer of this cell left behind are removed: every writer of a run directory holds
+    this lock.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".computing", "a+") as f:
+        waited = False
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not block:
+                yield None
+                return
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            print(f"qeval: {run_dir.name} is being computed by {holder}; waiting for it", flush=True)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            waited = True
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {platform.node()}\n")
+            f.flush()
+            for leftover in temporaries(run_dir):
+                leftover.unlink(missing_ok=True)
+            yield waited
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def write_run(run_dir: Path, result: dict, rows: list[dict], config_yaml: str) -> None:
     """config.yaml, rows.jsonl, then result.json, each atomically and all under the run's lock.
     result.json records how many rows there are, their checksum and the code that wrote them, so

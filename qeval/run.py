@@ -66,7 +66,10 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _failed_without_method(cfg, run_id: str, run_dir: Path, error: str) -> dict:
+def record_failure(cfg, run_dir: Path, error: str) -> dict:
+    """Write a failed row for a cell whose method was never built (a bad config in a sweep, a cell
+    killed from outside), labelled as its bits would label it."""
+    run_id = run_dir.name
     print(f"qeval: failed: {error}", file=sys.stderr)
     try:   # labels as the method would give them, where the bits themselves are valid
         b = Bits.from_config(cfg)
@@ -83,18 +86,19 @@ def _failed_without_method(cfg, run_id: str, run_dir: Path, error: str) -> dict:
     return result | {"run_dir": str(run_dir)}
 
 
-def _finished(cfg, run_id: str, run_dir: Path) -> dict | None:
+def _finished(cfg, run_id: str, run_dir: Path, say: bool = True) -> dict | None:
     """The skip result when this cell is finished and its files agree; says why it is not."""
     result, problem = results.read_finished(run_dir)
-    if problem:
+    if problem and say:
         print(f"qeval: {run_id}: {problem}; recomputing", file=sys.stderr)
     if problem or result is None or result.get("status") != "ok":
         return None
     then, now = result.get("git_commit"), results.git_commit()
     if then != now:
         if cfg.get("resume", "skip") == "strict":
-            print(f"qeval: {run_id} was finished by qeval at commit {then}, this is {now}; "
-                  f"resume=strict: recomputing", file=sys.stderr)
+            if say:
+                print(f"qeval: {run_id} was finished by qeval at commit {then}, this is {now}; "
+                      f"resume=strict: recomputing", file=sys.stderr)
             return None
         print(f"qeval: {run_id} was finished by qeval at commit {then}, this is {now}; kept "
               f"(resume=strict recomputes it)", file=sys.stderr)
@@ -103,7 +107,10 @@ def _finished(cfg, run_id: str, run_dir: Path) -> dict | None:
 
 
 def run(cfg) -> dict:
-    """Run every task of one configuration; always writes result.json, ``ok`` or ``failed``."""
+    """Run every task of one configuration; always writes result.json, ``ok`` or ``failed``.
+
+    The cell is computed under :func:`qeval.results.cell_lock`: a second process asking for the
+    same cell (another sweep on the same results directory) waits and then finds it finished."""
     container = OmegaConf.to_container(cfg, resolve=True)
     run_id = results.config_hash(container)
     run_dir = Path(cfg.results_dir) / "runs" / run_id
@@ -111,14 +118,29 @@ def run(cfg) -> dict:
         return skip
     try:
         validate(cfg)
+        invalid = None
     except ConfigError as e:
         if not _in_sweep():
-            raise
+            raise   # before the lock: a single run with bad input leaves no run directory
         # one bad cell of a sweep (say a group size that does not divide one model) must not
         # stop the other cells: record it as a failed row like any other failure
-        return _failed_without_method(cfg, run_id, run_dir, f"ConfigError: {e}")
+        invalid = f"ConfigError: {e}"
+    with results.cell_lock(run_dir):
+        # finished while this process validated or waited for the lock: do not compute it twice
+        if not cfg.force and (skip := _finished(cfg, run_id, run_dir, say=False)):
+            return skip
+        if invalid:
+            return record_failure(cfg, run_dir, invalid)
+        return _compute(cfg, run_id, run_dir)
+
+
+def _compute(cfg, run_id: str, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
-    method = build_method(cfg)
+    try:
+        method = build_method(cfg)
+    except Exception as e:  # validated, so unexpected: still a failed row, never a lost cell
+        traceback.print_exc(file=sys.stderr)
+        return record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
     rows, status, error, bad_input = [], "ok", None, None
     device = loading.resolve_device(cfg.device)
     start = time.perf_counter()

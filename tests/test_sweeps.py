@@ -63,7 +63,7 @@ def test_local_sweep_resumes_and_recomputes_exactly_the_missing_cell(tmp_path, c
         assert [r["status"] for r in result["rows"]] and all(r["status"] == "ok" for r in result["rows"])
         assert (d / "rows.jsonl").read_text().count("\n") == len(result["rows"])
     before = mtimes(dirs)
-    from qeval.sweep import main as sweep_status
+    from qeval.sweep.__main__ import main as sweep_status
     assert sweep_status([str(tmp_path / "sweeps" / "first")]) == 0
     assert "4 cells: done 4, skipped 0, failed 0" in capsys.readouterr().out
 
@@ -186,5 +186,57 @@ def test_force_recomputes_a_finished_cell_under_the_same_identity(tmp_path):
 def test_a_reused_sweep_folder_counts_only_this_sweeps_cells(tmp_path):
     first = sweep(tmp_path, "reused", "kv_bits=4,16", launcher="basic")
     assert (first["cells"], first["done"]) == (2, 2), first
+    # temporaries a killed sweep left in its folder are cleared with its markers
+    leftovers = [tmp_path / "sweeps" / "reused" / ".qeval_cells" / ".000001.json.dead.tmp",
+                 tmp_path / "sweeps" / "reused" / ".sweep_summary.json.dead.tmp"]
+    for f in leftovers:
+        f.write_text("{")
     again = sweep(tmp_path, "reused", "kv_bits=8", launcher="basic")
     assert (again["cells"], again["done"], again["skipped"], again["missing"]) == (1, 1, 0, 0), again
+    assert not any(f.exists() for f in leftovers)
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_asking_for_one_cell_compute_it_once(tmp_path):
+    # two single runs of the same cell at once (two sweeps sharing a results directory): the
+    # second waits on the cell's lock, then finds the first one's result
+    cmd = [sys.executable, "-m", "qeval", f"results_dir={tmp_path}", *CELL, "task.passkey.samples_per_cell=4"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=500)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum("qeval: ok:" in o for o in outs) == 1, outs
+    assert sum("already done" in o for o in outs) == 1, outs
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert len(gather(tmp_path)) == len((run_dir / "rows.jsonl").read_text().splitlines())
+
+
+@pytest.mark.timeout(300)
+def test_temporaries_of_a_killed_writer_are_removed_when_the_cell_is_computed(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from qeval.run import run
+    from qeval.validate import CONFIG_DIR
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*CELL, f"results_dir={tmp_path}"])
+    from qeval.sweep import run_dir_of
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True)
+    # what write_atomic leaves when its process dies between writing and renaming
+    leftover = run_dir / ".rows.jsonl.k1ll3d.tmp"
+    leftover.write_text('{"half": ')
+    assert run(cfg)["status"] == "ok"
+    assert not leftover.exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_cell_is_a_failed_row_and_the_rerun_completes_every_cell(tmp_path):
+    # the README's demonstration: SIGKILL one cell of a local-launcher sweep mid-run; the sweep
+    # summarises and exits 1, the rerun redoes exactly that cell; no row lost, none twice
+    script = Path(__file__).resolve().parents[1] / "scripts" / "kill_a_cell.py"
+    p = subprocess.run([sys.executable, str(script), "--results", str(tmp_path), "--cells", "kv_bits=16,2"],
+                       env=ENV, capture_output=True, text=True, timeout=800)
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert p.returncode == 0 and not report["problems"], (report, p.stderr[-2000:])
+    assert report["first"]["failed"] == 1 and report["killed_error"].startswith("killed:")
+    assert (report["rerun"]["done"], report["rerun"]["skipped"]) == (1, 1)

@@ -1,0 +1,110 @@
+"""The Hydra callback registered in ``configs/config.yaml``. It runs in two places:
+
+* in every cell's process (``on_job_start`` / ``on_job_end``), where it classifies the cell as
+  ``done`` (computed now), ``skipped`` (a finished result with the same config hash already
+  existed) or ``failed`` (the run wrote a failed row, or the task function raised) and records
+  that as the cell's marker;
+* in the process that launched the sweep (``on_multirun_start`` / ``on_multirun_end``), where it
+  counts the cells before anything runs and reads the markers back at the end into
+  ``<sweep dir>/sweep_summary.json`` and one printed line: done, skipped, failed. The process
+  exits with status 1 when any cell failed or is missing. Markers and temporary files left in a
+  reused sweep folder by an earlier sweep are cleared at the start, so only this sweep's cells
+  are counted.
+
+A cell killed from outside never reaches ``on_job_end``: qeval's launchers
+(:mod:`qeval.sweep.launchers`) record it instead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from qeval import results
+from qeval.sweep.cells import count_cells, run_dir_of
+from qeval.sweep.summary import (
+    MARKER_DIR,
+    comparison,
+    read_markers,
+    read_total,
+    record,
+    summarize,
+    summary_line,
+)
+
+
+def classify(task_cfg: DictConfig, job_return: JobReturn, started: float) -> dict:
+    """``done`` / ``skipped`` / ``failed`` for one finished cell, with the error if any."""
+    if job_return.status == JobStatus.FAILED:
+        err = job_return._return_value
+        return {"status": "failed", "error": f"{type(err).__name__}: {err}", "run_dir": None}
+    said = job_return._return_value if isinstance(job_return._return_value, dict) else {}
+    if said.get("status") == "failed" and not said.get("run_dir"):   # failed before writing a row
+        return {"status": "failed", "error": said.get("error"), "run_dir": None}
+    run_dir = run_dir_of(task_cfg)
+    result, problem = results.read_finished(run_dir)
+    if result is None or problem:
+        return {"status": "failed", "error": problem or "no result.json was written", "run_dir": str(run_dir)}
+    if result.get("status") != "ok":
+        return {"status": "failed", "error": result.get("error"), "run_dir": str(run_dir)}
+    if said.get("status") in ("ok", "skipped"):   # what the run itself did (it may have waited
+        status = "done" if said["status"] == "ok" else "skipped"   # for another sweep's result)
+    else:  # a result older than this cell's start was found, not computed
+        status = "skipped" if (run_dir / "result.json").stat().st_mtime < started else "done"
+    return {"status": status, "error": None, "run_dir": str(run_dir)}
+
+
+class SweepSummary(Callback):
+    """Hydra callback: progress per finished cell and a done/skipped/failed summary per sweep."""
+
+    def __init__(self) -> None:
+        self._started = time.time()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        total = count_cells(config)
+        (sweep_dir / MARKER_DIR).mkdir(parents=True, exist_ok=True)
+        # a reused sweep folder: an earlier sweep's markers would be counted as this one's cells,
+        # and its temporary files (a process killed mid-write) would stay forever
+        stale = sorted((sweep_dir / MARKER_DIR).glob("*.json"))
+        for leftover in [*stale, *results.temporaries(sweep_dir / MARKER_DIR), *results.temporaries(sweep_dir)]:
+            leftover.unlink(missing_ok=True)
+        if stale:
+            print(f"qeval sweep: {sweep_dir} held {len(stale)} cell markers of an earlier sweep; "
+                  f"cleared (their rows stay in the results directory)", flush=True)
+        results.write_atomic(sweep_dir / MARKER_DIR / "total", json.dumps(total))
+        print(f"qeval sweep: {total if total is not None else '?'} cells -> {sweep_dir}", flush=True)
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        self._started = time.time()
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            return
+        cell = classify(job_return.cfg, job_return, self._started) | {
+            "job": int(config.hydra.job.num), "overrides": list(job_return.overrides or []),
+            "seconds": time.time() - self._started}
+        record(Path(config.hydra.sweep.dir), cell)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        s = summarize(sweep_dir, read_total(sweep_dir))
+        results.write_atomic(sweep_dir / "sweep_summary.json", json.dumps(s, indent=2))
+        table = comparison(read_markers(sweep_dir))
+        if table:
+            print(table, flush=True)
+        print(summary_line(s), flush=True)
+        for cell in s["failed_cells"]:
+            print(f"qeval sweep:   failed cell {cell['job']} ({' '.join(cell['overrides'])}): {cell['error']}",
+                  flush=True)
+        if s["failed"] or s["missing"]:
+            # a sweep with a failed or missing cell did not do what it was asked: say so to the
+            # shell and to a job scheduler (SystemExit passes through Hydra's error handling)
+            raise SystemExit(1)
