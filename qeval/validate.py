@@ -308,6 +308,7 @@ def validate(cfg):
         raise ConfigError(f"model.path={cfg.model.path}: not a readable model config "
                           f"({str(e).splitlines()[0][:200]})") from e
     check_against_model(cfg, arch, METHODS[cfg.method.name])
+    facts = loading.ModelFacts(arch, cfg.model)
     for name, node in cfg.task.items():
-        CHECKS[name](name, node, arch)
+        CHECKS[name](name, node, facts)
     return arch

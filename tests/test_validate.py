@@ -45,6 +45,8 @@ BAD_INPUTS = [
     (["task.passkey.lenghts=[256]"], "task.passkey.lenghts=[256]: unknown key; did you mean 'lengths'?"),
     (["task.passkey.lengths=[-5]"], "task.passkey.lengths=[-5]: -5 is out of range; allowed: integers from 1 to"),
     (["task.passkey.lengths=[100000]"], "task.passkey.lengths=[100000]: 100000 is out of range; allowed: integers from 1 to 4088"),
+    # the shortest prompt (no filler) is 229 characters: the tiny model tokenizes by character
+    (["task.passkey.lengths=[5]"], "task.passkey.lengths=5: shorter than the prompt without filler (229 tokens"),
     (["task.passkey.depths=[1.5]"], "task.passkey.depths=[1.5]: allowed: a non-empty list of numbers in [0, 1]"),
     (["task.passkey.depths=[-0.5]"], "task.passkey.depths=[-0.5]: allowed: a non-empty list of numbers in [0, 1]"),
     (["task.passkey.samples_per_cell=0"], "task.passkey.samples_per_cell=0: allowed: an integer >= 1"),
@@ -98,6 +100,7 @@ def test_kv_only_methods_refuse_weights():
 @pytest.mark.parametrize("args,expected", [(["method=unifrom"], "did you mean 'uniform'"),
                                            (["w_bits=9", "model=tiny-random"], "w_bits=9"),
                                            (["task.passkey.lengths=[-5]"], "task.passkey.lengths=[-5]"),
+                                           (["task.passkey.lengths=[5]"], "lengths >= "),
                                            (["+method.foo=1"], "method.foo=1: unknown key"),
                                            (["method.foo=1"], "method.foo=1: unknown key"),
                                            (["kv_bits=2,4"], "a sweep needs -m")])

@@ -39,13 +39,18 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
+def shortest_prompt(tokenizer, key_digits: int) -> int:
+    """Tokens of a prompt with no filler at all: the shortest length the task can build."""
+    return count_tokens(tokenizer, make_prompt("9" * key_digits, 0, 0.0))
+
+
 def build_samples(tokenizer, lengths, depths, samples_per_cell: int, key_digits: int, seed: int) -> list[Sample]:
     """The full grid, ``samples_per_cell`` keys per (length, depth) cell."""
     rng = random.Random(seed)
     lo, hi = 10 ** (key_digits - 1), 10**key_digits - 1
     # filler sentences per length, found once with a probe key of the right width
     probe = "9" * key_digits
-    base = count_tokens(tokenizer, make_prompt(probe, 0, 0.0))
+    base = shortest_prompt(tokenizer, key_digits)
     per_filler = count_tokens(tokenizer, make_prompt(probe, 50, 0.0)) - base
     if min(lengths) < base:
         raise ValueError(f"task.passkey.lengths={min(lengths)}: shorter than the prompt without filler "

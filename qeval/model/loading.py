@@ -7,6 +7,7 @@ hub model runs through.
 from __future__ import annotations
 
 import os
+from functools import cached_property
 import string
 
 import torch
@@ -60,13 +61,39 @@ def model_config(model_cfg, vocab_size: int | None = None):
                                       trust_remote_code=model_cfg.get("trust_remote_code", False))
 
 
+def load_tokenizer(model_cfg):
+    """The model's tokenizer, left-padding, with a pad token (no weights are read)."""
+    if model_cfg.get("random_config"):
+        tokenizer = char_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_path(model_cfg.path), revision=model_cfg.get("revision"),
+            trust_remote_code=model_cfg.get("trust_remote_code", False))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class ModelFacts:
+    """What validation may read about a model before its weights load: the architecture config,
+    and the tokenizer, loaded on first use (only checks that need it pay for it)."""
+
+    def __init__(self, arch, model_cfg) -> None:
+        self.arch, self.model_cfg = arch, model_cfg
+
+    @cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.model_cfg)
+
+
 def load(model_cfg, device: str = "auto", dtype: str = "auto", attn: str = "sdpa", seed: int = 0):
     """Load (model, tokenizer) in eval mode; a multi-GPU node spreads a large model with
     ``device_map=auto``."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    tokenizer = load_tokenizer(model_cfg)
     if model_cfg.get("random_config"):
-        tokenizer = char_tokenizer()
         config = model_config(model_cfg, len(tokenizer))
         config.pad_token_id = tokenizer.pad_token_id
         config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -74,14 +101,10 @@ def load(model_cfg, device: str = "auto", dtype: str = "auto", attn: str = "sdpa
         model = AutoModelForCausalLM.from_config(config, dtype=dt, attn_implementation=attn).to(dev)
     else:
         kw = dict(revision=model_cfg.get("revision"), trust_remote_code=model_cfg.get("trust_remote_code", False))
-        tokenizer = AutoTokenizer.from_pretrained(resolve_path(model_cfg.path), **kw)
         many_gpus = dev.type == "cuda" and torch.cuda.device_count() > 1 and device == "auto"
         model = AutoModelForCausalLM.from_pretrained(
             resolve_path(model_cfg.path), dtype=dt, attn_implementation=attn,
             device_map="auto" if many_gpus else {"": dev}, **kw)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
 

@@ -14,7 +14,7 @@ TASKS: dict[str, Callable] = {
     "quant_error": quant_error.evaluate,
     **{name: lm_eval_tasks.task(name) for name in lm_eval_tasks.LM_EVAL_TASKS},
 }
-# check(name, node, architecture config): each task's keys, before any model loads
+# check(name, node, ModelFacts): each task's keys, before any weights load
 CHECKS: dict[str, Callable] = {
     "passkey": passkey.check,
     "toy_arith": toy_arith.check,

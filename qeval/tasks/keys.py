@@ -1,6 +1,6 @@
 """Checks of a task's own keys, each raising one line that names ``task.<name>.<key>``, the value
-and what is allowed. Tasks call these from their ``check(name, node, arch)``, which validation runs
-before any model loads."""
+and what is allowed. Tasks call these from their ``check(name, node, model)`` (``model`` is a
+:class:`qeval.model.loading.ModelFacts`), which validation runs before any weights load."""
 
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-from qeval.data.passkey import build_samples
+from qeval.data.passkey import build_samples, shortest_prompt
+from qeval.errors import ConfigError
 from qeval.tasks import keys
 
 
@@ -18,13 +19,22 @@ def first_number(text: str) -> str | None:
     return m.group(0) if m else None
 
 
-def check(name: str, cfg, arch) -> None:
-    """The grid fits the model: lengths within its positions (with room for the answer), depths in
-    [0, 1], at least one key per cell; before any model loads."""
-    longest = keys.max_positions(arch)
+def check(name: str, cfg, model) -> None:
+    """The grid fits the model: lengths within its positions (with room for the answer) and no
+    shorter than the prompt without filler (this needs the tokenizer, not the weights), depths in
+    [0, 1], at least one key per cell; before any weights load."""
+    longest = keys.max_positions(model.arch)
     keys.integer(name, cfg, "key_digits", 1, 18)
     answer = cfg.key_digits + 3                       # tokens generated after each prompt
     keys.integers(name, cfg, "lengths", 1, None if longest is None else longest - answer)
+    try:
+        shortest = shortest_prompt(model.tokenizer, cfg.key_digits)
+    except (OSError, ValueError) as e:   # a local model folder without a readable tokenizer
+        raise ConfigError(f"model.path={model.model_cfg.get('path')}: no readable tokenizer "
+                          f"({str(e).splitlines()[0][:200]})") from e
+    if min(cfg.lengths) < shortest:
+        raise ConfigError(f"task.{name}.lengths={min(cfg.lengths)}: shorter than the prompt without filler "
+                          f"({shortest} tokens with this tokenizer); allowed: lengths >= {shortest}")
     keys.fractions(name, cfg, "depths")
     keys.integer(name, cfg, "samples_per_cell")
     keys.integer(name, cfg, "batch_size")

@@ -93,8 +93,8 @@ def reference_model(handle, cfg):
     return model
 
 
-def check(name: str, cfg, arch) -> None:
-    longest = keys.max_positions(arch)
+def check(name: str, cfg, model) -> None:
+    longest = keys.max_positions(model.arch)
     keys.integer(name, cfg, "n_tokens", 2, longest)
     keys.integer(name, cfg, "context_tokens", 1, cfg.n_tokens - 1)
 

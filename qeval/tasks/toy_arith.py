@@ -22,7 +22,7 @@ def final_number(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def check(name: str, cfg, arch) -> None:
+def check(name: str, cfg, model) -> None:
     keys.integer(name, cfg, "n_samples")
     keys.integer(name, cfg, "batch_size")
     keys.integer(name, cfg, "max_new_tokens")

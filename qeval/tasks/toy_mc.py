@@ -22,7 +22,7 @@ def first_letter(text: str) -> str | None:
     return m.group(0) if m else None
 
 
-def check(name: str, cfg, arch) -> None:
+def check(name: str, cfg, model) -> None:
     keys.integer(name, cfg, "n_samples")
     keys.integer(name, cfg, "batch_size")
     keys.integer(name, cfg, "seed", 0)

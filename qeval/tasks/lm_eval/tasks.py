@@ -228,7 +228,7 @@ def evaluate_lm_eval(name: str, handle, cfg) -> list[dict]:
     return rows
 
 
-def check(name: str, cfg, arch) -> None:
+def check(name: str, cfg, model) -> None:
     """lm-eval's own keys, before any model loads (what lm-eval itself checks, it checks later)."""
     keys.integer(name, cfg, "num_fewshot", 0, nullable=True)
     limit = cfg.get("limit")
@@ -238,7 +238,7 @@ def check(name: str, cfg, arch) -> None:
                           f"or a fraction in (0, 1)")
     keys.integer(name, cfg, "batch_size")
     keys.integer(name, cfg, "max_gen_toks", nullable=True)
-    keys.integer(name, cfg, "max_length", 1, keys.max_positions(arch), nullable=True)
+    keys.integer(name, cfg, "max_length", 1, keys.max_positions(model.arch), nullable=True)
     keys.choice(name, cfg, "scoring", ("prefill", "stock"))
     if "truncation" in cfg:
         keys.choice(name, cfg, "truncation", ("middle", "left"))
