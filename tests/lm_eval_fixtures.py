@@ -22,10 +22,10 @@ def arithmetic_problem(rng: random.Random) -> tuple[str, str]:
             f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} marbles.\n#### {a + b}")
 
 
-def write_gsm8k(root: Path, n: int = 3, seed: int = 0) -> None:
+def write_gsm8k(root: Path, n: int = 3, seed: int = 0, train: int = 6) -> None:
     """openai/gsm8k, config main: {question, answer}; the answer ends in '#### <number>'."""
     rng = random.Random(seed)
-    for split, k in (("train", 6), ("test", n)):
+    for split, k in (("train", train), ("test", n)):
         _write(root, "openai/gsm8k", "main", split,
                [dict(zip(("question", "answer"), arithmetic_problem(rng))) for _ in range(k)])
 

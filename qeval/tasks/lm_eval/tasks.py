@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from qeval.errors import ConfigError
 from qeval.results import write_atomic
 from qeval.tasks import keys
@@ -193,6 +195,19 @@ def missing_data_error(name: str, leaves: dict[str, dict], e: Exception) -> Conf
                        f"<dataset_path>/<dataset_name>/<split>.jsonl>")
 
 
+# lm-eval's own defaults (``lm_eval --seed``, ``simple_evaluate``): python's random, numpy, torch,
+# and the few-shot sampler. The last decides which shots a randomly sampled task (GSM8K) shows.
+LM_EVAL_SEEDS = (0, 1234, 1234, 1234)
+SEED_SLOTS = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
+
+
+def seeds(seed) -> dict:
+    """``simple_evaluate``'s four seed arguments from the task's ``seed`` key, read as lm-eval's
+    ``--seed`` is: one integer for all four, or four values (null leaves that generator alone)."""
+    values = [seed] * 4 if isinstance(seed, int) else list(seed)
+    return dict(zip(SEED_SLOTS, values))
+
+
 def evaluate_lm_eval(name: str, handle, cfg) -> list[dict]:
     from datasets.exceptions import DatasetNotFoundError
     from lm_eval import simple_evaluate
@@ -209,8 +224,7 @@ def evaluate_lm_eval(name: str, handle, cfg) -> list[dict]:
                 model=lm, tasks=list(cfg.lm_eval_tasks), task_manager=manager,
                 num_fewshot=cfg.get("num_fewshot"), limit=cfg.get("limit"), gen_kwargs=gen,
                 bootstrap_iters=cfg.get("bootstrap_iters", 100000), log_samples=True,
-                random_seed=cfg.get("seed", 0), numpy_random_seed=cfg.get("seed", 0),
-                torch_random_seed=cfg.get("seed", 0), fewshot_random_seed=cfg.get("seed", 0))
+                **seeds(cfg.get("seed", LM_EVAL_SEEDS)))
         except (ConnectionError, FileNotFoundError, DatasetNotFoundError) as e:  # offline, not cached
             raise missing_data_error(name, leaves, e) from e
     finally:
@@ -244,7 +258,16 @@ def check(name: str, cfg, model) -> None:
         keys.choice(name, cfg, "truncation", ("middle", "left"))
     if "max_input_tokens" in cfg:
         keys.integer(name, cfg, "max_input_tokens", nullable=True)
-    keys.integer(name, cfg, "seed", 0)
+    seed = cfg.get("seed")
+
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    four = (isinstance(seed, (list, tuple)) or OmegaConf.is_list(seed)) and len(seed) == 4
+    if not (whole(seed) or (four and all(v is None or whole(v) for v in seed))):
+        raise ConfigError(f"task.{name}.seed={seed}: allowed: an integer >= 0 (all four of lm-eval's seeds) or "
+                          f"four of them [random, numpy, torch, fewshot] (lm-eval's default: "
+                          f"[{', '.join(map(str, LM_EVAL_SEEDS))}])")
 
 
 def task(name: str):
