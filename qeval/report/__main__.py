@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from qeval.report.figures import write_figures
 from qeval.report.gather import gather, write_table
 from qeval.report.tables import write_tables
@@ -17,7 +19,7 @@ def report(results_dir: Path, out: Path | None = None) -> dict:
     results_dir = Path(results_dir)
     out = Path(out) if out else results_dir / "report"
     df = gather(results_dir)
-    if df.empty:
+    if df.empty:  # not even a failed run
         raise SystemExit(f"qeval.report: no finished runs under {results_dir / 'runs'}")
     written = {"rows": [str(p) for p in write_table(df, out)],
                "tables": [str(p) for p in write_tables(df, out / "tables")],
@@ -33,9 +35,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="where to write (default: <results_dir>/report)")
     args = ap.parse_args(argv)
     written = report(args.results_dir, args.out)
-    n_rows = sum(1 for _ in open(written["rows"][1])) - 1
+    n_rows = len(pd.read_csv(written["rows"][1], usecols=[0]))
     print(f"qeval.report: {n_rows} rows -> {written['rows'][0]}, {written['rows'][1]}")
-    print(f"qeval.report: {len(written['tables'])} tables -> {Path(written['tables'][-1]).parent}")
+    tables = Path(written["tables"][-1]).parent
+    print(f"qeval.report: {len(written['tables'])} table files -> {tables}")
+    failed = (tables / "failed.md").read_text().splitlines()[0]
+    if failed != "### Failed runs":
+        print(f"qeval.report: {failed.removeprefix('### ')} -> {tables / 'failed.md'}")
     for f in written["figures"]:
         print(f"qeval.report: figure {f['name']} ({f['panels']} panels) -> {f['png']}, {f['pdf']}")
     return 0

@@ -10,37 +10,79 @@ Labels come from the rows themselves: every method writes ``target`` (``fp16``, 
 prompt an evicting method keeps) with :meth:`qeval.methods.base.Method.labels`, so nothing here
 knows any method. Derived here: ``bits``, the bit width on the row's target axis (weights for
 W/WA, K/V for KV; 16 for fp16). Nothing is ever parsed from directory names.
+
+The run's resolved config (the nested ``config`` dict every row carries, else the run's
+``config.yaml``) is flattened into ``config.<key>`` columns (lists as JSON text), minus the keys
+that only say where or how a run was launched (:data:`qeval.results.NON_IDENTITY_KEYS`). Those
+columns are the knobs :mod:`qeval.report.cells` groups by, so no two settings are ever averaged.
+
+Numeric columns are made numeric here (a failed row may hold None or the text a user typed where
+a number belongs); a failed row whose bits are not numbers is labelled ``?``, never guessed.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from qeval import results
 from qeval.methods.base import bit_labels
 
 # rows whose value is a headline number of a task (no per-cell or per-layer breakdown)
 BREAKDOWN_COLUMNS = results.DETAIL_COLUMNS
+CONFIG_PREFIX = "config."
+# columns that hold numbers; anything else in them (None, a typo in a failed row) becomes NaN
+NUMERIC_COLUMNS = ("value", "stderr", "n", "w_bits", "a_bits", "kv_bits", "k_bits", "v_bits", "kv_budget",
+                   "length", "depth", "layer", "seconds", "tokens_per_s", "kv_bytes_held",
+                   "kv_bytes_packed", "peak_memory_bytes")
+# columns every table and figure reads; a row written without them gets None
+EXPECTED_COLUMNS = ("model", "method", "task", "metric", "value", "status", "dtype", "target", "setting",
+                    "kv_budget", "w_bits", "a_bits", "kv_bits")
+BITS = ("w_bits", "a_bits", "kv_bits")
 # a task's headline metric: the first of these present, else the first in alphabetical order
 METRIC_PREFERENCE = ("accuracy", "exact_match,strict-match", "exact_match,flexible-extract",
                      "acc,none", "acc_norm,none", "score,none", "exact_match,get-answer")
 
 
 def read_run(run_dir: Path) -> list[dict]:
-    """Rows of one finished run (empty while the run is still being written, and for a run whose
-    files do not agree, which is named on stderr and left out)."""
+    """Rows of one finished run, each with the run's flattened config as ``config.<key>`` columns
+    (empty while the run is still being written, and for a run whose files do not agree, which is
+    named on stderr and left out)."""
     try:
         rows = results.read_rows(run_dir)
     except results.UnreadableRun as e:
         print(f"qeval report: skipped {e}", file=sys.stderr)
         return []
+    from_file = None
     for row in rows:
-        row.pop("config", None)  # nested; the run's config.yaml holds it in full
+        config = row.pop("config", None)  # nested; flattened below, config.yaml holds it in full
+        if not isinstance(config, dict):
+            from_file = config_of(run_dir) if from_file is None else from_file
+            config = from_file
+        row.update(config_columns(config))
         row["run_dir"] = str(run_dir)
     return rows
+
+
+def config_of(run_dir: Path) -> dict:
+    """The resolved config a run wrote beside its rows (for rows written without a ``config``)."""
+    try:
+        loaded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def config_columns(config: dict) -> dict:
+    """``{"method": {"kv_granularity": "per_token"}}`` -> ``{"config.method.kv_granularity": ...}``,
+    launch keys left out; a list becomes JSON text so that it can be compared and grouped."""
+    ident = {k: v for k, v in config.items() if k not in results.NON_IDENTITY_KEYS}
+    return {CONFIG_PREFIX + k: json.dumps(v) if isinstance(v, (list, tuple)) else v
+            for k, v in results.flatten(ident).items()}
 
 
 def _int(x):
@@ -48,9 +90,11 @@ def _int(x):
 
 
 def _bit_labels(r) -> pd.Series:
-    k = r["k_bits"] if pd.notna(r["k_bits"]) else r.get("kv_bits")
-    v = r["v_bits"] if pd.notna(r["v_bits"]) else r.get("kv_bits")
-    return pd.Series(bit_labels(_int(r.get("w_bits")), _int(r.get("a_bits")), _int(k), _int(v)),
+    if any(pd.isna(r[c]) for c in BITS):   # a failed row with bits that are not numbers
+        return pd.Series(["?", "?"], index=["target", "setting"])
+    k = r["k_bits"] if pd.notna(r["k_bits"]) else r["kv_bits"]
+    v = r["v_bits"] if pd.notna(r["v_bits"]) else r["kv_bits"]
+    return pd.Series(bit_labels(_int(r["w_bits"]), _int(r["a_bits"]), _int(k), _int(v)),
                      index=["target", "setting"])
 
 
@@ -64,17 +108,21 @@ def add_derived(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df
     df = df.copy()
+    for c in EXPECTED_COLUMNS:
+        if c not in df:
+            df[c] = None
+    for c in NUMERIC_COLUMNS:
+        if c in df:
+            df[c] = pd.to_numeric(df[c], errors="coerce")
     for c in ("k_bits", "v_bits"):
         if c not in df:
             df[c] = df["kv_bits"]
-    for c in ("target", "setting", "kv_budget"):
-        if c not in df:
-            df[c] = None
+    df["target"] = df["target"].astype(object)
+    df["setting"] = df["setting"].astype(object)
     missing = df["target"].isna()
     if missing.any():
-        df.loc[missing, ["target", "setting"]] = df[missing].apply(_bit_labels, axis=1)
-    df["kv_budget"] = pd.to_numeric(df["kv_budget"], errors="coerce")
-    df["bits"] = df.apply(_bits, axis=1)
+        df.loc[missing, ["target", "setting"]] = df[missing].apply(_bit_labels, axis=1).values
+    df["bits"] = pd.to_numeric(df.apply(_bits, axis=1), errors="coerce")
     return df
 
 
@@ -99,17 +147,9 @@ def headline(df: pd.DataFrame) -> pd.DataFrame:
     keep = []
     for task, g in ok.groupby("task"):
         present = set(g["metric"])
-        metric = next((m for m in METRIC_PREFERENCE if m in present), sorted(present)[0])
+        metric = next((m for m in METRIC_PREFERENCE if m in present), min(present))
         keep.append(g[g["metric"] == metric])
     return pd.concat(keep) if keep else ok.iloc[0:0]
-
-
-def baseline_of(df: pd.DataFrame) -> pd.DataFrame:
-    """Full-precision value per (model, task, metric): the mean over fp16 runs (any method at 16
-    bits is an exact identity, so they agree up to nondeterminism)."""
-    fp = df[df["target"] == "fp16"]
-    return fp.groupby(["model", "task", "metric"], as_index=False)["value"].mean().rename(
-        columns={"value": "fp16_value"})
 
 
 def write_table(df: pd.DataFrame, out_dir: Path) -> list[Path]:

@@ -1,5 +1,18 @@
-"""Markdown and LaTeX tables: per task, model x (method, setting), each cell the headline value
-and its difference to full precision of the same model on the same task and metric."""
+"""Markdown and LaTeX tables: per task, model x (method, setting, distinguishing knobs).
+
+Cells follow :mod:`qeval.report.cells`: runs that differ in any knob are never averaged; a knob
+that splits cells is named under the title and carried in the column labels. A cell reads
+
+* ``0.8667 (-0.0333)``: the value and, in brackets, its difference to the full-precision run of
+  the same model with the same non-quantization knobs (labelled by its dtype: fp32, bf16, fp16);
+  no bracket when there is no such run;
+* ``... [n=2 runs]``: the mean of two runs of identical settings; ``[n=2 runs: 0.8–0.9]`` when
+  they disagree.
+
+Numbers keep four significant digits. ``cells.csv`` holds every cell in long form (knobs, runs,
+samples per run ``n``, run directories), ``failed.md`` the failed runs, ``<task>_vs_paper.md``
+published numbers beside qeval's, and ``all.md`` all of it.
+"""
 
 from __future__ import annotations
 
@@ -7,49 +20,75 @@ from pathlib import Path
 
 import pandas as pd
 
-from qeval.report.gather import baseline_of, headline
+from qeval.report import published
+from qeval.report.cells import task_cells
+from qeval.report.failed import failed_markdown, failed_runs
+from qeval.report.gather import headline
+from qeval.report.style import baseline_label, missing, num, signed
 
 TARGET_ORDER = {"fp16": 0, "W": 1, "WA": 2, "KV": 3, "KV-evict": 4, "mixed": 5}
 
 
-def _columns(h: pd.DataFrame) -> list[tuple[str, str]]:
-    """(method, setting) pairs in reading order: target, then method, then bits high to low."""
-    cols = (h[h["target"] != "fp16"]
-            .assign(_t=lambda d: d["target"].map(TARGET_ORDER), _b=lambda d: -d["bits"],
-                    _k=lambda d: -d["kv_budget"].fillna(0))
-            .sort_values(["_t", "method", "_b", "_k", "a_bits"], ascending=[True, True, True, True, False])
-            [["method", "setting"]].drop_duplicates())
-    return list(cols.itertuples(index=False, name=None))
+def column_order(cells: pd.DataFrame) -> list[str]:
+    """Column labels in reading order: baselines, then by target, method, bits high to low."""
+    c = cells.assign(_t=cells["target"].map(TARGET_ORDER).fillna(9), _b=-cells["bits"].fillna(16),
+                     _k=-cells["kv_budget"].fillna(0), _a=-cells["a_bits"].fillna(16),
+                     _m=cells["method"].fillna(""))
+    c = c.sort_values(["_t", "_m", "_b", "_k", "_a", "label"], kind="stable")
+    return list(dict.fromkeys(c["label"]))
 
 
-def task_table(h: pd.DataFrame) -> pd.DataFrame:
-    """One task's headline rows -> a frame of display strings, index = model."""
-    base = baseline_of(h).set_index("model")["fp16_value"] if (h["target"] == "fp16").any() else pd.Series(dtype=float)
-    cells = h[h["target"] != "fp16"].groupby(["model", "method", "setting"])["value"].mean()
-    models = sorted(h["model"].unique())
+def cell_text(c) -> str:
+    text = num(c["value"])
+    if not missing(c["delta"]):
+        text += f" ({signed(c['delta'])})"
+    if c["runs"] > 1:
+        spread = f": {num(c['lo'])}–{num(c['hi'])}" if c["lo"] != c["hi"] else ""
+        text += f" [n={c['runs']} runs{spread}]"
+    return text
+
+
+def task_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """One task's cells -> a frame of display strings, index = model."""
+    models = sorted(cells["model"].astype(str).unique())
     out = pd.DataFrame(index=pd.Index(models, name="model"))
-    out["fp16"] = [f"{base[m]:.4f}" if m in base.index else "–" for m in models]
-    for method, setting in _columns(h):
-        col = []
-        for m in models:
-            v = cells.get((m, method, setting))
-            if v is None or pd.isna(v):
-                col.append("–")
-            elif m in base.index:
-                col.append(f"{v:.4f} ({v - base[m]:+.4f})")
-            else:
-                col.append(f"{v:.4f}")
-        out[f"{method} {setting}"] = col
+    for label in column_order(cells):
+        col = cells[cells["label"] == label].set_index("model")
+        out[label] = [cell_text(col.loc[m]) if m in col.index else "–" for m in models]
     return out
 
 
-def to_markdown(t: pd.DataFrame, title: str) -> str:
+def notes(cells: pd.DataFrame, split: list[str]) -> list[str]:
+    """The lines under a table's title: what split cells, samples per run, what has no baseline."""
+    lines = []
+    if split:
+        lines.append("cells also differ in: " + ", ".join(split))
+    samples = sorted({s for s in cells["samples"] if s})
+    if len(samples) == 1:
+        lines.append(f"samples per run (n): {samples[0]}")
+    elif samples:
+        lines.append("samples per run (n) differ between cells: " + "; ".join(samples) + " (see cells.csv)")
+    quantized = cells[cells["method"].notna()]
+    if quantized["baseline"].isna().any():
+        lines.append("no bracket: no full-precision run of that model with the same non-quantization knobs")
+    return lines
+
+
+def title_of(task: str, cells: pd.DataFrame) -> str:
+    metric = cells["metric"].iloc[0]
+    base = cells[cells["method"].isna()]
+    if base.empty:
+        return f"{task} ({metric})"
+    return f"{task} ({metric}); in brackets: difference to {baseline_label(base['dtype'])}"
+
+
+def to_markdown(t: pd.DataFrame, title: str, lines: list[str] = ()) -> str:
     header = ["model", *t.columns]
-    lines = [f"### {title}", "", "| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] + ["---:"] * len(t.columns)) + "|"]
+    out = [f"### {title}", ""] + [f"{line}  " for line in lines] + ([""] if lines else [])
+    out += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(t.columns)) + "|"]
     for model, row in t.iterrows():
-        lines.append("| " + " | ".join([str(model), *row.tolist()]) + " |")
-    return "\n".join(lines) + "\n"
+        out.append("| " + " | ".join([str(model), *row.tolist()]) + " |")
+    return "\n".join(out) + "\n"
 
 
 def _tex(s: str) -> str:
@@ -66,22 +105,54 @@ def to_latex(t: pd.DataFrame, caption: str, label: str) -> str:
                       rf"\caption{{{_tex(caption)}}}", rf"\label{{{label}}}", r"\end{table}"]) + "\n"
 
 
+def safe_name(task: str) -> str:
+    return task.replace("/", "_").replace(",", "_")
+
+
+def write_task(task: str, cells: pd.DataFrame, split: list[str], out_dir: Path) -> tuple[str, list[Path]]:
+    """``<task>.md`` and ``<task>.tex``; returns the Markdown and the files."""
+    t = task_table(cells)
+    title, lines = title_of(task, cells), notes(cells, split)
+    md = to_markdown(t, title, lines)
+    safe = safe_name(task)
+    (out_dir / f"{safe}.md").write_text(md)
+    caption = ". ".join([title.replace("; in brackets:", ". In brackets:"), *(x[0].upper() + x[1:] for x in lines)]) + "."
+    (out_dir / f"{safe}.tex").write_text(to_latex(t, caption, f"tab:{safe}"))
+    return md, [out_dir / f"{safe}.md", out_dir / f"{safe}.tex"]
+
+
+def write_cells_csv(every_cell: list[pd.DataFrame], path: Path) -> Path:
+    """Every cell of every task in long form: knobs, value, runs, samples, run directories."""
+    cells = pd.concat(every_cell) if every_cell else pd.DataFrame(columns=["task", "extra", "base_knobs"])
+    cells = cells.assign(extra=cells["extra"].map(lambda e: "; ".join(f"{k}={v}" for k, v in e)))
+    cells.drop(columns=["base_knobs"]).to_csv(path, index=False)
+    return path
+
+
 def write_tables(df: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """``tables/<task>.md`` and ``.tex`` per task, and ``tables/all.md`` with every task."""
+    """Per task ``<task>.md``/``.tex`` (and ``<task>_vs_paper.md`` where a published number
+    matches), ``failed.md``, ``cells.csv`` and ``all.md`` with every table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     h = headline(df)
-    written, sections = [], []
+    paper = published.load()
+    written, sections, every_cell = [], [], []
     for task, g in sorted(h.groupby("task"), key=lambda kv: kv[0]):
-        metric = g["metric"].iloc[0]
-        t = task_table(g)
-        title = f"{task} ({metric}); in brackets: difference to fp16"
-        md = to_markdown(t, title)
+        cells, split = task_cells(g, task)
+        md, files = write_task(task, cells, split, out_dir)
         sections.append(md)
-        safe = task.replace("/", "_").replace(",", "_")
-        (out_dir / f"{safe}.md").write_text(md)
-        (out_dir / f"{safe}.tex").write_text(to_latex(t, f"{task}: {metric} per model and quantization "
-                                                         f"setting; in brackets the difference to fp16.",
-                                                      f"tab:{safe}"))
-        written += [out_dir / f"{safe}.md", out_dir / f"{safe}.tex"]
-    (out_dir / "all.md").write_text("\n".join(sections) if sections else "No finished rows.\n")
-    return written + [out_dir / "all.md"]
+        written += files
+        every_cell.append(cells)
+        matched = published.beside_paper(cells, paper)
+        if not matched.empty:
+            vs = published.to_markdown(matched, task)
+            (out_dir / f"{safe_name(task)}_vs_paper.md").write_text(vs)
+            sections.append(vs)
+            written.append(out_dir / f"{safe_name(task)}_vs_paper.md")
+    failed = failed_runs(df)
+    (out_dir / "failed.md").write_text(failed_markdown(failed))
+    cells_csv = write_cells_csv(every_cell, out_dir / "cells.csv")
+    head = f"Failed runs: {len(failed)}" + (" (listed in failed.md and at the end)" if len(failed) else "") + "\n"
+    body = "\n".join(sections) if sections else "No finished rows.\n"
+    tail = ["", failed_markdown(failed)] if len(failed) else []
+    (out_dir / "all.md").write_text("\n".join([head, body, *tail]))
+    return written + [out_dir / "failed.md", cells_csv, out_dir / "all.md"]

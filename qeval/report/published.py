@@ -1,0 +1,66 @@
+"""Published numbers beside qeval's: ``published.csv`` (shipped with the package) holds results
+from papers, one per (model, task, setting), with its source.
+
+Columns: ``model`` (qeval's model name, e.g. ``llama2-7b``), ``task`` (qeval's task name),
+``setting`` (as :func:`qeval.methods.base.bit_labels` writes it: ``W4``, ``W8A8``, ``KV3``; the
+full-precision baseline is ``fp16``, its internal target), ``value`` and ``source``.
+
+Values are stored exactly as published, which for accuracy-like metrics is a percentage (Qllm-Eval
+reports GSM8K accuracy as 26.76); qeval writes fractions in [0, 1], so a published value is
+divided by 100 before it is shown beside or subtracted from qeval's. Only tasks whose headline
+metric is a fraction are compared.
+
+A table ``<task>_vs_paper`` lists every qeval cell whose (model, task, setting) has a published
+number (several qeval cells may match one number: other methods or knobs of the same setting);
+no table is written when nothing matches.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from qeval.report.style import FRACTION_METRICS, num, signed
+
+PUBLISHED_CSV = "published.csv"
+PERCENT = 100.0   # published accuracies are percentages; qeval's are fractions
+
+
+def load(path: Path | None = None) -> pd.DataFrame:
+    """The published numbers (the packaged ``published.csv`` unless a path is given)."""
+    source = path if path is not None else resources.files("qeval.report") / PUBLISHED_CSV
+    with source.open() as f:   # works for a file inside an installed package, too
+        return pd.read_csv(f, dtype={"model": str, "task": str, "setting": str, "source": str})
+
+
+def _fraction_metric(metric: str) -> bool:
+    return metric == "accuracy" or str(metric).split(",")[0] in FRACTION_METRICS
+
+
+def beside_paper(cells: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
+    """One line per qeval cell with a published number of the same (model, task, setting)."""
+    if cells.empty or published.empty:
+        return pd.DataFrame()
+    cells = cells[cells["metric"].map(_fraction_metric)]
+    matched = cells.merge(published.rename(columns={"value": "published"}),
+                          on=["model", "task", "setting"], how="inner")
+    if matched.empty:
+        return pd.DataFrame()
+    matched["paper"] = matched["published"] / PERCENT
+    matched["difference"] = matched["value"] - matched["paper"]
+    return matched
+
+
+def to_markdown(matched: pd.DataFrame, task: str) -> str:
+    metric = matched["metric"].iloc[0]
+    lines = [f"### {task} ({metric}): qeval beside published numbers", "",
+             (f"Published values are percentages as printed; shown here divided by {PERCENT:g} to "
+              "compare with qeval's fractions."), "",
+             "| model | qeval cell | qeval | paper | qeval − paper | runs | source |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for _, r in matched.iterrows():
+        lines.append(f"| {r['model']} | {r['label']} | {num(r['value'])} | {num(r['paper'])} "
+                     f"({r['published']:g} %) | {signed(r['difference'])} | {r['runs']} | {r['source']} |")
+    return "\n".join(lines) + "\n"
