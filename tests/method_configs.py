@@ -4,6 +4,8 @@ with a few keys overridden, so a test never retypes a method's parameters.
 ``CONTRACT`` is the table every registered method must have a row in (tests/test_method_contract.py
 fails loudly for a method without one): the settings that put the method to work on the tiny test
 models (small groups, so short prompts cross several blocks) and the KV bits it is tested at.
+``CHOICES`` lists the parameters that take one of a few named values (``zero_point``, the
+granularities), each checked by the method with a one-line error.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ CONTRACT = {
     "gear": (dict(group_size=8, stream_block=16), 2, ("cache", "simulated")),
     "h2o": (dict(heavy_ratio=0.2, recent_ratio=0.2), 16, ("cache",)),
     "streaming": (dict(n_sink=2, recent_ratio=0.2), 16, ("cache",)),
+}
+
+# name -> {parameter: every value the method's ``check`` accepts, in the order its error lists
+# them}; any other value must be a one-line ConfigError naming the key, the value and these
+CHOICES = {
+    "uniform": {"zero_point": ("real", "integer", "gptq"),
+                "w_granularity": ("per_tensor", "per_channel"),
+                "a_granularity": ("per_tensor", "per_token"),
+                "kv_granularity": ("per_tensor", "per_token", "per_channel")},
+    "group": {"zero_point": ("real", "integer", "gptq")},
 }
 
 

@@ -25,8 +25,9 @@ MODEL_CFG = OmegaConf.load(Path(__file__).parents[1] / "configs/model/tiny-rando
 PROMPTS = ["The pass key is 4217. Remember it.", "Go on:"]
 
 
-def group(w, a=16, g=32, symmetric=False):
-    return Group(method_params("group", symmetric=symmetric), Knobs(Bits(w, a), w_group_size=g))
+def group(w, a=16, g=32, symmetric=False, zero_point="integer"):
+    params = method_params("group", symmetric=symmetric, zero_point=zero_point)
+    return Group(params, Knobs(Bits(w, a), w_group_size=g))
 
 
 def uniform(w, a=16, **over):
@@ -45,11 +46,11 @@ def _logits(model, tok):
         return model(**enc).logits[enc["attention_mask"].bool()]
 
 
-CASES = {  # name -> (method, kernel the packed path must pick)
+CASES = {  # name -> (method, kernel the packed path must pick); W: integer zeros held as -z * scale
     "W4 g32": (lambda: group(4), "wq_gemm"),
-    "W3 g64": (lambda: group(3, g=64), "wq_gemm"),
-    "W8A8 per-channel": (lambda: uniform(8, 8), "w8a8_gemm"),
-    "W4A8 g64": (lambda: group(4, 8, g=64), "w4a8_gemm"),
+    "W3 g64 gptq": (lambda: group(3, g=64, zero_point="gptq"), "wq_gemm"),
+    "W8A8 per-channel": (lambda: uniform(8, 8, zero_point="real"), "w8a8_gemm"),
+    "W4A8 g64": (lambda: group(4, 8, g=64, zero_point="real"), "w4a8_gemm"),
 }
 
 
@@ -95,6 +96,7 @@ def test_auto_picks_triton_only_on_cuda(tiny):
     (lambda: uniform(4, 8, a_granularity="per_tensor"), "per token"),
     (lambda: uniform(1), "w_bits=1"),
     (lambda: group(16, 8), "need quantized weights"),
+    (lambda: group(4, 8, g=64), "zero_point=integer"),   # the int8 GEMMs quantize activations with a real zero
 ])
 def test_triton_refuses_layouts_the_kernels_do_not_hold(tiny, make, match):
     model, _ = tiny

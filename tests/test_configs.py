@@ -51,12 +51,14 @@ def _grid(cfgs, *keys) -> set:
 
 # what each study sweeps, as (keys, expected set of values); the smoke variant must sweep the same
 GRIDS = {
-    "qllm_eval_w": (("method.name", "w_bits", "a_bits", "kv_bits", "w_group_size"),
-                    {("group", b, 16, 16, 128) for b in (2, 3, 4, 8, 16)}),
-    "qllm_eval_wa": (("method.name", "w_bits", "a_bits", "kv_bits"),
-                     {("uniform", 8, 8, 16), ("uniform", 4, 8, 16), ("uniform", 4, 4, 16), ("uniform", 16, 16, 16)}),
-    "qllm_eval_kv": (("method.name", "w_bits", "kv_bits", "kv_semantics"),
-                     {("group", 16, b, "simulated") for b in (2, 3, 4, 8, 16)}),
+    "qllm_eval_w": (("method.name", "method.zero_point", "w_bits", "a_bits", "kv_bits", "w_group_size"),
+                    {("group", "integer", b, 16, 16, 128) for b in (2, 3, 4, 8, 16)}),
+    # weights in groups of 128, activations per token (a_group_size null), as Qllm-Eval's WALinear
+    "qllm_eval_wa": (("method.name", "method.zero_point", "w_bits", "a_bits", "kv_bits", "w_group_size",
+                      "a_group_size"),
+                     {("group", "integer", w, a, 16, 128, None) for w, a in ((8, 8), (4, 8), (4, 4), (16, 16))}),
+    "qllm_eval_kv": (("method.name", "method.zero_point", "w_bits", "kv_bits", "kv_semantics", "kv_group_size"),
+                     {("group", "integer", 16, b, "simulated", None) for b in (2, 3, 4, 8, 16)}),
     "kivi": (("method.name", "kv_bits"), {("kivi", b) for b in (2, 4, 16)}),
     "gear": (("method.name", "kv_bits"), {(m, b) for m in ("uniform", "group", "kivi", "gear") for b in (2, 4, 16)}),
     "h2o": (("method.name", "method.heavy_ratio", "method.recent_ratio"),

@@ -4,13 +4,23 @@ registry and the shipped YAML, so a new method is tested by adding its row to
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from method_configs import CONTRACT, make_contract_method, make_method, method_params
+from method_configs import (
+    CHOICES,
+    CONTRACT,
+    make_contract_method,
+    make_method,
+    method_params,
+)
+from omegaconf import OmegaConf
 from tiny_models import tiny_model
 from transformers import DynamicCache
 
+from qeval.errors import ConfigError
 from qeval.kv.cache import QevalCache, held_bytes, packed_layout_bytes
 from qeval.methods import METHODS
 from qeval.model.handle import Handle
@@ -41,6 +51,22 @@ def test_the_shipped_config_passes_the_methods_own_checks(name):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"method={name}", f"kv_bits={bits}", "model=tiny-random"])
     METHODS[name].check(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(CHOICES))
+def test_named_choices_pass_the_check_and_anything_else_is_a_one_line_error(name):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        base = compose("config", overrides=[f"method={name}", "model=tiny-random"])
+    for key, allowed in CHOICES[name].items():
+        for value in (*allowed, "bogus"):
+            cfg = copy.deepcopy(base)
+            OmegaConf.update(cfg, f"method.{key}", value)
+            if value in allowed:
+                METHODS[name].check(cfg)
+                continue
+            with pytest.raises(ConfigError) as e:
+                METHODS[name].check(cfg)
+            assert str(e.value) == f"method.{key}=bogus: allowed: {', '.join(allowed)}"
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -11,7 +11,13 @@ Scales and zeros are ``(K // G, N)``, one per group of ``G`` inputs and output c
 model's float dtype (float16 for 16-bit models, float32 otherwise). Codes are unsigned: a symmetric
 method's signed code ``c`` is stored as ``c + 2**(bits-1)`` and ``offset`` says what to subtract,
 so dequantization is always ``(code - offset) * scale + zero``, the arithmetic of
-:func:`qeval.quant.dequantize`.
+:func:`qeval.quant.dequantize`. ``zero`` is a real offset in every zero-point convention: an integer
+zero point ``z`` (``integer``, ``gptq``) is held as ``-z * scale`` (:func:`qeval.quant.real_offset`),
+so the kernels need no second form. Before the parameters are rounded to the storage dtype this
+dequantizes to fake quantization's ``(code - z) * scale``: bit for bit when the scale has at most
+11 significant bits (a float16 or bfloat16 model: ``code * scale``, ``z * scale`` and their
+difference are then exact in float32), and within one float32 rounding of ``z * scale`` otherwise
+(:func:`integer_zero_gap`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qeval.quant.primitives import quantize
+from qeval.quant.primitives import quantize, real_offset
 
 PACKABLE_BITS = (2, 3, 4, 5, 6, 7, 8)
 
@@ -90,27 +96,29 @@ def param_dtype_for(dtype: torch.dtype) -> torch.dtype:
 
 
 def pack_weight(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool = False,
-                per_tensor: bool = False) -> PackedWeight:
+                per_tensor: bool = False, zero_point: str = "real") -> PackedWeight:
     """Quantize ``w (N, K)`` with :func:`qeval.quant.quantize` and pack it (float32 scales and zeros,
     so the result dequantizes exactly like fake quantization; see :meth:`PackedWeight.with_param_dtype`).
 
     ``group_size`` None means one group per output channel (G = K); ``per_tensor`` takes one
     min/max over the whole tensor and repeats it for every column, which the group layout holds.
+    ``zero_point`` is the convention of :func:`qeval.quant.quantize`; see the module docstring for
+    how an integer zero is held.
     """
     n, k = w.shape
     if per_tensor:
-        q = quantize(w, bits, None, None, symmetric)
+        q = quantize(w, bits, None, None, symmetric, zero_point=zero_point)
         codes = q.codes.reshape(n, k)
         scale = q.scale.reshape(1, 1).expand(1, n)
-        zero = q.zero.reshape(1, 1).expand(1, n)
+        zero = real_offset(q).reshape(1, 1).expand(1, n)
         g = k
     else:
         g = k if group_size is None else group_size
-        q = quantize(w, bits, -1, g, symmetric)
+        q = quantize(w, bits, -1, g, symmetric, zero_point=zero_point)
         # codes (N, K // G, G) -> (N, K); scale, zero (N, K // G, 1) -> (K // G, N)
         codes = q.codes.reshape(n, k)
         scale = q.scale[..., 0].t()
-        zero = q.zero[..., 0].t()
+        zero = real_offset(q)[..., 0].t()
     offset = 2 ** (bits - 1) if symmetric else 0
     return PackedWeight(pack_codes(codes.to(torch.int32) + offset, bits), scale.float().contiguous(),
                         zero.float().contiguous(), bits, g, k, n, offset)
@@ -122,3 +130,13 @@ def dequantize_packed(p: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     scale = p.scale.float().t().repeat_interleave(p.group_size, dim=1)
     zero = p.zero.float().t().repeat_interleave(p.group_size, dim=1)
     return ((p.codes() - p.offset).float() * scale + zero).to(dtype)
+
+
+def integer_zero_gap(p: PackedWeight) -> torch.Tensor:
+    """(N, K) bound on ``|dequantize_packed(p) - fake quantization|`` for an integer zero held as
+    ``-z * scale`` (float32 parameters): ``code * scale`` and ``z * scale`` round once each and their
+    sum once more, each by at most half an ulp of a value no larger than ``qmax * scale``, and fake
+    quantization rounds once, so four half-ulps at ``qmax * scale`` cover it."""
+    qmax = 2**p.bits - 1
+    scale = p.scale.float().abs().t().repeat_interleave(p.group_size, dim=1)
+    return 2 * torch.finfo(torch.float32).eps * qmax * scale

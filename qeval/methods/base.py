@@ -85,6 +85,9 @@ class Method:
         self.knobs = knobs
         self.bits = knobs.bits
         self.symmetric = bool(params.get("symmetric", False))
+        # the zero-point convention (qeval.quant.primitives); a method without the parameter
+        # quantizes with the real-valued zero of KIVI and GEAR
+        self.zero_point = params.get("zero_point", "real")
         self.w_gran = Granularity()
         self.a_gran = Granularity()
         self.k_gran = Granularity()
@@ -104,11 +107,11 @@ class Method:
     # -- W / WA --------------------------------------------------------------------------------
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
         """(out_features, in_features) -> same, quantized once at load time."""
-        return self.w_gran.apply(w, self.bits.w, self.symmetric)
+        return self.w_gran.apply(w, self.bits.w, self.symmetric, zero_point=self.zero_point)
 
     def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> same; dynamic, so statistics come from this very input."""
-        return self.a_gran.apply(x, self.bits.a, self.symmetric)
+        return self.a_gran.apply(x, self.bits.a, self.symmetric, zero_point=self.zero_point)
 
     def weight_packed_bytes(self, w: torch.Tensor) -> int:
         return packed_bytes(w.numel(), self.bits.w, None, self.w_gran.n_groups(w.shape),
@@ -128,8 +131,8 @@ class Method:
     def quantize_kv(self, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None = None):
         """(B, H_kv, T, D) post-RoPE K/V -> quantized K/V. ``pad``: (B, 1, T, 1) bool, True at
         left-padding positions, which are kept out of the statistics."""
-        return (self.k_gran.apply(k, self.bits.k, self.symmetric, pad),
-                self.v_gran.apply(v, self.bits.v, self.symmetric, pad))
+        return (self.k_gran.apply(k, self.bits.k, self.symmetric, pad, self.zero_point),
+                self.v_gran.apply(v, self.bits.v, self.symmetric, pad, self.zero_point))
 
     def make_cache_layer(self, layer_idx: int, seq: SequenceState) -> DynamicLayer:
         """One layer of a ``cache``-semantics KV cache."""
@@ -149,8 +152,10 @@ class Method:
         return None
 
     def describe(self) -> dict:
-        """Method parameters as flat row columns (``method.<name>``), and the row's labels."""
-        return {f"method.{k}": v for k, v in self.params.items() if k != "name"} | self.labels()
+        """Method parameters as flat row columns (``method.<name>``), the zero-point convention its
+        quantizer used (``zero_point``; None for a method that only evicts), and the row's labels."""
+        return ({f"method.{k}": v for k, v in self.params.items() if k != "name"}
+                | {"zero_point": None if self.evicts else self.zero_point} | self.labels())
 
     def labels(self) -> dict:
         """What the report calls this setting: ``target``, ``setting`` and ``kv_budget`` (the

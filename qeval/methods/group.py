@@ -1,20 +1,28 @@
 """Round-to-nearest min-max in groups of g consecutive elements (group-wise quantization).
 
 Weights: groups of ``w_group_size`` along the input (reduction) dimension, the layout of
-GPTQ/AWQ-style int4 kernels. Activations: groups of ``a_group_size`` channels per token. K/V:
-groups of ``kv_group_size`` channels of each head per token.
+GPTQ/AWQ-style int4 kernels. Activations: groups of ``a_group_size`` channels per token (null: the
+whole token). K/V: groups of ``kv_group_size`` channels of each head per token (null: the whole
+head). This is Qllm-Eval's setting (arXiv 2402.18158; ``pseudo_quantize_tensor`` with
+``q_group_size``): weights in groups of 128, activations per token, K/V per token after RoPE, all
+with its integer zero point (``zero_point``, :mod:`qeval.quant.primitives`).
 """
 
 from __future__ import annotations
 
 from qeval.errors import check_divides
 from qeval.methods.base import Bits, Method
+from qeval.methods.uniform import check_zero_point
 from qeval.quant.granularity import Granularity
 
 
 class Group(Method):
     name = "group"
     allowed_bits = (2, 3, 4, 5, 6, 7, 8, 16)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        check_zero_point(cfg)
 
     @classmethod
     def check_model(cls, cfg, linear_widths, head_dim) -> None:

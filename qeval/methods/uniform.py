@@ -1,7 +1,11 @@
-"""Round-to-nearest min-max, one group per tensor / channel / token (Qllm-Eval's baseline).
+"""Round-to-nearest min-max, one group per tensor / channel / token.
 
-Qllm-Eval (arXiv 2402.18158) quantizes weights per output channel, activations per token and the
-KV cache per token after RoPE; ``*_granularity`` selects coarser or finer statistics.
+The per-tensor / per-channel / per-token family of Qllm-Eval's round-to-nearest baseline
+(arXiv 2402.18158); the study's own settings (weights in groups of 128) are ``method=group``.
+``*_granularity`` selects where the statistics are taken, ``zero_point`` where the grid sits
+(:mod:`qeval.quant.primitives`: ``integer`` is Qllm-Eval's ``pseudo_quantize_tensor``, the
+default; ``real`` is KIVI's and GEAR's; ``gptq`` widens the range to hold 0). Weights, activations
+and K/V all use the one convention, as Qllm-Eval quantizes all three with the same function.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 from qeval.errors import ConfigError
 from qeval.methods.base import Method
 from qeval.quant.granularity import Granularity
+from qeval.quant.primitives import ZERO_POINTS
 
 W_GRANULARITIES = {"per_tensor": Granularity(axis=None), "per_channel": Granularity(axis=-1)}
 A_GRANULARITIES = {"per_tensor": Granularity(per_sequence=True), "per_token": Granularity(axis=-1)}
@@ -16,6 +21,12 @@ A_GRANULARITIES = {"per_tensor": Granularity(per_sequence=True), "per_token": Gr
 # per tensor = one group per sequence, so batched and per-sequence runs agree.
 KV_GRANULARITIES = {"per_tensor": Granularity(per_sequence=True), "per_token": Granularity(axis=-1),
                     "per_channel": Granularity(axis=-2)}
+
+
+def check_zero_point(cfg) -> None:
+    """``method.zero_point`` must name a convention of :data:`qeval.quant.primitives.ZERO_POINTS`."""
+    if cfg.method.zero_point not in ZERO_POINTS:
+        raise ConfigError(f"method.zero_point={cfg.method.zero_point}: allowed: {', '.join(ZERO_POINTS)}")
 
 
 class Uniform(Method):
@@ -28,6 +39,7 @@ class Uniform(Method):
                            ("kv_granularity", KV_GRANULARITIES)):
             if cfg.method[key] not in table:
                 raise ConfigError(f"method.{key}={cfg.method[key]}: allowed: {', '.join(table)}")
+        check_zero_point(cfg)
         if cfg.method.kv_granularity == "per_channel" and cfg.kv_semantics == "cache" and cfg.kv_bits < 16:
             # one decode token per stored chunk makes per-channel statistics lossless (min == max)
             raise ConfigError("method.kv_granularity=per_channel: with kv_semantics=cache each decode token "

@@ -14,7 +14,10 @@ dependency, and ``backend=torch`` never needs it.
 
 The packed path only takes layouts it reproduces exactly: the packed weight, dequantized, must
 equal the method's own ``quantize_weight`` bit for bit before its scales are rounded to the storage
-dtype, so a method that quantizes weights some other way is refused instead of silently changed.
+dtype (for an integer zero point in a float32 model: within the one rounding of ``-z * scale``, see
+:mod:`qeval.kernels.pack`), so a method that quantizes weights some other way is refused instead
+of silently changed. The int8 GEMMs quantize activations with the real-valued zero only, so WA
+with another ``zero_point`` stays on the torch path.
 """
 
 from __future__ import annotations
@@ -71,8 +74,24 @@ def packed_layout(method: Method, quantize_input: bool) -> dict:
     if quantize_input and (b.a > 8 or b.a < 2 or ag.per_sequence or ag.axis != -1 or ag.group_size is not None):
         raise UnsupportedLayout(f"a_bits={b.a} with activation granularity {ag}: the int8 GEMMs take "
                                 "2-8 bit activations quantized per token (a_group_size=null)")
+    if quantize_input and method.zero_point != "real":
+        # qeval.kernels.act_quant computes real-zero codes in float32; integer-zero activations
+        # (computed in the model's dtype) would come out differently
+        raise UnsupportedLayout(f"method.zero_point={method.zero_point} with a_bits={b.a}: the int8 GEMMs "
+                                "quantize activations with zero_point=real only")
     return {"bits": b.w, "group_size": wg.group_size, "symmetric": method.symmetric,
-            "per_tensor": wg.axis is None}
+            "per_tensor": wg.axis is None, "zero_point": method.zero_point}
+
+
+def reproduces(p, w: torch.Tensor, method: Method) -> bool:
+    """Whether packed ``p`` dequantizes to ``method``'s own fake-quantized ``w``: bit for bit, or for
+    an integer zero point within :func:`qeval.kernels.pack.integer_zero_gap` (the rounding of
+    ``-z * scale``, nonzero only when the scale has more significant bits than float16's)."""
+    from qeval.kernels.pack import dequantize_packed, integer_zero_gap
+    got, want = dequantize_packed(p, w.dtype), method.quantize_weight(w)
+    if method.zero_point == "real":
+        return torch.equal(got, want)
+    return bool(((got.float() - want.float()).abs() <= integer_zero_gap(p)).all())
 
 
 class PackedQuantLinear(nn.Module):
@@ -80,14 +99,14 @@ class PackedQuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, method: Method, quantize_input: bool):
         super().__init__()
-        from qeval.kernels.pack import dequantize_packed, pack_weight, param_dtype_for
+        from qeval.kernels.pack import pack_weight, param_dtype_for
         from qeval.kernels.w4a8_gemm import GroupedInt8Weight
         from qeval.kernels.w8a8_gemm import Int8Weight
         w = linear.weight.data
         self.in_features, self.out_features = linear.in_features, linear.out_features
         layout = packed_layout(method, quantize_input)
         p = pack_weight(w, **layout)
-        if not torch.equal(dequantize_packed(p, w.dtype), method.quantize_weight(w)):
+        if not reproduces(p, w, method):
             raise UnsupportedLayout(f"method={method.name}: its weights are not round-to-nearest min-max "
                                     "in the packed layout")
         p = p.with_param_dtype(param_dtype_for(w.dtype))

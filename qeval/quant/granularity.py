@@ -22,16 +22,17 @@ class Granularity:
     per_sequence: bool = False
 
     def apply(self, x: torch.Tensor, bits: int, symmetric: bool,
-              exclude: torch.Tensor | None = None) -> torch.Tensor:
+              exclude: torch.Tensor | None = None, zero_point: str = "real") -> torch.Tensor:
+        """Fake-quantize ``x`` with these groups (``zero_point``: see :mod:`qeval.quant.primitives`)."""
         if bits >= FULL_PRECISION_BITS:
             return x
         if self.per_sequence:
             # (B, ...) -> (B, n): one group per sequence
             ex = None if exclude is None else exclude.expand_as(x).reshape(x.shape[0], -1)
-            out = fake_quantize(x.reshape(x.shape[0], -1), bits, -1, None, symmetric, ex)
+            out = fake_quantize(x.reshape(x.shape[0], -1), bits, -1, None, symmetric, ex, zero_point)
             return out.reshape(x.shape)
         ex = None if exclude is None else exclude.expand_as(x)
-        return fake_quantize(x, bits, self.axis, self.group_size, symmetric, ex)
+        return fake_quantize(x, bits, self.axis, self.group_size, symmetric, ex, zero_point)
 
     def n_groups(self, shape: torch.Size) -> int:
         numel = shape.numel()
