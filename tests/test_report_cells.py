@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from qeval import results
 from qeval.methods.base import bit_labels
@@ -226,13 +227,16 @@ def test_rows_without_a_nested_config_use_the_runs_config_yaml(tmp_path):
 def test_published_numbers_appear_beside_a_matching_cell_only(tmp_path):
     gsm8k = {"task": "gsm8k", "metric": "exact_match,strict-match", "model": "llama2-7b", "dtype": "float16"}
     write(tmp_path, 0.28, **gsm8k)
-    write(tmp_path, 0.25, w_bits=4, **gsm8k)
+    # the paper's W4: groups of 128 with Qllm-Eval's integer zero point on an fp16 model
+    write(tmp_path, 0.25, w_bits=4, method="group", **{"method.zero_point": "integer"}, **gsm8k)
+    write(tmp_path, 0.21, w_bits=4, **{"method.zero_point": "integer"}, **gsm8k)  # per-channel: another W4
     write(tmp_path, 0.5, kv_bits=2)   # toy passkey: nothing published
     out = tables(tmp_path)
     assert not (out / "passkey_vs_paper.md").exists()
     vs = (out / "gsm8k_vs_paper.md").read_text()
     assert "| llama2-7b | fp16 | 0.28 | 0.2676 (26.76 %) | +0.0124 |" in vs
-    assert "| llama2-7b | uniform W4 | 0.25 | 0.2517 (25.17 %) | -0.0017 |" in vs
+    assert "| llama2-7b | group W4 | 0.25 | 0.2517 (25.17 %) | -0.0017 |" in vs
+    assert "uniform W4" not in vs and "0.21" not in vs, "a per-channel W4 is not the paper's W4"
     assert "Qllm-Eval (arXiv:2402.18158)" in vs and vs in (out / "all.md").read_text()
 
     other = tmp_path / "other"
@@ -243,9 +247,35 @@ def test_published_numbers_appear_beside_a_matching_cell_only(tmp_path):
 def test_the_published_numbers_ship_with_the_package_under_qeval_labels():
     assert (resources.files("qeval.report") / "published.csv").is_file()
     paper = load()
-    assert list(paper.columns) == ["model", "task", "setting", "value", "source"]
+    assert list(paper.columns) == ["model", "task", "setting", "value", "requires", "source"]
     labels = {bit_labels(4, 16, 16, 16)[1], bit_labels(3, 16, 16, 16)[1], bit_labels(8, 8, 16, 16)[1],
               bit_labels(4, 8, 16, 16)[1], bit_labels(16, 16, 4, 4)[1], bit_labels(16, 16, 3, 3)[1],
               bit_labels(16, 16, 16, 16)[0]}
     assert set(paper["setting"]) == labels
     assert paper.set_index("setting").loc["fp16", "value"] == 26.76
+
+
+@pytest.mark.parametrize("setting,overrides", [
+    ("fp16", ["experiment=qllm_eval_w", "w_bits=16"]),
+    ("W4", ["experiment=qllm_eval_w", "w_bits=4"]),
+    ("W3", ["experiment=qllm_eval_w", "w_bits=3"]),
+    ("W8A8", ["experiment=qllm_eval_wa", "experiment/wa@_global_=w8a8"]),
+    ("W4A8", ["experiment=qllm_eval_wa", "experiment/wa@_global_=w4a8"]),
+    ("KV4", ["experiment=qllm_eval_kv", "kv_bits=4"]),
+    ("KV3", ["experiment=qllm_eval_kv", "kv_bits=3"])])
+def test_the_qllm_eval_studies_run_exactly_the_published_settings(setting, overrides):
+    # the study configs and the published rows' requirements must agree, or the paper column of
+    # a real study run would stay empty (or, worse, sit beside another setting)
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from qeval.report.published import requirements
+    from qeval.validate import CONFIG_DIR
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model=llama2-7b", *overrides])
+    knobs = {k: str(v) for k, v in results.flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+    knobs["method"] = knobs.pop("method.name")
+    row = load().set_index("setting").loc[setting]
+    for key, want in requirements(row["requires"]).items():
+        assert knobs.get(key) == want, (setting, key, knobs.get(key), want)
+    assert bit_labels(cfg.w_bits, cfg.a_bits, cfg.kv_bits, cfg.kv_bits)[1 if setting != "fp16" else 0] == setting
