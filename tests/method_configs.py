@@ -34,6 +34,7 @@ CHOICES = {
                 "a_granularity": ("per_tensor", "per_token"),
                 "kv_granularity": ("per_tensor", "per_token", "per_channel")},
     "group": {"zero_point": ("real", "integer", "gptq")},
+    "gear": {"outlier_rule": ("paper", "reference_code")},
 }
 
 

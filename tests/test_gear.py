@@ -1,12 +1,26 @@
 """GEAR (arXiv 2403.05527): no outliers and rank 0 is exactly the backbone; outliers + low rank
-never increase the backbone's error; 2**bits - 1 levels (7 at 3 bits, not the reference's 8)."""
+never increase the backbone's error; 2**bits - 1 levels (7 at 3 bits, not the reference's 8); the
+paper's outlier rule is the default, and ``outlier_rule=reference_code`` is the authors' code's,
+pinned against a transcription of it."""
 
 import pytest
 import torch
 from kv_method_helpers import make_method
+from method_configs import method_params
+from omegaconf import OmegaConf
 
+from qeval.errors import ConfigError
 from qeval.kv.sequence import SequenceState
-from qeval.quant.decompose import gear_compress, levels, low_rank, outlier_mask
+from qeval.methods.base import Bits, Knobs
+from qeval.methods.gear import GEAR
+from qeval.quant.decompose import (
+    gear_compress,
+    levels,
+    low_rank,
+    outlier_mask,
+    reference_outliers,
+    reference_outliers_per_side,
+)
 from qeval.quant.primitives import quantize, relative_error
 
 
@@ -83,3 +97,182 @@ def test_streaming_blocks_and_prefill_rank():
         layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
     layer.settle()
     assert ranks == [("k", 32, 4), ("v", 32, 4), ("k", 16, 2), ("v", 16, 2)]
+
+
+# -- outlier_rule=reference_code: the authors' code's rule -------------------------------------
+
+def _reference_selection(input, sparsity, which):
+    """GEAR @ efe0bfe2b5a3, GenerationBench/GenerationTest/GEARLM/Simulated/compress_function.py,
+    ``gears_channelQ`` (keys, lines 262-284) and ``gears_tokenQ`` (values, lines 298-320) up to
+    the call of the quantizer, transcribed: what the quantizer sees, and the two index sets."""
+    output = input.float()
+    batch, num_head, seq_len, sep_dim = output.shape
+    element_num = batch * num_head * seq_len * sep_dim
+    sparsity_num = int(element_num * sparsity)
+    sparsity_pertoken = int(sparsity_num / batch / seq_len / 2)
+    if which == "k":
+        output = output.permute(0, 1, 3, 2).contiguous().view(batch, sep_dim * num_head, seq_len)
+    else:
+        output = output.permute(0, 2, 1, 3).contiguous().view(batch, seq_len, sep_dim * num_head)
+    smallest_value, smallest_indices = torch.topk(output, sparsity_pertoken, dim=-1, largest=False)
+    largest_value, largest_indices = torch.topk(output, sparsity_pertoken, dim=-1, largest=True)
+    average = output.mean(dim=-1, keepdim=True)
+    expanded_average = average.expand_as(output)
+    output.scatter_(-1, smallest_indices, expanded_average.gather(-1, smallest_indices))
+    output.scatter_(-1, largest_indices, expanded_average.gather(-1, largest_indices))
+    if which == "k":
+        output = output.view(batch, num_head, sep_dim, seq_len).permute(0, 1, 3, 2)
+    else:
+        output = output.view(batch, seq_len, num_head, sep_dim).permute(0, 2, 1, 3)
+    return output, (smallest_indices, smallest_value), (largest_indices, largest_value)
+
+
+def _reference_gears(input, quantize_bit, group_size, sparsity, which):
+    """The rest of ``gears_channelQ`` / ``gears_tokenQ`` (lines 285-295 / 321-332) with the
+    quantizers they call, ``fake_groupwise_{channel,token}_asymmetric_quantization_cluster``
+    (lines 100-130 / 132-160), transcribed; the final ``.half()`` is left out to compare in fp32."""
+    output, (si, sv), (li, lv) = _reference_selection(input, sparsity, which)
+    batch, num_head, seq_len, sep_dim = output.shape
+    cluster_num = quantize_bit ** 2 - 1
+    x = output.permute(0, 2, 1, 3).contiguous().view(batch, seq_len, sep_dim * num_head)
+    if which == "k":
+        group_num = seq_len // group_size
+        fixed_input = x.view(batch, group_num, group_size, num_head * sep_dim)
+        mx, mn = fixed_input.max(dim=-2)[0].unsqueeze(-2), fixed_input.min(dim=-2)[0].unsqueeze(-2)
+    else:
+        fixed_input = x.view(batch, seq_len, (sep_dim * num_head) // group_size, group_size)
+        mx, mn = fixed_input.max(dim=-1)[0].unsqueeze(-1), fixed_input.min(dim=-1)[0].unsqueeze(-1)
+    scale = (mx - mn) / cluster_num
+    q = torch.nn.functional.relu((fixed_input - mn) / scale).round_() * scale + mn
+    out = q.view(batch, seq_len, num_head, sep_dim).permute(0, 2, 1, 3)
+    if which == "k":
+        out = out.permute(0, 1, 3, 2).contiguous().view(batch, sep_dim * num_head, seq_len)
+        out.scatter_(-1, si, sv)
+        out.scatter_(-1, li, lv)
+        return out.view(batch, num_head, sep_dim, seq_len).permute(0, 1, 3, 2)
+    out = out.permute(0, 2, 1, 3).contiguous().view(batch, seq_len, sep_dim * num_head)
+    out.scatter_(-1, si, sv)
+    out.scatter_(-1, li, lv)
+    return out.view(batch, seq_len, num_head, sep_dim).permute(0, 2, 1, 3)
+
+
+def _mask_from(indices, shape, which):
+    """The two index sets of ``_reference_selection`` as a (B, H, n, D) mask."""
+    b, h, n, d = shape
+    rows = (b, h * d, n) if which == "k" else (b, n, h * d)
+    m = torch.zeros(rows, dtype=torch.bool)
+    for idx in indices:
+        m.scatter_(-1, idx, True)
+    if which == "k":
+        return m.view(b, h, d, n).transpose(-1, -2)
+    return m.view(b, n, h, d).transpose(1, 2)
+
+
+# (B=1, H=2, n=4, D=2); s = 0.5 gives int(int(16 * 0.5) / 4 / 2) = 1 outlier at each end of a row
+HAND = torch.tensor([[[1., -4], [9, 0], [-3, 2], [0, 6]],
+                     [[5, 1], [-2, 3], [4, -8], [7, 2]]])[None]
+
+
+def test_reference_rule_on_a_hand_checked_block():
+    # keys, per channel over the 4 tokens: (h0, d0) [1, 9, -3, 0] keeps 9 and -3, mean 1.75 ...
+    mask, seen = reference_outliers(HAND, 0.5, "k")
+    assert mask[0].int().tolist() == [[[0, 1], [1, 0], [1, 0], [0, 1]], [[0, 0], [1, 1], [0, 1], [1, 0]]]
+    assert seen[0].tolist() == [[[1, 1], [1.75, 0], [1.75, 2], [0, 1]], [[5, 1], [3.5, -0.5], [4, -0.5], [3.5, 2]]]
+    # values, per token across both heads: t0 [1, -4 | 5, 1] keeps -4 and 5, mean 0.75 ...
+    mask, seen = reference_outliers(HAND, 0.5, "v")
+    assert mask[0].int().tolist() == [[[0, 1], [1, 0], [0, 0], [1, 0]], [[1, 0], [1, 0], [1, 1], [1, 0]]]
+    assert seen[0].tolist() == [[[1, 0.75], [2.5, 0], [-3, 2], [3.75, 6]], [[0.75, 1], [2.5, 3], [-1.25, -1.25], [3.75, 2]]]
+    # the mean widens min/max where the paper's rule excludes: channel (h0, d0) keeps [1, 0] and
+    # quantizes over [0, 1.75], not [0, 1]; head 1 gets 3 value outliers at t2, head 0 none
+    for which in "kv":
+        ref, small, large = _reference_selection(HAND, 0.5, which)
+        mask, seen = reference_outliers(HAND, 0.5, which)
+        assert torch.equal(seen, ref) and torch.equal(mask, _mask_from((small[0], large[0]), HAND.shape, which))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reference_rule_reproduces_the_reference_at_two_bits(seed):
+    """At 2 bits the reference's ``bits**2 - 1`` levels are 2**2 - 1, so GEAR with
+    ``outlier_rule=reference_code``, the KIVI backbone and no low rank is the reference's
+    ``gears_channelQ`` / ``gears_tokenQ``."""
+    torch.manual_seed(seed)
+    x = torch.randn(1, 4, 32, 16)
+    x[..., 3] *= 6
+    m = make_method("gear", bits=2, backbone="kivi", group_size=8, outlier_ratio=0.1,
+                    outlier_rule="reference_code", rank_prefill=0)
+    assert reference_outliers_per_side(0.1, 4, 32, 16) == 3        # of 32 tokens per key channel
+    for which in "kv":
+        ref, small, large = _reference_selection(x, 0.1, which)
+        mask, seen = reference_outliers(x, 0.1, which)
+        assert torch.equal(mask, _mask_from((small[0], large[0]), x.shape, which)) and torch.equal(seen, ref)
+        y = m.compress(x, which, True)[0]
+        torch.testing.assert_close(y, _reference_gears(x, 2, 8, 0.1, which), rtol=0, atol=1e-5)
+        assert torch.equal(y[mask], x[mask])
+
+
+def test_reference_rule_keeps_every_key_when_its_count_exceeds_the_block():
+    """int(s H D / 2) per side does not shrink with the block: past n the reference's topk would
+    fail; every entry is kept."""
+    x = torch.randn(1, 4, 8, 16)
+    assert reference_outliers_per_side(0.5, 4, 8, 16) == 16
+    mask, _ = reference_outliers(x, 0.5, "k")
+    assert mask.all()
+    mask, _ = reference_outliers(x, 0.5, "v")
+    assert (mask.reshape(1, 4, 8, 16).transpose(1, 2).reshape(8, 64).sum(-1) == 32).all()
+    m = make_method("gear", bits=2, outlier_ratio=0.5, outlier_rule="reference_code", group_size=8, rank_prefill=0)
+    assert torch.equal(m.compress(x, "k", True)[0], x)
+
+
+@pytest.mark.parametrize("backbone", ["kivi", "uniform"])
+def test_the_paper_rule_is_the_default_and_unchanged(backbone):
+    m = make_method("gear", bits=2, backbone=backbone)
+    assert m.params.outlier_rule == "paper" and m.outliers("k") is None
+    assert m.describe()["method.outlier_rule"] == "paper"
+    x = _x()
+    for which in "kv":
+        q = m.quantizer(which)
+        mask = outlier_mask(x, 0.02)
+        bare = make_method("gear", bits=2, backbone=backbone, rank_prefill=0).compress(x, which, True)[0]
+        assert torch.equal(bare, torch.where(mask, x, q(x, mask)))          # exact outliers, kept out of min/max
+        assert torch.equal(m.compress(x, which, True)[0], gear_compress(x, 2, q, 0.02, 4, 3)[0])
+
+
+def test_reference_rule_runs_in_both_semantics_and_is_recorded():
+    kw = {"outlier_rule": "reference_code", "outlier_ratio": 0.5, "group_size": 8, "stream_block": 16}
+    m = make_method("gear", 2, "cache", **kw)
+    assert m.describe()["method.outlier_rule"] == "reference_code"
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 37, 16), torch.randn(1, 2, 37, 16)
+    layer = m.make_cache_layer(0, SequenceState())
+    layer.update(k, v)
+    layer.settle()
+    keys, values = layer.keys, layer.values
+    assert torch.equal(keys[:, :, :32], m.compress(k[:, :, :32], "k", True)[0])
+    assert torch.equal(values[:, :, :32], m.compress(v[:, :, :32], "v", True)[0])
+    paper = make_method("gear", 2, "cache", **(kw | {"outlier_rule": "paper"}))
+    assert not torch.equal(keys[:, :, :32], paper.compress(k[:, :, :32], "k", True)[0])
+    sk, sv = make_method("gear", 2, "simulated", **kw).quantize_kv(k, v)
+    assert torch.equal(sk, m.compress(k, "k", True)[0]) and torch.equal(sv, m.compress(v, "v", True)[0])
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_outlier_rule_check(backend):
+    def check(rule):
+        GEAR.check(OmegaConf.create({"method": method_params("gear", outlier_rule=rule), "backend": backend}))
+    check("paper")
+    with pytest.raises(ConfigError, match=r"^method.outlier_rule=bogus: allowed: paper, reference_code$"):
+        check("bogus")
+    if backend != "triton":
+        check("reference_code")
+        return
+    with pytest.raises(ConfigError) as e:
+        check("reference_code")
+    assert str(e.value).startswith("method.outlier_rule=reference_code: backend=triton allows only paper")
+    assert "\n" not in str(e.value)
+
+
+def test_reference_rule_runs_on_torch_when_triton_is_resolved():
+    """backend=auto resolves to triton on CUDA; the packed cache holds the paper's outliers only."""
+    m = GEAR(method_params("gear", outlier_rule="reference_code", group_size=8),
+             Knobs(Bits(16, 16, 2, 2), kv_semantics="cache", backend="triton"))
+    assert m.kv_backend == "torch" and m.describe()["kv_backend"] == "torch"

@@ -47,6 +47,8 @@ BAD_INPUTS = [
     (["task.passkey.lengths=[100000]"], "task.passkey.lengths=[100000]: 100000 is out of range; allowed: integers from 1 to 4088"),
     # the shortest prompt (no filler) is 229 characters: the tiny model tokenizes by character
     (["task.passkey.lengths=[5]"], "task.passkey.lengths=5: shorter than the prompt without filler (229 tokens"),
+    (["task=gsm8k", "task.gsm8k.seed=[0,1]"], "task.gsm8k.seed=[0, 1]: allowed: an integer >= 0 (all four of lm-eval's"),
+    (["method.zero_point=half"], "method.zero_point=half: allowed: real, integer, gptq"),
     (["task.passkey.depths=[1.5]"], "task.passkey.depths=[1.5]: allowed: a non-empty list of numbers in [0, 1]"),
     (["task.passkey.depths=[-0.5]"], "task.passkey.depths=[-0.5]: allowed: a non-empty list of numbers in [0, 1]"),
     (["task.passkey.samples_per_cell=0"], "task.passkey.samples_per_cell=0: allowed: an integer >= 1"),

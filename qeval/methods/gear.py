@@ -5,9 +5,9 @@ A block X (B, H, n, D) of K or V is compressed as X ~ Q + S + L:
 
 - S, sparse outliers: the top and bottom ``outlier_ratio / 2`` of X's entries per (row, head) are
   stored exactly (fp16 value + int32 index) and kept out of the quantizer's min/max;
-- Q, the backbone: asymmetric min-max with ``2**bits - 1`` levels at every width (the reference
-  outlier path uses ``bits**2 - 1``, which is right only at 2 and 4 bits). ``backbone=kivi``: keys
-  per channel over G tokens, values per token over G channels; ``backbone=uniform``: per token;
+- Q, the backbone: asymmetric min-max with ``2**bits - 1`` levels at every width (see Levels
+  below). ``backbone=kivi``: keys per channel over G tokens, values per token over G channels;
+  ``backbone=uniform``: per token;
 - L, low rank: the remaining error E = X - Q - S fitted by ``power_iterations`` of block power
   iteration, L = U U^T E with U orthonormal, so ||E - L|| <= ||E|| always. Rank
   ``rank_prefill`` for the prompt and ``rank_decode`` for streamed blocks, or
@@ -23,6 +23,36 @@ sequence with its padding stripped, is compressed as one prefill block.
 the outliers and the low-rank factors for real (:mod:`qeval.methods.gear_packed`) and decode runs
 the fused packed-KV kernel with the corrections composed around it; both backends compress with
 :func:`qeval.quant.decompose.gear_decompose`, so they keep the same outliers and factors.
+
+``outlier_rule=reference_code`` (default ``paper``) swaps in the authors' code's outlier rule
+(:func:`qeval.quant.decompose.reference_outliers`, first difference below), on backend=torch only
+(``auto`` runs it on torch and the row says so). Its per-channel key count does not shrink with
+the block: in ``cache`` semantics' 64-token streamed blocks every key is kept exact once
+s H D >= n_b (Llama-2-7B: 40 per side of 64), as in the reference's ``--stream_grouping`` mode;
+its run scripts apply the rule to the whole cache instead.
+
+Differences from the reference code, opengear-project/GEAR @ efe0bfe2b5a3 (under
+``GenerationBench/GenerationTest/``: the ``run_template_*.sh`` scripts and the
+``GEARLM/Simulated/`` files they run):
+
+- Outliers. Reference (``compress_function.py`` ``gears_channelQ`` 261-296 / ``gears_tokenQ``
+  297-333, reached from the GEAR branch 466-495): keys per channel over the tokens, values per
+  token across all heads, top and bottom ``int(int(B H n D s) / B / n / 2)`` each (264-267,
+  300-303): s/2 of a value token's entries, but s H D / (2n) of a key channel's (s/2 only when
+  n = H D); the outliers are replaced by their row's mean before quantizing, so the mean enters
+  min/max (276-283, 312-319), then restored (290-291, 327-328). qeval: top and bottom s/2 of
+  each (sequence, head)'s n*D entries, kept out of min/max, as the paper describes s.
+- Levels. Reference: ``quantize_bit ** 2 - 1`` in that path (285-286, 321-322; the scale's
+  divisor at 116, 147). qeval: ``2**bits - 1``, the quantizer's level count (equal at 2, 4 bits).
+- Schedule. Reference (``modeling_llama_new.py`` ``LlamaSdpaAttention.forward``, forced at 1079;
+  ``run_template_*.sh`` line 4: ``--streaming --streaming_gap 64``, no ``--stream_grouping``):
+  the prompt's compression is discarded (stored only ``if self.prefill is False``, 1023-1027), so
+  the prompt is cached in full precision (1029); whenever the cache length is a multiple of the
+  gap (954-958) the whole cache, compressed tokens included, is compressed again and written back
+  (1007-1026), errors compounding, always with ``rank``: ``prefill`` is not passed (1010-1019;
+  ``compress_function.py`` 430, 471-476). qeval (the paper's streaming buffer): the prompt's first
+  L - (L mod n_b) tokens once with ``rank_prefill``, then each n_b = 64 new tokens once with
+  ``rank_decode``; nothing is compressed twice.
 """
 
 from __future__ import annotations
@@ -33,10 +63,11 @@ from qeval.errors import ConfigError, check_divides
 from qeval.kv.blocks import BlockCompressedLayer, per_row_real
 from qeval.methods.base import Method
 from qeval.methods.kivi import fake_quantize_keys, fake_quantize_values
-from qeval.quant.decompose import gear_compress
+from qeval.quant.decompose import gear_compress, reference_outliers
 from qeval.quant.primitives import FULL_PRECISION_BITS, fake_quantize, packed_bytes
 
 BACKBONES = ("kivi", "uniform")
+OUTLIER_RULES = ("paper", "reference_code")
 OUTLIER_BYTES = 2 + 4   # fp16 value + int32 index per stored outlier
 
 
@@ -53,6 +84,11 @@ class GEAR(Method):
             raise ConfigError(f"method.backbone={m.backbone}: allowed: {', '.join(BACKBONES)}")
         if not isinstance(m.outlier_ratio, (int, float)) or not 0 <= m.outlier_ratio < 1:
             raise ConfigError(f"method.outlier_ratio={m.outlier_ratio}: must be a fraction in [0, 1) (GEAR: 0.02)")
+        if m.outlier_rule not in OUTLIER_RULES:
+            raise ConfigError(f"method.outlier_rule={m.outlier_rule}: allowed: {', '.join(OUTLIER_RULES)}")
+        if m.outlier_rule != "paper" and cfg.get("backend") == "triton":
+            raise ConfigError(f"method.outlier_rule={m.outlier_rule}: backend=triton allows only paper "
+                              "(the packed cache holds a fixed outlier count per head); use backend=torch")
         for key in ("rank_prefill", "rank_decode", "power_iterations", "group_size"):
             if not isinstance(m[key], int) or m[key] < (1 if key in ("power_iterations", "group_size") else 0):
                 raise ConfigError(f"method.{key}={m[key]}: must be a non-negative integer "
@@ -75,10 +111,13 @@ class GEAR(Method):
         self.group_size = int(params.group_size)
         self.outlier_ratio = float(params.outlier_ratio)
         self.iterations = int(params.power_iterations)
+        self.outlier_rule = params.outlier_rule
         # backend=triton: codes, outliers and factors really held, fused decode (gear_packed); the
-        # uniform backbone or a layout the kernels cannot hold runs on torch, and the row says so
+        # uniform backbone, the reference code's outlier rule or a layout the kernels cannot hold runs
+        # on torch, and the row says so
         self.kv_backend = "torch"
-        if knobs.backend == "triton" and knobs.kv_semantics == "cache" and self.backbone == "kivi":
+        if (knobs.backend == "triton" and knobs.kv_semantics == "cache" and self.backbone == "kivi"
+                and self.outlier_rule == "paper"):
             # imported only here: triton is an optional, Linux-only dependency
             from qeval.methods import gear_packed, kivi_packed
             if kivi_packed.layout_problem(self.bits.k, self.bits.v, self.group_size) is None:
@@ -100,6 +139,12 @@ class GEAR(Method):
             return lambda x, ex: fake_quantize_keys(x, bits, g, ex)
         return lambda x, ex: fake_quantize_values(x, bits, g, ex)
 
+    def outliers(self, which: str):
+        """The outlier rule for keys or values as :func:`gear_compress` takes it (None: the paper's)."""
+        if self.outlier_rule == "paper":
+            return None
+        return lambda x: reference_outliers(x, self.outlier_ratio, which)
+
     def _packed(self, x: torch.Tensor, bits: int, n_out: int, rank: int) -> int:
         b, h, n, d = x.shape
         groups = (x.numel() // self.group_size if self.backbone == "kivi" and n % self.group_size == 0
@@ -112,7 +157,7 @@ class GEAR(Method):
         if bits >= FULL_PRECISION_BITS:
             return x, x.numel() * 2
         y, n_out, r = gear_compress(x, bits, self.quantizer(which), self.outlier_ratio,
-                                    self.rank(first, *x.shape[-2:]), self.iterations)
+                                    self.rank(first, *x.shape[-2:]), self.iterations, self.outliers(which))
         return y, self._packed(x, bits, n_out, r)
 
     def quantize_kv(self, k, v, pad=None):

@@ -18,7 +18,8 @@ and factors. A block X (K or V) is held as X ~ Q + S + L:
 
 Per row the outlier count of a block depends only on its size, so the per-row tensors are dense:
 rows with fewer or smaller blocks are padded with zero entries (index 0, value 0), as are U's
-columns past a block's rank. ``block_of`` maps each packed token to its block's W.
+columns past a block's rank. (The reference code's rule, ``outlier_rule=reference_code``, splits a
+token's value outliers unevenly across heads, so it runs on the torch backend.) ``block_of`` maps each packed token to its block's W.
 
 Decode composes the corrections with the kernel rather than fusing them into it: for one query q
 of a head and packed position t,
@@ -167,8 +168,8 @@ class PackedGEARLayer(PackedKVLayer):
         slots = 2 * outliers_per_side(m.outlier_ratio, n, D) if m.outlier_ratio > 0 else 0
         sidx, sval = sparse_outliers(x, q, mask, slots)
         n_out, rank = (0 if mask is None else int(mask.sum())), (0 if u is None else u.shape[-1])
-        return dict(packed=box[0], sidx=sidx, sval=sval, u=u, w=w, rank=rank,
-                    bytes=m._packed(x, bits, n_out, rank))
+        return {"packed": box[0], "sidx": sidx, "sval": sval, "u": u, "w": w, "rank": rank,
+                "bytes": m._packed(x, bits, n_out, rank)}
 
     def _store(self, b: int, i: int, parts: dict, m: int) -> None:
         """Row ``b`` (row ``i`` of the block's rows) appends its block at row-local ``dk[b]``."""
