@@ -279,3 +279,11 @@ def test_the_qllm_eval_studies_run_exactly_the_published_settings(setting, overr
     for key, want in requirements(row["requires"]).items():
         assert knobs.get(key) == want, (setting, key, knobs.get(key), want)
     assert bit_labels(cfg.w_bits, cfg.a_bits, cfg.kv_bits, cfg.kv_bits)[1 if setting != "fp16" else 0] == setting
+
+
+def test_the_zero_point_convention_of_quantized_cells_is_in_the_table(tmp_path):
+    write(tmp_path, 1.0)
+    write(tmp_path, 0.4, kv_bits=2, method="group", columns={"zero_point": "integer"})
+    write(tmp_path, 0.7, kv_bits=2, method="kivi", columns={"zero_point": "real"})
+    md = (tables(tmp_path) / "passkey.md").read_text()
+    assert "zero point: group integer, kivi real" in md

@@ -174,6 +174,7 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
         out.append({"task": first["task"], "metric": first["metric"], "model": model, "method": method,
                     "setting": setting, "target": first["target"], "bits": first["bits"],
                     "a_bits": first["a_bits"], "kv_budget": first["kv_budget"], "dtype": first["dtype"],
+                    "zero_point": first.get("zero_point"),
                     "extra": extra,
                     "base_knobs": first["base_knobs"], "value": g["value"].mean(), "runs": _runs(g),
                     "lo": g["value"].min(), "hi": g["value"].max(), "samples": _samples(g),

@@ -69,6 +69,9 @@ def notes(cells: pd.DataFrame, split: list[str]) -> list[str]:
     elif samples:
         lines.append("samples per run (n) differ between cells: " + "; ".join(samples) + " (see cells.csv)")
     quantized = cells[cells["method"].notna()]
+    conventions = sorted({f"{m} {z}" for m, z in zip(quantized["method"], quantized["zero_point"]) if not missing(z)})
+    if conventions:   # which grid the quantized numbers come from (Qllm-Eval's integer zero or KIVI's real one)
+        lines.append("zero point: " + ", ".join(conventions))
     if quantized["baseline"].isna().any():
         lines.append("no bracket: no full-precision run of that model with the same non-quantization knobs")
     return lines
