@@ -7,9 +7,10 @@ compute nodes without it can run offline (HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 Arguments are the same overrides as ``python -m qeval`` (sweeps included: ``kv_bits=2,4``, and
 an experiment's ``hydra.sweeper.params``). ``--data-dir`` also writes every split of every lm-eval
-dataset as ``<dir>/<dataset_path>/<dataset_name>/<split>.jsonl``, which is what
-``task.<name>.data_dir=<dir>`` reads. Models with ``random_config`` or a local ``path`` and tasks
-without ``lm_eval_tasks`` (passkey: generated) need nothing.
+dataset as ``<dir>/<dataset_path>/<dataset_name>/<split>.jsonl``, and the perplexity tasks' split
+(wikitext2, c4: ``qeval.data.corpus``) the same way, which is what ``task.<name>.data_dir=<dir>``
+reads. Models with ``random_config`` or a local ``path`` and generated tasks (passkey, the toy
+tasks) need nothing.
 """
 
 from __future__ import annotations
@@ -31,17 +32,24 @@ def cells(overrides: list[str]) -> list:
         return [compose("config", overrides=cell) for cell in cell_overrides]
 
 
-def needs(configs) -> tuple[set, dict]:
-    """(models as (path, revision), lm-eval tasks as qeval task name -> its config)."""
-    models, tasks = set(), {}
+def needs(configs) -> tuple[set, dict, dict]:
+    """(models as (path, revision), lm-eval tasks and perplexity datasets, each as qeval task
+    name -> its config)."""
+    from qeval.model.loading import resolve_path
+    from qeval.tasks.perplexity import TASKS as PERPLEXITY
+    from qeval.tasks.perplexity import uses_toy_corpus
+
+    models, tasks, texts = set(), {}, {}
     for cfg in configs:
         m = cfg.model
-        if not m.get("random_config") and m.get("path") and not Path(m.path).is_dir():
+        if not m.get("random_config") and m.get("path") and not Path(resolve_path(m.path)).is_dir():
             models.add((m.path, m.get("revision")))
         for name, task_cfg in cfg.task.items():
             if task_cfg.get("lm_eval_tasks"):
                 tasks[name] = task_cfg
-    return models, tasks
+            elif name in PERPLEXITY and not uses_toy_corpus(task_cfg):
+                texts[name] = task_cfg
+    return models, tasks, texts
 
 
 def datasets_for(tasks: dict) -> dict[tuple[str, str | None], set[str]]:
@@ -80,12 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, default=None, help="also write datasets as JSON lines here")
     p.add_argument("--dry-run", action="store_true", help="list what is needed, download nothing")
     a = p.parse_args(argv)
-    models, tasks = needs(cells(a.overrides))
+    from qeval.data import corpus
+
+    models, tasks, texts = needs(cells(a.overrides))
     data = datasets_for(tasks)
+    split_of = {corpus.dataset_label(c): c for c in texts.values()}   # perplexity: one split each
     for path, rev in sorted(models, key=str):
         print(f"model   {path}" + (f"@{rev}" if rev else ""))
     for (path, name), splits in sorted(data.items(), key=str):
         print(f"dataset {path}" + (f"/{name}" if name else "") + f"  [{', '.join(sorted(splits))}]")
+    for task_cfg in split_of.values():
+        print(f"dataset {corpus.dataset_label(task_cfg)}  [{task_cfg.split}]")
     if a.dry_run:
         return 0
     from huggingface_hub import snapshot_download
@@ -94,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         snapshot_download(path, revision=rev)
     for (path, name), splits in sorted(data.items(), key=str):
         fetch_dataset(path, name, splits, a.data_dir.resolve() if a.data_dir else None)
-    print(f"prefetch: {len(models)} models, {len(data)} datasets"
+    for task_cfg in split_of.values():
+        if a.data_dir:
+            corpus.write_local(task_cfg, a.data_dir.resolve())
+        else:
+            corpus.load_hub(task_cfg)   # into the Hugging Face cache
+    print(f"prefetch: {len(models)} models, {len(data) + len(split_of)} datasets"
           + (f"; JSON lines under {a.data_dir}" if a.data_dir else ""))
     return 0
 

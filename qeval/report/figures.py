@@ -32,7 +32,14 @@ from qeval.report.cells import task_cells
 from qeval.report.gather import headline
 from qeval.report.heatmap import passkey_heatmap
 from qeval.report.memory import kv_memory_figure
-from qeval.report.style import Style, baseline_label, knob_suffix, metric_label, missing
+from qeval.report.style import (
+    Style,
+    baseline_label,
+    direction,
+    knob_suffix,
+    metric_label,
+    missing,
+)
 
 TARGET_AXIS = {"W": "weight bit width (bits)", "WA": "weights / activations (bits)",
                "KV": "KV-cache bit width (bits)"}
@@ -132,7 +139,7 @@ def bits_figure(cells: pd.DataFrame, task: str, split: list[str], style: Style) 
         if not normalised:
             rel.text(0.5, 0.3, f"no nonzero {base} value to normalise by", ha="center",
                      va="center", transform=rel.transAxes, color="grey")
-    fig.suptitle(f"{task}: {metric} against bit width" + split_note(split))
+    fig.suptitle(f"{task}: {metric} against bit width{direction(metric)}" + split_note(split))
     return fig, 2 * len(targets)
 
 
@@ -159,7 +166,7 @@ def budget_figure(cells: pd.DataFrame, task: str, split: list[str], style: Style
     ax.set_title(f"{task}: {metric}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small", handlelength=3.5)
-    fig.suptitle(f"{task}: {metric} against KV budget (eviction)" + split_note(split))
+    fig.suptitle(f"{task}: {metric} against KV budget (eviction){direction(metric)}" + split_note(split))
     return fig, 1
 
 

@@ -44,8 +44,10 @@ EXPECTED_COLUMNS = ("model", "method", "task", "metric", "value", "status", "dty
                     "kv_budget", "w_bits", "a_bits", "kv_bits")
 BITS = ("w_bits", "a_bits", "kv_bits")
 # a task's headline metric: the first of these present, else the first in alphabetical order
+# (perplexity before its nll; lm-eval's wikitext headlines word_perplexity, as lm-eval does)
 METRIC_PREFERENCE = ("accuracy", "exact_match,strict-match", "exact_match,flexible-extract",
-                     "acc,none", "acc_norm,none", "score,none", "exact_match,get-answer")
+                     "acc,none", "acc_norm,none", "score,none", "exact_match,get-answer",
+                     "perplexity", "word_perplexity,none")
 
 
 def read_run(run_dir: Path) -> list[dict]:

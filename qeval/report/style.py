@@ -29,7 +29,16 @@ METRIC_UNITS = {
     "k_rel_error": "k_rel_error: relative error of keys (ratio)",
     "v_rel_error": "v_rel_error: relative error of values (ratio)",
     "attn_out_rel_error": "attn_out_rel_error: relative error (ratio)",
+    "perplexity": "perplexity: exp(mean NLL per token)",
+    "nll": "nll: mean NLL per token (nats)",
+    "word_perplexity": "word_perplexity: exp(-log-likelihood / words)",
+    "byte_perplexity": "byte_perplexity: exp(-log-likelihood / bytes)",
+    "bits_per_byte": "bits_per_byte: -log2-likelihood / bytes (bits)",
 }
+# metrics (lm-eval's without their ",<filter>") for which a smaller number is the better model:
+# a positive difference to full precision is a loss
+LOWER_IS_BETTER = frozenset({"perplexity", "nll", "word_perplexity", "byte_perplexity", "bits_per_byte",
+                             "logits_kl", "k_rel_error", "v_rel_error", "attn_out_rel_error"})
 # lm-eval metric names "<metric>,<filter>": these metrics are fractions of examples
 FRACTION_METRICS = ("acc", "acc_norm", "exact_match", "score")
 
@@ -64,13 +73,26 @@ def baseline_label(dtypes) -> str:
     return "/".join(labels) if labels else "full precision"
 
 
+def lower_is_better(metric) -> bool:
+    return str(metric).split(",")[0] in LOWER_IS_BETTER
+
+
+def direction(metric) -> str:
+    """``", lower is better"`` for a metric where smaller is better, else nothing (higher is)."""
+    return ", lower is better" if lower_is_better(metric) else ""
+
+
 def metric_label(metric: str) -> str:
-    """An axis label naming the metric actually plotted, with its unit."""
-    if metric in METRIC_UNITS:
-        return METRIC_UNITS[metric]
-    if metric.split(",")[0] in FRACTION_METRICS:
-        return f"{metric} (fraction)"
-    return f"{metric} (value)"
+    """An axis label naming the metric actually plotted, with its unit (and its direction when
+    lower is better)."""
+    base = metric.split(",")[0]
+    if metric in METRIC_UNITS or base in METRIC_UNITS:
+        label = METRIC_UNITS.get(metric) or METRIC_UNITS[base]
+    elif base in FRACTION_METRICS:
+        label = f"{metric} (fraction)"
+    else:
+        label = f"{metric} (value)"
+    return label + direction(metric).replace(", ", "; ")
 
 
 def knob_suffix(extra) -> str:

@@ -24,7 +24,7 @@ from qeval.report import published
 from qeval.report.cells import task_cells
 from qeval.report.failed import failed_markdown, failed_runs
 from qeval.report.gather import headline
-from qeval.report.style import baseline_label, missing, num, signed
+from qeval.report.style import baseline_label, direction, missing, num, signed
 
 TARGET_ORDER = {"fp16": 0, "W": 1, "WA": 2, "KV": 3, "KV-evict": 4, "mixed": 5}
 
@@ -78,11 +78,14 @@ def notes(cells: pd.DataFrame, split: list[str]) -> list[str]:
 
 
 def title_of(task: str, cells: pd.DataFrame) -> str:
+    """``task (metric)``, ``, lower is better`` where a smaller number is better (perplexity: a
+    positive difference is then a loss), and what the brackets hold."""
     metric = cells["metric"].iloc[0]
     base = cells[cells["method"].isna()]
+    title = f"{task} ({metric}){direction(metric)}"
     if base.empty:
-        return f"{task} ({metric})"
-    return f"{task} ({metric}); in brackets: difference to {baseline_label(base['dtype'])}"
+        return title
+    return f"{title}; in brackets: difference to {baseline_label(base['dtype'])}"
 
 
 def to_markdown(t: pd.DataFrame, title: str, lines: list[str] = ()) -> str:

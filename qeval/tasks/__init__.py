@@ -2,9 +2,9 @@
 metric rows, and checks its own keys before any model loads. ``TASKS`` and ``CHECKS`` are the
 tables the runner and validation read: key = config file name (``configs/task/<name>.yaml``)."""
 
-from typing import Callable
+from collections.abc import Callable
 
-from qeval.tasks import passkey, quant_error, toy_arith, toy_mc
+from qeval.tasks import passkey, perplexity, quant_error, toy_arith, toy_mc
 from qeval.tasks.lm_eval import tasks as lm_eval_tasks
 
 TASKS: dict[str, Callable] = {
@@ -12,6 +12,7 @@ TASKS: dict[str, Callable] = {
     "toy_arith": toy_arith.evaluate,
     "toy_mc": toy_mc.evaluate,
     "quant_error": quant_error.evaluate,
+    **{name: perplexity.task(name) for name in perplexity.TASKS},
     **{name: lm_eval_tasks.task(name) for name in lm_eval_tasks.LM_EVAL_TASKS},
 }
 # check(name, node, ModelFacts): each task's keys, before any weights load
@@ -20,5 +21,6 @@ CHECKS: dict[str, Callable] = {
     "toy_arith": toy_arith.check,
     "toy_mc": toy_mc.check,
     "quant_error": quant_error.check,
+    **{name: perplexity.check for name in perplexity.TASKS},
     **{name: lm_eval_tasks.check for name in lm_eval_tasks.LM_EVAL_TASKS},
 }

@@ -1,4 +1,4 @@
-"""GSM8K, MMLU, BBH and LongBench through lm-eval, with the method's KV cache on the path.
+"""GSM8K, MMLU, BBH, LongBench and WikiText through lm-eval, with the method's KV cache on the path.
 
 lm-eval owns the prompts, few-shot examples, answer extraction and metrics (and their versions);
 qeval owns the model (:class:`qeval.tasks.lm_eval.model.QevalLM`) and the rows. One qeval task is one
@@ -63,11 +63,12 @@ def local_files(data_dir: Path, cfg: dict) -> Path:
 
 
 def needed_splits(cfg: dict, num_fewshot: int | None) -> list[str]:
-    """The eval split, plus the few-shot split when shots come from the data (not inline)."""
+    """The eval split, plus the split shots are drawn from unless they are inline: lm-eval reads
+    that split when it builds the task, even at 0 shots (``ConfigurableTask.__init__`` calls
+    ``fewshot_docs()``; wikitext's train split, say)."""
     need = [cfg.get("test_split") or cfg.get("validation_split")]
-    shots = cfg.get("num_fewshot", 0) if num_fewshot is None else num_fewshot
     inline = (cfg.get("fewshot_config") or {}).get("samples")
-    if shots and not inline:
+    if not inline:
         need.append(cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split"))
     return [s for s in need if s]
 
@@ -275,4 +276,4 @@ def task(name: str):
     return lambda handle, cfg: evaluate_lm_eval(name, handle, cfg)
 
 
-LM_EVAL_TASKS = ("gsm8k", "gsm8k_cot", "mmlu", "bbh", "longbench")
+LM_EVAL_TASKS = ("gsm8k", "gsm8k_cot", "mmlu", "bbh", "longbench", "wikitext")
