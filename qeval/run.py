@@ -14,7 +14,7 @@ from qeval import results
 from qeval.errors import ConfigError
 from qeval.kv import simulated
 from qeval.methods import METHODS
-from qeval.methods.base import Bits, Knobs, bit_labels
+from qeval.methods.base import Bits, Formats, Knobs, bit_labels
 from qeval.model import loading
 from qeval.model.handle import Handle
 from qeval.model.linear import quantize_linears, resolve_backend
@@ -27,7 +27,8 @@ def build_method(cfg):
     cls = METHODS[cfg.method.name]
     knobs = Knobs(Bits.from_config(cfg), cfg.w_group_size, cfg.a_group_size,
                   cfg.kv_group_size, cfg.kv_semantics,
-                  resolve_backend(cfg.get("backend", "auto"), loading.resolve_device(cfg.device)))
+                  resolve_backend(cfg.get("backend", "auto"), loading.resolve_device(cfg.device)),
+                  Formats.from_config(cfg))
     return cls(cfg.method, knobs)
 
 
@@ -49,7 +50,10 @@ def base_row(cfg, method, run_id: str) -> dict:
     return {
         "run_id": run_id, "model": cfg.model.name, "model_path": cfg.model.get("path"),
         "method": cfg.method.name, **method.describe(),
-        "w_bits": b.w, "a_bits": b.a, "kv_bits": cfg.kv_bits, "k_bits": b.k, "v_bits": b.v,
+        # bits per element; a non-int kv_format's own width stands for kv_bits (16 there means
+        # "the format decides")
+        "w_bits": b.w, "a_bits": b.a, "kv_bits": cfg.kv_bits if method.formats.kv == "int" else b.k,
+        "k_bits": b.k, "v_bits": b.v,
         "w_group_size": cfg.w_group_size, "a_group_size": cfg.a_group_size,
         "kv_group_size": cfg.kv_group_size, "kv_semantics": cfg.kv_semantics,
         "dtype": str(loading.resolve_dtype(cfg.dtype, loading.resolve_device(cfg.device))).removeprefix("torch."),
@@ -71,14 +75,16 @@ def record_failure(cfg, run_dir: Path, error: str) -> dict:
     killed from outside), labelled as its bits would label it."""
     run_id = run_dir.name
     print(f"qeval: failed: {error}", file=sys.stderr)
+    formats = Formats.from_config(cfg)
     try:   # labels as the method would give them, where the bits themselves are valid
         b = Bits.from_config(cfg)
-        target, setting = bit_labels(b.w, b.a, b.k, b.v)
+        target, setting = bit_labels(b.w, b.a, b.k, b.v, formats)
     except TypeError:
         target = setting = None
     row = {"run_id": run_id, "config_hash": run_id, "model": cfg.model.name, "method": cfg.method.name,
            "target": target, "setting": setting,
            "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits,
+           "w_format": formats.w, "a_format": formats.a, "kv_format": formats.kv,
            "kv_semantics": cfg.kv_semantics, "task": ",".join(cfg.task), "metric": None, "value": None,
            "status": "failed", "error": error, "config": OmegaConf.to_container(cfg, resolve=True)}
     result = {"run_id": run_id, "status": "failed", "error": error, "seconds": 0.0, "rows": [row]}

@@ -22,6 +22,7 @@ from qeval.errors import ConfigError
 from qeval.methods import METHODS
 from qeval.methods.base import Bits
 from qeval.model import loading
+from qeval.quant import formats as F
 from qeval.tasks import CHECKS, TASKS
 
 GROUPS = ("model", "method", "task", "experiment")
@@ -149,8 +150,54 @@ def _bits(cfg) -> dict[str, int]:
     return {"w_bits": b.w, "a_bits": b.a, "k_bits": b.k, "v_bits": b.v}
 
 
+FORMAT_KEYS = {"w_format": ("w_bits",), "a_format": ("a_bits",), "kv_format": ("kv_bits", "k_bits", "v_bits")}
+
+
+def check_formats(cfg, method_cls) -> None:
+    """Each ``*_format`` is known, runs with the method, and agrees with its ``*_bits``: a
+    non-integer format fixes its element width, so those bits are 16 ("the format decides") or
+    that width."""
+    for key, bit_keys in FORMAT_KEYS.items():
+        fmt = cfg.get(key, F.INT)
+        if fmt not in F.FORMATS:
+            raise ConfigError(f"{key}={fmt}: unknown format{_did_you_mean(str(fmt), F.FORMATS)} "
+                              f"(allowed: {', '.join(F.FORMATS)})")
+        if fmt == F.INT:
+            continue
+        if fmt not in method_cls.allowed_formats:
+            runs = [name for name, cls in METHODS.items() if fmt in cls.allowed_formats]
+            why = (f"{fmt}'s {F.BLOCKS[fmt]}-element blocks are its own grouping; " if fmt in F.BLOCKS else "")
+            raise ConfigError(f"{key}={fmt}: method {method_cls.name} supports {', '.join(method_cls.allowed_formats)} "
+                              f"({why}{fmt} runs with method={' or method='.join(runs)})")
+        width = F.ELEMENT_BITS[fmt]
+        for bit_key in bit_keys:
+            b = cfg.get(bit_key)
+            if b is not None and b not in (16, width):
+                raise ConfigError(f"{bit_key}={b}: {key}={fmt} has {width}-bit elements; allowed: 16 "
+                                  f"(the format decides) or {width}")
+    if cfg.backend == "triton":
+        for key in ("w_format", "a_format"):
+            if cfg.get(key, F.INT) != F.INT:
+                raise ConfigError(f"backend=triton: {key}={cfg[key]}: the Triton kernels hold integer codes; "
+                                  f"allowed: backend=torch or backend=auto")
+
+
+def check_format_blocks(cfg, linear_widths: set[int], head_dim: int) -> None:
+    """A block format's blocks must divide the dimension they run along (the reduction axis)."""
+    bits = Bits.from_config(cfg)
+    for key, quantized, dims, what in (("w_format", bits.w < 16, linear_widths, "the Linear input width"),
+                                       ("a_format", bits.a < 16, linear_widths, "the Linear input width"),
+                                       ("kv_format", min(bits.k, bits.v) < 16, {head_dim}, "head_dim")):
+        fmt = cfg.get(key, F.INT)
+        bad = sorted(d for d in dims if fmt in F.BLOCKS and d % F.BLOCKS[fmt])
+        if quantized and bad:
+            raise ConfigError(f"{key}={fmt}: its {F.BLOCKS[fmt]}-element blocks do not divide {what}={bad[0]} "
+                              f"of model {cfg.model.name}; allowed: {', '.join(f for f in F.FORMATS if f not in F.BLOCKS)}")
+
+
 def check_config(cfg, method_cls) -> None:
     """Everything that can be checked without loading weights."""
+    check_formats(cfg, method_cls)
     bits = _bits(cfg)
     for key, b in bits.items():
         if not isinstance(b, int) or b not in method_cls.allowed_bits:
@@ -286,8 +333,10 @@ def _dims(text_cfg) -> tuple[set[int], int]:
 
 
 def check_against_model(cfg, arch_cfg, method_cls) -> None:
-    """Group sizes must divide the dimension they group: the method knows which."""
+    """Group sizes must divide the dimension they group (the method knows which), and so must a
+    block format's blocks."""
     widths, head_dim = _dims(arch_cfg.get_text_config())
+    check_format_blocks(cfg, widths, head_dim)
     method_cls.check_model(cfg, widths, head_dim)
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from qeval.methods import METHODS
-from qeval.methods.base import Bits, Knobs
+from qeval.methods.base import Bits, Formats, Knobs
+from qeval.quant.formats import ELEMENT_BITS
 from qeval.validate import CONFIG_DIR
 
 # name -> (overrides for tiny models, KV bits it is tested at, the semantics it supports)
@@ -50,11 +51,15 @@ def method_params(name: str, **overrides):
 def make_method(name: str, kv_bits: int = 16, semantics: str = "cache", backend: str = "torch", *,
                 w_bits: int = 16, a_bits: int = 16, k_bits: int | None = None, v_bits: int | None = None,
                 w_group_size: int | None = 128, a_group_size: int | None = None,
-                kv_group_size: int | None = None, **overrides):
+                kv_group_size: int | None = None, w_format: str = "int", a_format: str = "int",
+                kv_format: str = "int", **overrides):
     """A method instance from its YAML and the run's knobs (``k_bits``/``v_bits`` override
-    ``kv_bits``, as on the command line)."""
-    bits = Bits(w_bits, a_bits, kv_bits if k_bits is None else k_bits, kv_bits if v_bits is None else v_bits)
-    knobs = Knobs(bits, w_group_size, a_group_size, kv_group_size, semantics, backend)
+    ``kv_bits``, and a non-int ``*_format`` sets its own bits, as on the command line)."""
+    k, v = kv_bits if k_bits is None else k_bits, kv_bits if v_bits is None else v_bits
+    bits = Bits(*(ELEMENT_BITS.get(f, b) for b, f in ((w_bits, w_format), (a_bits, a_format), (k, kv_format),
+                                                      (v, kv_format))))
+    knobs = Knobs(bits, w_group_size, a_group_size, kv_group_size, semantics, backend,
+                  Formats(w_format, a_format, kv_format))
     return METHODS[name](method_params(name, **overrides), knobs)
 
 

@@ -59,6 +59,22 @@ BAD_INPUTS = [
      "task.quant_error.context_tokens=300: allowed: an integer from 1 to 255"),
     (["task=gsm8k", "task.gsm8k.scoring=fast"], "task.gsm8k.scoring=fast: allowed: prefill, stock"),
     (["task=mmlu", "task.mmlu.limit=-1"], "task.mmlu.limit=-1: allowed: null, an integer >= 1"),
+    (["w_format=fp8_e4m4"], ("w_format=fp8_e4m4: unknown format; did you mean 'fp8_e4m3'? (allowed: int, fp8_e4m3, "
+                             "fp8_e5m2, mxfp8, mxfp4, nvfp4)")),
+    (["w_format=fp8_e4m3", "w_bits=4"], ("w_bits=4: w_format=fp8_e4m3 has 8-bit elements; allowed: 16 (the format "
+                                         "decides) or 8")),
+    (["kv_format=fp8_e5m2", "k_bits=4"], "k_bits=4: kv_format=fp8_e5m2 has 8-bit elements; allowed: 16"),
+    (["method=kivi", "kv_format=mxfp4"], ("kv_format=mxfp4: method kivi supports int (mxfp4's 32-element blocks are "
+                                          "its own grouping; mxfp4 runs with method=uniform)")),
+    (["method=h2o", "kv_format=fp8_e4m3"], ("kv_format=fp8_e4m3: method h2o supports int (fp8_e4m3 runs with "
+                                            "method=uniform or method=group)")),
+    (["method=group", "w_format=nvfp4"], ("w_format=nvfp4: method group supports int, fp8_e4m3, fp8_e5m2 (nvfp4's "
+                                          "16-element blocks are its own grouping; nvfp4 runs with method=uniform)")),
+    (["model.random_config.hidden_size=80", "kv_format=nvfp4"],
+     ("kv_format=nvfp4: its 16-element blocks do not divide head_dim=20 of model tiny-random; allowed: int, "
+      "fp8_e4m3, fp8_e5m2")),
+    (["backend=triton", "w_format=fp8_e4m3"], ("backend=triton: w_format=fp8_e4m3: the Triton kernels hold integer "
+                                               "codes; allowed: backend=torch or backend=auto")),
 ]
 
 

@@ -2,7 +2,8 @@
 
 A qeval cache is a plain ``transformers.Cache(layers=[...])``; the method decides what a layer
 is (``method.make_cache_layer``), and round-to-nearest methods get :class:`StoreQuantizedLayer`
-(``method.quantize_kv``). ``SequenceState`` carries the padding mask, which transformers does not hand to a layer.
+(``method.quantize_kv``), or :class:`FP8StoredLayer` for an FP8 ``kv_format``, which holds
+float8 codes for real. ``SequenceState`` carries the padding mask, which transformers does not hand to a layer.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from qeval.kv.sequence import SequenceState
+from qeval.quant.formats import fp8
 
 
 def cache_kwarg(model) -> str:
@@ -62,6 +64,67 @@ class StoreQuantizedLayer(DynamicLayer):
         return self.method.kv_packed_bytes(self.keys, self.values)
 
 
+class FP8StoredLayer(StoreQuantizedLayer):
+    """``cache`` semantics with K/V held as FP8: ``keys`` / ``values`` are the float8 codes
+    (B, H, T, D) and ``k_scale`` / ``v_scale`` their float32 scales (B, H or 1, T, n), so the bytes
+    held are the codes' and the scales' (``method.encode_kv``). Every step reads the stored tokens
+    back through :func:`qeval.quant.formats.fp8.decode`, equal to ``method.quantize_kv`` of the
+    same tokens, and attends to its own tokens in full precision, like :class:`StoreQuantizedLayer`.
+    """
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        self.dtype = key_states.dtype
+        self.keys = self.values = self.k_scale = self.v_scale = None
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        pad = self.seq.pad(self.get_seq_length(), key_states.shape[-2], key_states.shape[0])
+        (kc, ks), (vc, vs) = self.method.encode_kv(key_states, value_states, pad)
+        if self.keys is None:
+            self.keys, self.k_scale, self.values, self.v_scale = kc, ks, vc, vs
+            return key_states, value_states
+        keys = torch.cat([fp8.decode(self.keys, self.k_scale, self.dtype), key_states], dim=-2)
+        values = torch.cat([fp8.decode(self.values, self.v_scale, self.dtype), value_states], dim=-2)
+        self.keys, self.k_scale = torch.cat([self.keys, kc], -2), torch.cat([self.k_scale, ks], -2)
+        self.values, self.v_scale = torch.cat([self.values, vc], -2), torch.cat([self.v_scale, vs], -2)
+        return keys, values
+
+    def packed_bytes(self) -> int:
+        """What is held is already the packed layout: one byte per element plus the scales."""
+        return held_bytes_of(self)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0 and self.k_scale is not None:
+            self.k_scale, self.v_scale = self.k_scale[..., :tokens_to_remove, :], self.v_scale[..., :tokens_to_remove, :]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self.keys, self.values, self.k_scale, self.v_scale = (
+                t.repeat_interleave(repeats, dim=0) for t in (self.keys, self.values, self.k_scale, self.v_scale))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self.keys, self.values, self.k_scale, self.v_scale = (
+                t[indices, ...] for t in (self.keys, self.values, self.k_scale, self.v_scale))
+
+
+def held_bytes_of(layer, seen: set | None = None) -> int:
+    """Bytes of the tensors one cache layer holds, each counted once (``seen``: across layers)."""
+    seen, total = set() if seen is None else seen, 0
+    for t in _tensors(layer):
+        key = (t.data_ptr(), t.nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += t.nbytes
+    return total
+
+
 def _tensors(obj) -> list[torch.Tensor]:
     out = []
     for v in vars(obj).values():
@@ -76,14 +139,8 @@ def held_bytes(cache: Cache | None) -> int:
     """Bytes of every tensor the cache's layers hold right now: a measurement, not a formula."""
     if cache is None:
         return 0
-    seen, total = set(), 0
-    for layer in cache.layers:
-        for t in _tensors(layer):
-            key = (t.data_ptr(), t.nbytes)
-            if key not in seen:
-                seen.add(key)
-                total += t.nbytes
-    return total
+    seen: set = set()
+    return sum(held_bytes_of(layer, seen) for layer in cache.layers)
 
 
 def packed_layout_bytes(cache: Cache | None, method) -> int:

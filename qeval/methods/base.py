@@ -9,22 +9,42 @@ class implements all of it as round-to-nearest with the granularities a subclass
 methods (KIVI, GEAR) override the KV part and declare ``targets = {"KV"}``; eviction methods
 (H2O, StreamingLLM) build on :class:`qeval.methods.eviction.EvictionMethod`.
 
+Number formats (``w_format``, ``a_format``, ``kv_format``; :mod:`qeval.quant.formats`) are
+orthogonal to the method: the base quantizers dispatch on them, FP8 with the method's groups, the
+block formats with their own blocks. A method lists the formats it can run in ``allowed_formats``
+(integers only unless it says otherwise, since a method with its own quantizer is integer).
+
 Names: ``cfg`` is always the whole run config (the class-level checks read it); ``params`` is the
 method's own node (``cfg.method``), what an instance is built from.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from qeval.kv.cache import StoreQuantizedLayer
+from qeval.kv.cache import FP8StoredLayer, StoreQuantizedLayer
 from qeval.kv.sequence import SequenceState
+from qeval.quant import formats as F
+from qeval.quant.formats import fp8
 from qeval.quant.granularity import Granularity
 from qeval.quant.primitives import FULL_PRECISION_BITS, packed_bytes
+
+
+@dataclass(frozen=True)
+class Formats:
+    """The number format per target (``int``: integers of ``*_bits``)."""
+
+    w: str = F.INT
+    a: str = F.INT
+    kv: str = F.INT
+
+    @classmethod
+    def from_config(cls, cfg) -> Formats:
+        return cls(cfg.get("w_format", F.INT), cfg.get("a_format", F.INT), cfg.get("kv_format", F.INT))
 
 
 @dataclass
@@ -36,25 +56,39 @@ class Bits:
 
     @classmethod
     def from_config(cls, cfg) -> "Bits":
-        """The run's bits per target: ``k_bits`` / ``v_bits`` override ``kv_bits`` when set."""
+        """The run's bits per element per target: ``k_bits`` / ``v_bits`` override ``kv_bits`` when
+        set, and a non-integer ``*_format`` sets its own width (``*_bits`` is then 16 or that width,
+        which validation checks)."""
         k = cfg.get("k_bits")
         v = cfg.get("v_bits")
-        return cls(cfg.w_bits, cfg.a_bits, cfg.kv_bits if k is None else k, cfg.kv_bits if v is None else v)
+        f = Formats.from_config(cfg)
+        k, v = cfg.kv_bits if k is None else k, cfg.kv_bits if v is None else v
+        return cls(*(F.ELEMENT_BITS.get(fmt, b)
+                     for b, fmt in ((cfg.w_bits, f.w), (cfg.a_bits, f.a), (k, f.kv), (v, f.kv))))
 
 
-def bit_labels(w, a, k, v) -> tuple[str, str]:
+def bit_labels(w, a, k, v, formats: Formats | None = None) -> tuple[str, str]:
     """(target, setting) of a row from its bits: ``fp16`` (nothing quantized), ``W`` (``W4``),
-    ``WA`` (``W4A8``), ``KV`` (``KV2``, or ``K4V2`` when they differ), ``mixed`` otherwise."""
+    ``WA`` (``W4A8``), ``KV`` (``KV2``, or ``K4V2`` when they differ), ``mixed`` otherwise. A
+    non-integer format is named instead of its bits, spaced: ``W mxfp4``, ``KV fp8_e4m3``,
+    ``W nvfp4 A nvfp4``, ``W4 KV fp8_e4m3`` (a mixed setting with a format names only its
+    quantized targets)."""
     q = {name: b for name, b in (("W", w), ("A", a), ("K", k), ("V", v)) if b is not None and b < 16}
     if not q:
         return "fp16", "fp16"
-    if set(q) == {"W"}:
-        return "W", f"W{w}"
-    if set(q) <= {"W", "A"}:
-        return "WA", f"W{w}A{a}"
-    if set(q) <= {"K", "V"}:
-        return "KV", f"KV{k}" if k == v else f"K{k}V{v}"
-    return "mixed", f"W{w}A{a}K{k}V{v}"
+    f = formats or Formats()
+    target = ("W" if set(q) == {"W"} else "WA" if set(q) <= {"W", "A"} else "KV" if set(q) <= {"K", "V"}
+              else "mixed")
+    if F.INT == f.w == f.a == f.kv:
+        return target, {"W": f"W{w}", "WA": f"W{w}A{a}", "KV": f"KV{k}" if k == v else f"K{k}V{v}",
+                        "mixed": f"W{w}A{a}K{k}V{v}"}[target]
+    parts = {"W": f"W{w}" if f.w == F.INT else f"W {f.w}", "A": f"A{a}" if f.a == F.INT else f"A {f.a}",
+             "KV": f"KV {f.kv}" if f.kv != F.INT else f"KV{k}" if k == v else f"K{k}V{v}"}
+    # a mixed setting names only its quantized targets: ``W4 KV fp8_e4m3``
+    quantized = {"W": "W" in q, "A": "A" in q, "KV": bool(q.keys() & {"K", "V"})}
+    wanted = {"W": ["W"], "WA": ["W", "A"], "KV": ["KV"],
+              "mixed": [n for n in ("W", "A", "KV") if quantized[n]]}[target]
+    return target, " ".join(parts[n] for n in wanted)
 
 
 @dataclass
@@ -67,6 +101,7 @@ class Knobs:
     kv_group_size: int | None = None
     kv_semantics: str = "cache"
     backend: str = "torch"        # resolved top-level ``backend``: torch | triton (real low-bit KV)
+    formats: Formats = field(default_factory=Formats)
 
 
 class Method:
@@ -76,6 +111,8 @@ class Method:
     targets: ClassVar[frozenset[str]] = frozenset({"W", "WA", "KV"})
     allowed_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8, 16)
     semantics: ClassVar[tuple[str, ...]] = ("cache", "simulated")
+    # number formats it runs (qeval.quant.formats); a method with its own quantizer is integer
+    allowed_formats: ClassVar[tuple[str, ...]] = (F.INT,)
 
     # an eviction method drops tokens from its cache (EvictionMethod); a quantizing one keeps them
     evicts: ClassVar[bool] = False
@@ -84,6 +121,7 @@ class Method:
         self.params = params      # the method's own config node (cfg.method)
         self.knobs = knobs
         self.bits = knobs.bits
+        self.formats = knobs.formats
         self.symmetric = bool(params.get("symmetric", False))
         # the zero-point convention (qeval.quant.primitives); a method without the parameter
         # quantizes with the real-valued zero of KIVI and GEAR
@@ -104,18 +142,44 @@ class Method:
         from its architecture config before any weight loads; the base groups nothing."""
         return None
 
+    def _quantize(self, x, target: str, bits: int, gran: Granularity, exclude=None) -> torch.Tensor:
+        """Round-to-nearest in ``target``'s (w | a | kv) format: integers or FP8 in ``gran``'s
+        groups, a block format in its own blocks; the identity at 16 bits."""
+        fmt = getattr(self.formats, target)
+        if bits >= FULL_PRECISION_BITS:
+            return x
+        if fmt == F.INT:
+            return gran.apply(x, bits, self.symmetric, exclude, self.zero_point)
+        if fmt in F.BLOCKS:
+            return F.fake_quantize_blocks(x, fmt, target)
+        return gran.apply_fp8(x, fmt, exclude)
+
+    def _packed_bytes(self, shape: torch.Size, target: str, bits: int, gran: Granularity) -> int:
+        fmt = getattr(self.formats, target)
+        if bits >= FULL_PRECISION_BITS or fmt == F.INT:
+            return packed_bytes(shape.numel(), bits, None, gran.n_groups(shape), symmetric=self.symmetric)
+        if fmt in F.BLOCKS:
+            return F.block_packed_bytes(shape, fmt, target)
+        return fp8.packed_bytes(shape.numel(), gran.n_groups(shape))
+
     # -- W / WA --------------------------------------------------------------------------------
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
         """(out_features, in_features) -> same, quantized once at load time."""
-        return self.w_gran.apply(w, self.bits.w, self.symmetric, zero_point=self.zero_point)
+        return self._quantize(w, "w", self.bits.w, self.w_gran)
 
     def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> same; dynamic, so statistics come from this very input."""
-        return self.a_gran.apply(x, self.bits.a, self.symmetric, zero_point=self.zero_point)
+        return self._quantize(x, "a", self.bits.a, self.a_gran)
+
+    def store_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(float8 codes, float32 scale) to hold where torch has the weight format's dtype, so that
+        ``fp8.decode(codes, scale, w.dtype)`` equals :meth:`quantize_weight`; None otherwise."""
+        if self.bits.w >= FULL_PRECISION_BITS or self.formats.w not in F.STORED:
+            return None
+        return self.w_gran.encode_fp8(w, self.formats.w)
 
     def weight_packed_bytes(self, w: torch.Tensor) -> int:
-        return packed_bytes(w.numel(), self.bits.w, None, self.w_gran.n_groups(w.shape),
-                            symmetric=self.symmetric)
+        return self._packed_bytes(w.shape, "w", self.bits.w, self.w_gran)
 
     # -- KV ------------------------------------------------------------------------------------
     @property
@@ -131,19 +195,30 @@ class Method:
     def quantize_kv(self, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None = None):
         """(B, H_kv, T, D) post-RoPE K/V -> quantized K/V. ``pad``: (B, 1, T, 1) bool, True at
         left-padding positions, which are kept out of the statistics."""
-        return (self.k_gran.apply(k, self.bits.k, self.symmetric, pad, self.zero_point),
-                self.v_gran.apply(v, self.bits.v, self.symmetric, pad, self.zero_point))
+        return (self._quantize(k, "kv", self.bits.k, self.k_gran, pad),
+                self._quantize(v, "kv", self.bits.v, self.v_gran, pad))
+
+    def encode_kv(self, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None = None):
+        """``cache`` storage of an FP8 ``kv_format``: ((k codes, k scale), (v codes, v scale)),
+        float8 codes (B, H, T, D) and float32 scales (B, H or 1, T, n) that
+        :func:`qeval.quant.formats.fp8.decode` turns into exactly what :meth:`quantize_kv` gives."""
+        def enc(x, gran):
+            codes, scale = gran.encode_fp8(x, self.formats.kv, pad)
+            # a per-sequence scale (B, 1, 1, 1) is held once per token, so chunks concatenate on T
+            return codes, scale.expand(*scale.shape[:2], x.shape[-2], scale.shape[-1]).contiguous()
+        return enc(k, self.k_gran), enc(v, self.v_gran)
 
     def make_cache_layer(self, layer_idx: int, seq: SequenceState) -> DynamicLayer:
-        """One layer of a ``cache``-semantics KV cache."""
+        """One layer of a ``cache``-semantics KV cache: FP8 K/V held as float8 where the format has
+        a torch dtype and both are quantized, otherwise fake-quantized in the model's dtype."""
+        if self.formats.kv in F.STORED and max(self.bits.k, self.bits.v) < FULL_PRECISION_BITS:
+            return FP8StoredLayer(self, seq)
         return StoreQuantizedLayer(self, seq)
 
     def kv_packed_bytes(self, keys: torch.Tensor, values: torch.Tensor) -> int:
         """Bytes a packed layout of this layer's K/V would need (formula, not a measurement)."""
-        return (packed_bytes(keys.numel(), self.bits.k, None, self.k_gran.n_groups(keys.shape),
-                             symmetric=self.symmetric)
-                + packed_bytes(values.numel(), self.bits.v, None, self.v_gran.n_groups(values.shape),
-                               symmetric=self.symmetric))
+        return (self._packed_bytes(keys.shape, "kv", self.bits.k, self.k_gran)
+                + self._packed_bytes(values.shape, "kv", self.bits.v, self.v_gran))
 
     def attention_implementation(self, base: str) -> str | None:
         """Name of a registered attention function this method's ``cache`` semantics needs on top
@@ -151,16 +226,38 @@ class Method:
         softmax scores; round-to-nearest methods need none."""
         return None
 
+    def scale_granularity(self, target: str) -> str | None:
+        """Where ``target``'s (w | a | kv) scales sit, for the row: a block format's own blocks
+        (``block32 e8m0``), else the base quantizer's groups (``per_channel``, ``per_token``,
+        ``per_tensor``, ``group128``), with ``fp32`` appended for FP8's float32 scales. None when
+        the target is not quantized or the method quantizes it with its own code (KIVI, GEAR)."""
+        fmt = getattr(self.formats, target)
+        b, gran, own = {"w": (self.bits.w, self.w_gran, "quantize_weight"),
+                        "a": (self.bits.a, self.a_gran, "quantize_activation"),
+                        "kv": (min(self.bits.k, self.bits.v), self.k_gran, "quantize_kv")}[target]
+        if b >= FULL_PRECISION_BITS or getattr(type(self), own) is not getattr(Method, own):
+            return None
+        if fmt in F.BLOCKS:
+            return F.block_scale_granularity(fmt, target)
+        label = (f"group{gran.group_size}" if gran.group_size else "per_tensor" if gran.per_sequence
+                 or gran.axis is None else "per_channel" if target == "w" or gran.axis != -1 else "per_token")
+        return label if fmt == F.INT else f"{label} fp32"
+
     def describe(self) -> dict:
         """Method parameters as flat row columns (``method.<name>``), the zero-point convention its
-        quantizer used (``zero_point``; None for a method that only evicts), and the row's labels."""
+        quantizer used (``zero_point``; None for a method that only evicts), the number format and
+        scale granularity per target, and the row's labels."""
+        f = self.formats
         return ({f"method.{k}": v for k, v in self.params.items() if k != "name"}
-                | {"zero_point": None if self.evicts else self.zero_point} | self.labels())
+                | {"zero_point": None if self.evicts else self.zero_point,
+                   "w_format": f.w, "a_format": f.a, "kv_format": f.kv}
+                | {f"{t}_scale_granularity": self.scale_granularity(t) for t in ("w", "a", "kv")}
+                | self.labels())
 
     def labels(self) -> dict:
         """What the report calls this setting: ``target``, ``setting`` and ``kv_budget`` (the
         fraction of the prompt an evicting method keeps; None for a method that keeps every
         token)."""
         b = self.bits
-        target, setting = bit_labels(b.w, b.a, b.k, b.v)
+        target, setting = bit_labels(b.w, b.a, b.k, b.v, self.formats)
         return {"target": target, "setting": setting, "kv_budget": None}

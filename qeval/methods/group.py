@@ -6,6 +6,9 @@ whole token). K/V: groups of ``kv_group_size`` channels of each head per token (
 head). This is Qllm-Eval's setting (arXiv 2402.18158; ``pseudo_quantize_tensor`` with
 ``q_group_size``): weights in groups of 128, activations per token, K/V per token after RoPE, all
 with its integer zero point (``zero_point``, :mod:`qeval.quant.primitives`).
+
+FP8 formats take one float32 scale per group (fine-grained FP8, as DeepSeek-V3's 1 x 128 tiles);
+MX and NVFP4 are refused: their 32- or 16-element blocks are their grouping (``method=uniform``).
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from __future__ import annotations
 from qeval.errors import check_divides
 from qeval.methods.base import Bits, Method
 from qeval.methods.uniform import check_zero_point
+from qeval.quant.formats import INT, STORED
 from qeval.quant.granularity import Granularity
 
 
 class Group(Method):
     name = "group"
     allowed_bits = (2, 3, 4, 5, 6, 7, 8, 16)
+    allowed_formats = (INT, *STORED)
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -27,11 +32,11 @@ class Group(Method):
     @classmethod
     def check_model(cls, cfg, linear_widths, head_dim) -> None:
         name = cfg.model.name
-        if cfg.w_bits < 16:
-            check_divides("w_group_size", cfg.w_group_size, linear_widths, name, "the Linear input width")
-        if cfg.a_bits < 16:
-            check_divides("a_group_size", cfg.a_group_size, linear_widths, name, "the Linear input width")
         bits = Bits.from_config(cfg)
+        if bits.w < 16:
+            check_divides("w_group_size", cfg.w_group_size, linear_widths, name, "the Linear input width")
+        if bits.a < 16:
+            check_divides("a_group_size", cfg.a_group_size, linear_widths, name, "the Linear input width")
         if min(bits.k, bits.v) < 16:
             check_divides("kv_group_size", cfg.kv_group_size, [head_dim], name, "head_dim")
 

@@ -6,12 +6,17 @@ The per-tensor / per-channel / per-token family of Qllm-Eval's round-to-nearest 
 (:mod:`qeval.quant.primitives`: ``integer`` is Qllm-Eval's ``pseudo_quantize_tensor``, the
 default; ``real`` is KIVI's and GEAR's; ``gptq`` widens the range to hold 0). Weights, activations
 and K/V all use the one convention, as Qllm-Eval quantizes all three with the same function.
+
+Every number format runs here (``*_format``, :mod:`qeval.quant.formats`): FP8 takes one scale per
+group of ``*_granularity``; MX and NVFP4 bring their own blocks, which replace the granularity
+(rows record the scales' granularity either way: ``w_scale_granularity`` ...).
 """
 
 from __future__ import annotations
 
 from qeval.errors import ConfigError
-from qeval.methods.base import Method
+from qeval.methods.base import Bits, Method
+from qeval.quant.formats import BLOCKS, FORMATS
 from qeval.quant.granularity import Granularity
 from qeval.quant.primitives import ZERO_POINTS
 
@@ -32,6 +37,7 @@ def check_zero_point(cfg) -> None:
 class Uniform(Method):
     name = "uniform"
     allowed_bits = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+    allowed_formats = FORMATS
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -40,7 +46,10 @@ class Uniform(Method):
             if cfg.method[key] not in table:
                 raise ConfigError(f"method.{key}={cfg.method[key]}: allowed: {', '.join(table)}")
         check_zero_point(cfg)
-        if cfg.method.kv_granularity == "per_channel" and cfg.kv_semantics == "cache" and cfg.kv_bits < 16:
+        bits = Bits.from_config(cfg)
+        own_blocks = cfg.get("kv_format", "int") in BLOCKS   # MX / NVFP4 ignore the granularity
+        if (cfg.method.kv_granularity == "per_channel" and cfg.kv_semantics == "cache" and min(bits.k, bits.v) < 16
+                and not own_blocks):
             # one decode token per stored chunk makes per-channel statistics lossless (min == max)
             raise ConfigError("method.kv_granularity=per_channel: with kv_semantics=cache each decode token "
                               "would be its own group and lossless; use kv_semantics=simulated or method=kivi")

@@ -3,7 +3,9 @@
 Two implementations, chosen by the top-level ``backend`` knob:
 
 - ``torch``: :class:`QuantLinear` holds the fake-quantized float weight and fake-quantizes each
-  input (the accuracy reference; it saves no memory).
+  input (the accuracy reference; it saves no memory); with an FP8 ``w_format``,
+  :class:`FP8WeightLinear` holds the float8 codes and their scales and dequantizes them in each
+  forward (the same weight, bit for bit, in a quarter or half of the bytes).
 - ``triton``: :class:`PackedQuantLinear` holds the weight packed (:mod:`qeval.kernels.pack`) and runs
   the Triton kernels: the dequant-fused weight-only GEMM for W, the int8 GEMMs for WA. On a machine
   without CUDA the kernels run in Triton's interpreter (slow, for tests).
@@ -28,6 +30,7 @@ from transformers.quantizers.base import get_keys_to_not_convert
 
 from qeval.errors import ConfigError
 from qeval.methods.base import Method
+from qeval.quant.formats import INT, fp8
 from qeval.quant.primitives import FULL_PRECISION_BITS
 
 BACKENDS = ("auto", "torch", "triton")
@@ -59,6 +62,42 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, w_bits={b.w}, a_bits={b.a if self.quantize_input else 16}"
 
 
+class FP8WeightLinear(nn.Module):
+    """A Linear whose weight is held as float8 codes (``weight_codes``, the weight's shape) and
+    float32 scales (``weight_scale``, (out or 1, n groups)), decoded to the original weight's dtype
+    in every forward: equal to ``method.quantize_weight`` bit for bit."""
+
+    def __init__(self, linear: nn.Linear, method: Method, quantize_input: bool, stored):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        codes, scale = stored
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scale", scale)
+        self.weight_dtype = linear.weight.dtype
+        self.bias = linear.bias
+        self.method = method
+        self.quantize_input = quantize_input
+        self.packed_bytes = method.weight_packed_bytes(linear.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return fp8.decode(self.weight_codes, self.weight_scale, self.weight_dtype)
+
+    @property
+    def weight_bytes_held(self) -> int:
+        return self.weight_codes.nbytes + self.weight_scale.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantize_input:
+            x = self.method.quantize_activation(x)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        f = self.method.formats
+        return (f"{self.in_features}, {self.out_features}, w_format={f.w}, "
+                f"a_format={f.a if self.quantize_input else None}, held={self.weight_codes.dtype}")
+
+
 class UnsupportedLayout(ValueError):
     """The method's quantization is not one the packed kernels hold; the message says why."""
 
@@ -67,6 +106,9 @@ def packed_layout(method: Method, quantize_input: bool) -> dict:
     """The :func:`qeval.kernels.pack.pack_weight` arguments that reproduce ``method``'s weights."""
     from qeval.kernels.pack import PACKABLE_BITS
     b, wg, ag = method.bits, method.w_gran, method.a_gran
+    f = method.formats
+    if f.w != INT or (quantize_input and f.a != INT):
+        raise UnsupportedLayout(f"w_format={f.w}, a_format={f.a}: the packed kernels hold integer codes")
     if b.w not in PACKABLE_BITS:
         raise UnsupportedLayout(f"w_bits={b.w}: the packed kernels hold {PACKABLE_BITS}")
     if wg.per_sequence or wg.axis not in (None, -1):
@@ -161,6 +203,8 @@ def _make_linear(module: nn.Linear, method: Method, quantize_input: bool, backen
     elif backend == "triton" and strict:
         raise ConfigError(f"backend=triton: w_bits={method.bits.w}: the kernels need quantized weights "
                           "(activation-only quantization runs with backend=torch)")
+    if (stored := method.store_weight(module.weight.data)) is not None:
+        return FP8WeightLinear(module, method, quantize_input, stored)
     return QuantLinear(module, method, quantize_input)
 
 
@@ -168,15 +212,17 @@ def quantize_linears(model: nn.Module, method: Method, backend: str = "auto") ->
     """Swap Linears in place (W when w_bits < 16, WA when a_bits < 16); returns byte counts.
 
     ``weight_bytes_held`` is measured from the tensors the swapped layers hold (packed words plus
-    scales and zeros on the triton path, the float weight on the torch path); ``weight_bytes_packed``
-    is the formula of :func:`qeval.quant.packed_bytes`.
+    scales and zeros on the triton path, float8 codes plus scales for an FP8 ``w_format``, the
+    float weight otherwise); ``weight_bytes_packed`` is the formula of
+    :func:`qeval.quant.packed_bytes` (or the format's), and ``weight_bits_per_element`` that
+    formula per weight element (4.25 for int4 in groups of 128 or mxfp4, 4.5 for nvfp4).
     """
     if method.bits.w >= 16 and method.bits.a >= 16:
         return {}
     device = next(model.parameters()).device
     chosen = resolve_backend(backend, device)
     skip = set(get_keys_to_not_convert(model))
-    swapped, held, packed, kernels = 0, 0, 0, set()
+    swapped, held, packed, numel, kernels = 0, 0, 0, 0, set()
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name.split(".")[-1] in skip or name in skip:
             continue
@@ -187,8 +233,9 @@ def quantize_linears(model: nn.Module, method: Method, backend: str = "auto") ->
         swapped += 1
         held += q.weight_bytes_held
         packed += q.packed_bytes
+        numel += module.weight.numel()
         kernels.add(getattr(q, "kernel", "torch"))
     if swapped == 0:
         raise ValueError("no nn.Linear layers found to quantize in this model")
     return {"linears_quantized": swapped, "weight_bytes_held": held, "weight_bytes_packed": packed,
-            "linear_backend": ",".join(sorted(kernels))}
+            "weight_bits_per_element": 8 * packed / numel, "linear_backend": ",".join(sorted(kernels))}

@@ -11,9 +11,10 @@ A run's *knobs* are its resolved config, flattened (``config.<key>`` columns, se
   for, since that is what decides the numbers;
 * in a table of one task, another task's parameters (``task.<other>.*``) are not knobs of it.
 
-The model, the method and the bit widths (``model.name``, ``method.name``, ``w_bits`` ... ``v_bits``)
-are the cell's name, ``(model, method, setting)``, and are not repeated as knobs. Every other knob
-whose value differs between runs of one ``(model, method, setting)`` splits that cell: the table
+The model, the method, the bit widths and the number formats (``model.name``, ``method.name``,
+``w_bits`` ... ``v_bits``, ``*_format``) are the cell's name, ``(model, method, setting)``, and
+are not repeated as knobs. Every other knob whose value differs between runs of one ``(model,
+method, setting)`` splits that cell: the table
 says which knobs split cells ("cells also differ in: ...") and a column's label carries its values
 of those that differ within its ``(method, setting)`` (``uniform KV2 [kv_semantics=simulated]``
 beside ``uniform KV2 [kv_semantics=cache]``, while ``uniform W4`` stays plain); a figure's line
@@ -43,7 +44,9 @@ from qeval.report.gather import CONFIG_PREFIX
 from qeval.report.style import knob_suffix, missing, precision_label
 
 # what names a cell already: not repeated as an extra knob
-IDENTITY_KNOBS = frozenset({"model.name", "method.name", "w_bits", "a_bits", "kv_bits", "k_bits", "v_bits"})
+# (a setting's label names its number formats too: ``W mxfp4``, ``KV fp8_e4m3``)
+IDENTITY_KNOBS = frozenset({"model.name", "method.name", "w_bits", "a_bits", "kv_bits", "k_bits", "v_bits",
+                            "w_format", "a_format", "kv_format"})
 # knobs that change nothing at 16 bits (a method at full precision is an exact identity)
 QUANT_KNOBS = frozenset({"kv_semantics", "w_group_size", "a_group_size", "kv_group_size", "backend"})
 QUANT_PREFIX = "method."

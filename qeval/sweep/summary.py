@@ -102,8 +102,8 @@ def comparison(markers: list[dict]) -> str:
 
 
 # the row columns that say how a cell ran (shown when every cell shares them)
-KNOBS = ("model", "method", "w_bits", "a_bits", "kv_bits", "k_bits", "v_bits", "kv_semantics", "dtype",
-         "device", "kv_backend")
+KNOBS = ("model", "method", "w_bits", "a_bits", "kv_bits", "k_bits", "v_bits", "w_format", "a_format",
+         "kv_format", "kv_semantics", "dtype", "device", "kv_backend")
 
 
 def _is_knob(key: str) -> bool:
