@@ -287,3 +287,13 @@ def test_the_zero_point_convention_of_quantized_cells_is_in_the_table(tmp_path):
     write(tmp_path, 0.7, kv_bits=2, method="kivi", columns={"zero_point": "real"})
     md = (tables(tmp_path) / "passkey.md").read_text()
     assert "zero point: group integer, kivi real" in md
+
+
+def test_block_formats_sit_at_their_storage_per_element_on_the_bits_axis(tmp_path):
+    # mxfp4 and nvfp4 both have 4-bit elements: without their block scales (8 bits per 32 or per
+    # 16 elements) they would share one x position and hide each other in the bits figure
+    write(tmp_path, 0.5, w_bits=4, w_format="mxfp4", columns={"w_format": "mxfp4"})
+    write(tmp_path, 0.6, w_bits=4, w_format="nvfp4", columns={"w_format": "nvfp4"})
+    write(tmp_path, 0.7, w_bits=4, columns={"w_format": "int"})
+    df = gather(tmp_path)
+    assert sorted(df["bits"]) == [4, 4.25, 4.5]

@@ -31,6 +31,7 @@ import yaml
 
 from qeval import results
 from qeval.methods.base import bit_labels
+from qeval.quant import formats
 
 # rows whose value is a headline number of a task (no per-cell or per-layer breakdown)
 BREAKDOWN_COLUMNS = results.DETAIL_COLUMNS
@@ -101,7 +102,11 @@ def _bit_labels(r) -> pd.Series:
 
 
 def _bits(r) -> float:
-    return {"W": r["w_bits"], "WA": r["w_bits"], "KV": r["kv_bits"]}.get(r["target"], 16)
+    """The row's position on a bits axis: its target's bits, a block format at its storage per
+    element (mxfp4 4.25, nvfp4 4.5), so formats sit beside integer widths without overlapping."""
+    bits, fmt = {"W": (r["w_bits"], r.get("w_format")), "WA": (r["w_bits"], r.get("w_format")),
+                 "KV": (r["kv_bits"], r.get("kv_format"))}.get(r["target"], (16, None))
+    return formats.bits_per_element(fmt, bits) if isinstance(fmt, str) else bits
 
 
 def add_derived(df: pd.DataFrame) -> pd.DataFrame:

@@ -33,6 +33,14 @@ BLOCK_SCALES = {"mxfp8": "e8m0", "mxfp4": "e8m0", "nvfp4": "e4m3"}
 STORED = tuple(fp8.DTYPES)
 
 
+def bits_per_element(fmt: str, bits: float) -> float:
+    """Storage per element a figure places a format at: a block format's element plus its 8-bit
+    block scale shared by the block (mxfp4 4.25, mxfp8 8.25, nvfp4 4.5; NVFP4's one float32 per
+    tensor, sequence or token is left out); ``bits`` for int and FP8, whose scale belongs to the
+    method's group as an integer's does."""
+    return ELEMENT_BITS[fmt] + 8 / BLOCKS[fmt] if fmt in BLOCKS else bits
+
+
 def element_bits(fmt: str, bits: int) -> int:
     """Bits per element of a target: ``bits`` for ``int``, the format's own width otherwise."""
     return bits if fmt == INT else ELEMENT_BITS[fmt]
