@@ -34,6 +34,7 @@ CASES = [
     (2, 4, 4, 64, 32, 4, 2, 1, torch.float32),     # MHA, one split
     (1, 8, 1, 96, 32, 8, 8, 2, torch.float16),     # MQA 8, 8 bits
     (2, 10, 2, 32, 16, 2, 2, 4, torch.float16),    # GQA 5, many splits
+    (2, 4, 2, 64, 64, 2, 4, 3, torch.float32),     # G = 64: two 32-token tiles per key group
 ]
 if DEV == "cuda":
     CASES += [(4, 32, 8, 128, 32, 2, 2, None, torch.bfloat16),

@@ -41,12 +41,13 @@ def _act_quant_kernel(
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     r_mask = rows < M
+    r64 = rows.to(tl.int64)   # M * K passes 2**31 in a long prefill: 64-bit offsets
     lo_v = tl.full((ROWS, BLOCK_K), float("inf"), tl.float32)
     hi_v = tl.full((ROWS, BLOCK_K), float("-inf"), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = r_mask[:, None] & (offs < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + r64[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
         lo_v = tl.minimum(lo_v, tl.where(mask, x, float("inf")))
         hi_v = tl.maximum(hi_v, tl.where(mask, x, float("-inf")))
     # rows past M have no values: give them a zero range so no inf - inf is ever formed
@@ -75,10 +76,10 @@ def _act_quant_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = r_mask[:, None] & (offs < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + r64[:, None] * stride_xm + offs[None, :], mask=mask, other=0.0).to(tl.float32)
         c = _round_half_even(tl.math.div_rn(x - base[:, None], scale[:, None]))
         c = tl.minimum(tl.maximum(c, q_lo), q_hi) - shift
-        tl.store(q_ptr + rows[:, None] * K + offs[None, :], c.to(tl.int8), mask=mask)
+        tl.store(q_ptr + r64[:, None] * K + offs[None, :], c.to(tl.int8), mask=mask)
 
 
 def quantize_per_token(x: torch.Tensor, bits: int = 8, symmetric: bool = False):

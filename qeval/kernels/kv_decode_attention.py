@@ -9,8 +9,8 @@ The kernel reads every byte of the cache once; the physical limit is bytes / ban
 
 - the query heads of a GQA group share one tile of ``BLOCK_H >= 16`` rows (``tl.dot`` needs 16),
   so a KV word is read once per group, not once per query head;
-- tiles are one key group (G tokens): the key scale folds into the query,
-  ``q . (c * s + z) = (q * s) . c + q . z``, so the inner product runs on raw codes;
+- tiles of ``BLOCK_T = min(G, 32)`` tokens (16 in fp32) lie in one key group, so the key scale
+  folds into the query, ``q . (c * s + z) = (q * s) . c + q . z``; the dot runs on raw codes;
 - values are dequantized in registers (per-token scales vary across channel groups) before
   ``p @ v``;
 - split-KV: programs ``(batch * kv_head, split)`` each run an online softmax over a slice of
@@ -80,8 +80,8 @@ def _decode_split_kernel(
     Hkv, D, CAP_K, CAP_V, qk_scale, bias_scale, tiles_per_split,
     sq_b, sq_h, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, skb_b, skb_h, ssc_b, ssc_h,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WRITE_SCORES: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_SCORES: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -111,27 +111,28 @@ def _decode_split_kernel(
     vwc = tl.arange(0, VW)
     n_wv = D // FPI_V
     n_gv = D // G
-    n_tiles = tl.cdiv(T, G)
+    n_tiles = tl.cdiv(T, BLOCK_T)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
     for tile in range(tile_lo, tile_hi):
-        t0 = tile * G
-        t = t0 + tl.arange(0, G)
-        # -- scores (BLOCK_H, G) ------------------------------------------------------------
-        if t0 < TK_Q:   # TK_Q is a multiple of G: the tile is one whole key group
-            wr = tile * (G // FPI_K) + tl.arange(0, G // FPI_K)
+        t0 = tile * BLOCK_T
+        t = t0 + tl.arange(0, BLOCK_T)
+        # -- scores (BLOCK_H, BLOCK_T) ------------------------------------------------------
+        if t0 < TK_Q:   # TK_Q is a multiple of G, G of BLOCK_T: the tile lies in one key group
+            wr = t0 // FPI_K + tl.arange(0, BLOCK_T // FPI_K)
             kwords = tl.load(kw_ptr + bh * n_wk * D + wr[:, None] * D + d[None, :],
                             mask=dmask[None, :], other=0)
-            kcodes = _unpack_rows(kwords, K_BITS, G, BLOCK_D)
-            ks = tl.load(ks_ptr + (bh * n_gk + tile) * D + d, mask=dmask, other=0.0).to(tl.float32)
-            kz = tl.load(kz_ptr + (bh * n_gk + tile) * D + d, mask=dmask, other=0.0).to(tl.float32)
+            kcodes = _unpack_rows(kwords, K_BITS, BLOCK_T, BLOCK_D)
+            ks = tl.load(ks_ptr + (bh * n_gk + t0 // G) * D + d, mask=dmask, other=0.0).to(tl.float32)
+            kz = tl.load(kz_ptr + (bh * n_gk + t0 // G) * D + d, mask=dmask, other=0.0).to(tl.float32)
             qs = (q * ks[None, :]).to(DOT_DTYPE)
-            s = tl.dot(qs, tl.trans(kcodes.to(DOT_DTYPE))) + tl.sum(q * kz[None, :], axis=1)[:, None]
+            s = tl.dot(qs, tl.trans(kcodes.to(DOT_DTYPE)), input_precision=DOT_PRECISION) \
+                + tl.sum(q * kz[None, :], axis=1)[:, None]
         else:
             r = t - TK_Q + K_OFF
             k = tl.load(kr_ptr + b * skr_b + kvh * skr_h + r[:, None] * skr_t + d[None, :],
                         mask=(t < T)[:, None] & dmask[None, :], other=0.0)
-            s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)))
+            s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
         valid = t < T
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         if HAS_BIAS:
@@ -152,25 +153,25 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         m_i = m_new
-        # -- values (G, BLOCK_D): packed, residual, or a tile that straddles TV_Q ---------------
+        # -- values (BLOCK_T, BLOCK_D): packed, residual, or a tile that straddles TV_Q ---------
         in_q = t < TV_Q
         packed_mask = in_q[:, None] & dmask[None, :]
-        v = tl.zeros([G, BLOCK_D], tl.float32)
+        v = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         if t0 < TV_Q:
             vwords = tl.load(vw_ptr + (bh * CAP_V + t[:, None]) * n_wv + vwc[None, :],
                             mask=in_q[:, None] & (vwc < n_wv)[None, :], other=0)
-            vcodes = _unpack_cols(vwords, V_BITS, G, BLOCK_D)
+            vcodes = _unpack_cols(vwords, V_BITS, BLOCK_T, BLOCK_D)
             # per-token scales of channel group d // G (gathered; the repeats hit L1)
             sp = (bh * CAP_V + t[:, None]) * n_gv + (d // G)[None, :]
             vs = tl.load(vs_ptr + sp, mask=packed_mask, other=0.0).to(tl.float32)
             vz = tl.load(vz_ptr + sp, mask=packed_mask, other=0.0).to(tl.float32)
             v += vcodes * vs + vz
-        if t0 + G > TV_Q:
+        if t0 + BLOCK_T > TV_Q:
             r = t - TV_Q + V_OFF
             rmask = (t >= TV_Q) & (t < T)
             v += tl.load(vr_ptr + b * svr_b + kvh * svr_h + r[:, None] * svr_t + d[None, :],
                          mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+        acc += tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
 
     row = bh * GROUP + h   # = b * Hq + kvh * GROUP + h
     tl.store(pm_ptr + row * n_splits + split, m_i, mask=hmask)
@@ -301,7 +302,8 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
     T = int(rows[:, 0].max()) if B else 0
     _check_extras(k_bias, scores_out, lse_out, B, Hq, int(rows[:, 1].max()) if B else 0, T)
     group = Hq // Hkv
-    n_tiles = max(1, triton.cdiv(T, group_size))
+    block_t = min(group_size, 16 if q.dtype == torch.float32 else 32)   # divides G (no spills, sm_80/90)
+    n_tiles = max(1, triton.cdiv(T, block_t))
     S = n_splits or default_splits(B * Hkv, n_tiles, q.device)
     S = max(1, min(S, n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, S)
@@ -326,9 +328,9 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
         v_res.stride(0), v_res.stride(1), v_res.stride(2),
         *_strides2(k_bias), *_strides2(scores_out),
         K_BITS=k_bits, V_BITS=v_bits, G=group_size, GROUP=group,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, DOT_DTYPE=_DOT[q.dtype],
-        HAS_BIAS=k_bias is not None, WRITE_SCORES=scores_out is not None,
-        num_warps=4)
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_T=block_t, BLOCK_D=block_d,
+        DOT_DTYPE=_DOT[q.dtype], DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32: no TF32
+        HAS_BIAS=k_bias is not None, WRITE_SCORES=scores_out is not None, num_warps=4)
     _merge_splits_kernel[(B * Hq,)](pm, pl, pacc, o3, lse, Hq, S, D, o3.stride(0), o3.stride(1),
                                     *_strides2(lse_out),
                                     BLOCK_S=max(2, triton.next_power_of_2(S)), BLOCK_D=block_d,

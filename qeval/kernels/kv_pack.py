@@ -77,7 +77,7 @@ def _pack_keys_kernel(
     H, T, D, sx_bh, sx_t,
     BITS: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, HAS_EX: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)   # (B*H) * T * D passes 2**31 for long, wide caches
     grp = tl.program_id(1)
     pid_d = tl.program_id(2)
     FPI: tl.constexpr = 32 // BITS
@@ -115,7 +115,7 @@ def _pack_values_kernel(
     H, T, D, sx_bh, sx_t,
     BITS: tl.constexpr, G: tl.constexpr, BLOCK_T: tl.constexpr, HAS_EX: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)   # (B*H) * T * D passes 2**31 for long, wide caches
     pid_t = tl.program_id(1)
     grp = tl.program_id(2)          # channel group
     FPI: tl.constexpr = 32 // BITS

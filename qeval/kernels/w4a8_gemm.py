@@ -73,6 +73,7 @@ def _w4a8_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    rows = offs_m.to(tl.int64)   # M * K passes 2**31 in a long prefill: 64-bit offsets
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(0, K // G):
         dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -81,7 +82,7 @@ def _w4a8_kernel(
             in_group = kk + tl.arange(0, BLOCK_K)
             offs_k = g * G + in_group
             k_mask = in_group < G
-            q = tl.load(q_ptr + offs_m[:, None] * K + offs_k[None, :],
+            q = tl.load(q_ptr + rows[:, None] * K + offs_k[None, :],
                         mask=m_mask[:, None] & k_mask[None, :], other=0)
             words = tl.load(w_ptr + (offs_k // CPW)[:, None] * N + offs_n[None, :],
                             mask=k_mask[:, None] & n_mask[None, :], other=0)

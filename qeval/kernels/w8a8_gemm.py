@@ -66,7 +66,8 @@ def store_a8_output(inner, sx_ptr, zx_ptr, wsum_ptr, b_ptr, out_ptr, offs_m, off
     out = sx[:, None] * inner + zx[:, None] * wsum[None, :]
     if HAS_BIAS:
         out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
+    # 64-bit row offsets: M * N passes 2**31 in a long prefill
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -90,12 +91,13 @@ def _w8a8_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    rows = offs_m.to(tl.int64)   # M * K passes 2**31 in a long prefill: 64-bit offsets
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     qsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        q = tl.load(q_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
+        q = tl.load(q_ptr + rows[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
         c = tl.load(c_ptr + offs_k[:, None] * N + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0)
         acc = tl.dot(q, c, acc)
         qsum += tl.sum(q.to(tl.int32), axis=1)

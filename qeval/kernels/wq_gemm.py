@@ -48,13 +48,14 @@ def _wq_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    rows = offs_m.to(tl.int64)   # M * K and M * N pass 2**31 in a long prefill: 64-bit offsets
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         wk_mask = k_mask[:, None] & n_mask[None, :]
         # each word row is read by CPW consecutive k: the repeats hit L1, DRAM sees the packed bytes
@@ -73,7 +74,7 @@ def _wq_gemm_kernel(
             acc += tl.dot(x, w, input_precision="ieee")
         else:
             acc += tl.dot(x, w)
-    out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
+    out = out_ptr + (pid_k * M + rows)[:, None] * N + offs_n[None, :]
     tl.store(out, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -103,7 +104,11 @@ def wq_matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None
     m, k, n = x2.shape[0], p.in_features, p.out_features
     decode = m <= DECODE_MAX_M
     block_m, block_n = (16, 64) if decode else (64, 64)
-    block_k = _block_k(p.group_size, k, 128 if decode else 64)
+    # float32 has no tensor-core path without TF32: the IEEE dot runs on FMA units with both
+    # operand tiles in registers, so its K blocks are shorter (scripts/kernel_resources.py: 64 x 64
+    # x 64 tiles spilled about 1.6 KB per thread, 16 x 64 x 128 about 0.5 KB; these spill nothing)
+    cap = (32 if decode else 16) if x.dtype == torch.float32 else (128 if decode else 64)
+    block_k = _block_k(p.group_size, k, cap)
     if split_k is None:
         tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
         # enough programs for two waves, never a split shorter than two K blocks
