@@ -9,6 +9,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval_fixtures import handle_for, task_cfg, write_gsm8k, write_mmlu
 
 from qeval.tasks.lm_eval.model import QevalLM
+from tolerances import network_rounding
 from qeval.tasks.lm_eval.tasks import leaf_configs, load_tasks, rows_from_results
 
 SEED = dict(random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
@@ -93,3 +94,34 @@ def test_2_bit_kivi_moves_mmlu_only_under_prefill_scoring(mmlu_data, tmp_path):
     moved = (score[2, "prefill"] - score[16, "prefill"]).abs()
     assert moved.min() > 1e-3, f"smallest change {moved.min():.2e}"
     assert torch.allclose(score[16, "prefill"], score[16, "stock"], atol=1e-4, rtol=0)
+
+
+def mc_requests(tokenizer, n_questions: int = 3) -> list:
+    """MMLU-shaped requests: a few-shot context of ~200 tokens, four single-token choices each."""
+    reqs = []
+    for q in range(n_questions):
+        ctx = tokenizer.encode(f"Question {q}: which number follows {q + 10}? " * 8 + "Answer:")
+        for choice in (" A", " B", " C", " D"):
+            reqs.append((("ctx", choice), ctx, tokenizer.encode(choice, add_special_tokens=False)))
+    return reqs
+
+
+@pytest.mark.parametrize("method", [("kv_bits=16",), ("method=kivi", "kv_bits=2", "method.group_size=32",
+                                                      "method.residual_length=32"),
+                                    ("method=uniform", "kv_bits=2"), ("method=gear", "kv_bits=2"), ("method=h2o",)])
+def test_a_shared_context_is_prefilled_once_and_scores_as_if_alone(method):
+    handle = handle_for(*method, "kv_semantics=cache")
+    lm = QevalLM(handle, batch_size=8)
+    reqs = mc_requests(handle.tokenizer)
+    assert [len(g) for g in lm._by_prefix(reqs)] == [4, 4, 4], "each question's choices share one prefix"
+    grouped = torch.tensor([ll for ll, _ in lm._loglikelihood_tokens(reqs)], dtype=torch.float64)
+    tokens_grouped = handle.stats.prompt_tokens
+    handle.stats.__init__()
+    alone = torch.tensor([lm._score_batch([r])[0][0] for r in reqs], dtype=torch.float64)
+    # the expanded rows hold exactly the prefill's stored K/V: what differs is only the batch
+    # shape of the matmuls, whose fp32 summation order may change; a log-probability is a logit
+    # minus a log-sum-exp, each within the network's fp32 rounding bound (tests/tolerances.py)
+    bound = 2 * network_rounding(handle.model.config, alone.abs().max().item())
+    assert (grouped - alone).abs().max() <= bound, f"max diff {(grouped - alone).abs().max():.2e} > {bound:.2e}"
+    # and each context went through the model once, not four times
+    assert tokens_grouped < 0.5 * handle.stats.prompt_tokens

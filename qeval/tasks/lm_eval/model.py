@@ -99,12 +99,12 @@ class QevalLM(HFLM):
         if self.scoring == "stock":
             self.handle.stats.prompt_tokens += sum(min(len(c) + len(t), self.max_length) for _, c, t in requests)
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        groups = self._by_prefix(requests)
         bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 1
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = self.handle.progress_bar(len(requests), "loglikelihood (prefill + continuation)")
-        for start in range(0, len(order), bs):
-            idx = order[start:start + bs]
+        for start in range(0, len(groups), bs):
+            idx = [i for group in groups[start:start + bs] for i in group]
             for i, answer in zip(idx, self._score_batch([requests[i] for i in idx])):
                 results[i] = answer
                 if requests[i][0] is not None:
@@ -112,6 +112,21 @@ class QevalLM(HFLM):
             bar.update(len(idx))
         bar.close()
         return results
+
+    def _prefix(self, request) -> tuple[int, ...]:
+        """The tokens a request prefills: (context + continuation) truncated as lm-eval does,
+        minus the continuation and the context's last token (see :meth:`_score_batch`)."""
+        _, ctx, cont = request
+        return tuple((ctx + cont)[-(self.max_length + 1):][:-(len(cont) + 1)])
+
+    def _by_prefix(self, requests) -> list[list[int]]:
+        """Request indices grouped by the prefix they prefill (a multiple-choice question's
+        choices share one), longest first; a batch takes ``batch_size`` groups, so each distinct
+        prefix is prefilled once and its cache expanded to its continuations."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(self._prefix(r), []).append(i)
+        return sorted(groups.values(), key=lambda g: -max(len(requests[i][1]) + len(requests[i][2]) for i in g))
 
     @torch.no_grad()
     def _score_batch(self, batch) -> list[tuple[float, bool]]:
@@ -141,17 +156,27 @@ class QevalLM(HFLM):
             ids_t[b, :len(t)] = torch.tensor(t, device=dev)           # right padding
             mask_t[b, :len(t)] = 1
         mask = torch.cat([mask_p, mask_t], dim=1)  # (B, Lp + Lt): the cache excludes both paddings
-        cache = self.handle.new_cache(mask)
+        # each distinct prefix is prefilled once (row ``first[u]``), then the cache is expanded so
+        # that row b holds the prefix of ``source[b]``: the operation beam search does, which every
+        # qeval cache supports; identical prefixes have identical left padding, so the expanded
+        # rows are exactly what prefilling each row would have stored
+        first = {}
+        source = [first.setdefault(tuple(p), len(first)) for p in prefixes]
+        rows = torch.tensor([source.index(u) for u in range(len(first))], device=dev)
+        cache = self.handle.new_cache(mask_p[rows] if Lp else mask)
         if Lp:
-            pos_p = (mask_p.cumsum(-1) - 1).clamp(min=0)
-            self.model(input_ids=ids_p, attention_mask=mask_p, position_ids=pos_p,
+            pos_p = (mask_p[rows].cumsum(-1) - 1).clamp(min=0)
+            self.model(input_ids=ids_p[rows], attention_mask=mask_p[rows], position_ids=pos_p,
                        **{cache_kwarg(self.model): cache}, use_cache=True)
+            cache.reorder_cache(torch.tensor(source, device=dev))
+            if hasattr(cache, "seq"):   # a qeval cache: its padding facts now cover every row
+                cache.seq.attention_mask = mask
         pos_t = mask_p.sum(-1, keepdim=True) + torch.arange(Lt, device=dev)[None]
         logits = self.model(input_ids=ids_t, attention_mask=mask, position_ids=pos_t,
                             **{cache_kwarg(self.model): cache}, use_cache=True).logits  # (B, Lt, V)
         logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
         s = self.handle.stats
-        s.prompt_tokens += int(mask.sum())
+        s.prompt_tokens += int(mask_p[rows].sum() + mask_t.sum()) if Lp else int(mask.sum())
         s.observe_cache(cache, self.handle.method)
         answers = []
         for b, cont in enumerate(targets):
