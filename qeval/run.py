@@ -1,4 +1,4 @@
-"""One run: validate -> load -> apply targets -> evaluate tasks -> write rows."""
+"""One run: validate -> load -> calibrate (if the method asks) -> apply targets -> evaluate tasks -> write rows."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from qeval import results
+from qeval.calibration import stage as calibration
 from qeval.errors import ConfigError
 from qeval.kv import simulated
 from qeval.methods import METHODS
@@ -33,10 +34,14 @@ def build_method(cfg):
 
 
 def prepare(cfg):
-    """Load the model and apply every target; returns (handle, facts about the quantized model)."""
+    """Load the model, calibrate where the method asks for it, and apply every target; returns
+    (handle, facts about the quantized model)."""
     method = build_method(cfg)
+    # a calibrated method reads its data (or finds a saved result) before any weights load
+    stage = calibration.Stage(cfg, method) if method.needs_calibration else None
     model, tokenizer = loading.load(cfg.model, cfg.device, cfg.dtype, cfg.attn, cfg.seed)
-    facts = quantize_linears(model, method, cfg.backend)
+    facts = stage.run(model) if stage else {}
+    facts |= quantize_linears(model, method, cfg.backend)
     if cfg.kv_semantics == "simulated" and method.quantizes_kv:
         simulated.install(model, method, cfg.attn)
     elif (attention := method.attention_implementation(cfg.attn)) is not None:

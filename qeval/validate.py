@@ -18,6 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from qeval import CONFIG_DIR
+from qeval.calibration import stage as calibration
 from qeval.errors import ConfigError
 from qeval.methods import METHODS
 from qeval.methods.base import Bits
@@ -25,7 +26,7 @@ from qeval.model import loading
 from qeval.quant import formats as F
 from qeval.tasks import CHECKS, TASKS
 
-GROUPS = ("model", "method", "task", "experiment")
+GROUPS = ("model", "method", "calibration", "task", "experiment")
 
 
 def _did_you_mean(value: str, options) -> str:
@@ -268,6 +269,8 @@ def check_known_keys(cfg) -> None:
     ``+`` (a typo Hydra would otherwise accept) is refused like any unknown key."""
     nodes = [("method", cfg.method, yaml_keys("method", cfg.method.name)),
              ("model", cfg.model, set(MODEL_KEYS))]
+    if "calibration" in cfg and cfg.calibration.name in options("calibration"):
+        nodes.append(("calibration", cfg.calibration, yaml_keys("calibration", cfg.calibration.name)))
     nodes += [(f"task.{name}", node, yaml_keys("task", name)) for name, node in cfg.task.items()
               if name in options("task")]
     for prefix, node, known in nodes:
@@ -338,6 +341,7 @@ def check_against_model(cfg, arch_cfg, method_cls) -> None:
     widths, head_dim = _dims(arch_cfg.get_text_config())
     check_format_blocks(cfg, widths, head_dim)
     method_cls.check_model(cfg, widths, head_dim)
+    method_cls.check_architecture(cfg, arch_cfg)
 
 
 def validate(cfg):
@@ -357,6 +361,7 @@ def validate(cfg):
         raise ConfigError(f"model.path={cfg.model.path}: not a readable model config "
                           f"({str(e).splitlines()[0][:200]})") from e
     check_against_model(cfg, arch, METHODS[cfg.method.name])
+    calibration.check(cfg, METHODS[cfg.method.name], arch)   # before the tasks: their data may be large
     facts = loading.ModelFacts(arch, cfg.model)
     for name, node in cfg.task.items():
         CHECKS[name](name, node, facts)

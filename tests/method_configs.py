@@ -25,6 +25,10 @@ CONTRACT = {
     "gear": (dict(group_size=8, stream_block=16), 2, ("cache", "simulated")),
     "h2o": (dict(heavy_ratio=0.2, recent_ratio=0.2), 16, ("cache",)),
     "streaming": (dict(n_sink=2, recent_ratio=0.2), 16, ("cache",)),
+    # calibrated W/WA methods: no KV of their own; test_gptq/_smoothquant/_awq.py test their weights
+    "gptq": (dict(), 16, ("cache", "simulated")),
+    "smoothquant": (dict(), 16, ("cache", "simulated")),
+    "awq": (dict(), 16, ("cache", "simulated")),
 }
 
 # name -> {parameter: every value the method's ``check`` accepts, in the order its error lists
@@ -35,6 +39,8 @@ CHOICES = {
                 "a_granularity": ("per_tensor", "per_token"),
                 "kv_granularity": ("per_tensor", "per_token", "per_channel")},
     "group": {"zero_point": ("real", "integer", "gptq")},
+    "smoothquant": {"zero_point": ("real", "integer", "gptq")},
+    "awq": {"zero_point": ("real", "integer", "gptq")},
     "gear": {"outlier_rule": ("paper", "reference_code")},
 }
 

@@ -116,6 +116,10 @@ class Method:
 
     # an eviction method drops tokens from its cache (EvictionMethod); a quantizing one keeps them
     evicts: ClassVar[bool] = False
+    # a calibrated method (GPTQ, SmoothQuant, AWQ) computes something from calibration data between
+    # model load and the Linear swap (qeval.calibration); its YAML's ``calibration`` key names the
+    # preset (configs/calibration/) that ``calibration=auto`` resolves to
+    calibrates: ClassVar[bool] = False
 
     def __init__(self, params, knobs: Knobs):
         self.params = params      # the method's own config node (cfg.method)
@@ -141,6 +145,38 @@ class Method:
         """Raise ``ConfigError`` for group sizes that do not divide the model's dimensions, read
         from its architecture config before any weight loads; the base groups nothing."""
         return None
+
+    @classmethod
+    def check_architecture(cls, cfg, arch) -> None:
+        """Raise ``ConfigError`` for a model architecture (its config, before any weight loads) the
+        method cannot handle; the base handles every one."""
+        return None
+
+    # -- calibration (only where ``calibrates``) -----------------------------------------------
+    @classmethod
+    def calibration_identity(cls, cfg) -> dict:
+        """What a calibration result depends on besides the model and the data; saved results are
+        reused under the hash of it (qeval.calibration.store). By default: the method's parameters,
+        bits, group sizes and formats."""
+        b = Bits.from_config(cfg)
+        return {"method": {k: cfg.method[k] for k in cfg.method}, "w_bits": b.w, "a_bits": b.a,
+                "w_group_size": cfg.w_group_size, "a_group_size": cfg.a_group_size,
+                "formats": vars(Formats.from_config(cfg))}
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the run calibrates before the Linear swap: a calibrated method quantizing W or A."""
+        return self.calibrates and min(self.bits.w, self.bits.a) < FULL_PRECISION_BITS
+
+    def calibrate(self, model, samples: list[torch.Tensor]) -> dict:
+        """Compute the method's result from ``samples`` ((1, T) token ids each) and leave ``model``
+        exactly as :meth:`apply_calibration` of that result would; returns the result (tensors,
+        lists, strings: what ``torch.save`` keeps)."""
+        raise NotImplementedError(f"method {self.name} does not calibrate")
+
+    def apply_calibration(self, model, result: dict) -> None:
+        """Apply a (saved) result of :meth:`calibrate` to a freshly loaded ``model``."""
+        raise NotImplementedError(f"method {self.name} does not calibrate")
 
     def _quantize(self, x, target: str, bits: int, gran: Granularity, exclude=None) -> torch.Tensor:
         """Round-to-nearest in ``target``'s (w | a | kv) format: integers or FP8 in ``gran``'s

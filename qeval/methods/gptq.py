@@ -1,0 +1,205 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323): weights quantized one column at a time, each column's
+rounding error spread over the columns not yet quantized through the inverse Hessian of the
+layer's reconstruction loss, ``H = 2/n * sum x x^T`` over calibration tokens.
+
+After IST-DASLab/gptq (commit 2d65066): ``gptq.py`` ``GPTQ.add_batch`` (the running Hessian) and
+``GPTQ.fasterquant`` (dead inputs, damping, the upper Cholesky factor of ``H^-1``, blocks of lazy
+updates, act-order, groups), ``quant.py`` ``Quantizer.find_params`` / ``quantize`` (the asymmetric
+grid widened to hold 0: :mod:`qeval.quant.primitives`' ``gptq`` zero point) and ``llama.py``
+``llama_sequential`` (layer after layer, each calibrated on the outputs of the layers before it,
+already quantized; every Linear of a layer gets its Hessian from one pass of the layer, GPTQ's
+default without ``--true-sequential``). Weights only; groups of the top-level ``w_group_size``
+along the input dimension (null: one group per output channel, GPTQ's ``--groupsize -1``).
+
+The quantized Linears hold GPTQ's dequantized weight ``scale * (code - zero)`` (computed in float32,
+then cast to the model's dtype, as ``fasterquant`` writes it back); the saved result holds the codes,
+scales, zeros and each input column's group (``g_idx``: act-order permutes the columns, so a group's
+columns need not be adjacent). The packed Triton layout is built by round-to-nearest, not from
+these codes, so ``backend=triton`` is refused; under ``auto`` a layer is packed only where that
+layout reproduces GPTQ's weight (:func:`qeval.model.linear.reproduces`), else it runs on torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from qeval.calibration.layers import (
+    decoder_layers,
+    first_layer_inputs,
+    linears,
+    qualified_names,
+    run_layer,
+    watching,
+)
+from qeval.errors import ConfigError, check_divides
+from qeval.methods.base import Bits, Method
+from qeval.quant.granularity import Granularity
+
+
+class Hessian:
+    """``GPTQ.add_batch`` (gptq.py:32-58): ``H = 2/n * sum x x^T`` in float32, kept as a running
+    mean over ``n`` sequences (the reference counts sequences, not tokens; a scale of H changes
+    nothing GPTQ computes, since the damping is relative and ``err / Hinv_jj * Hinv_j`` cancels it)."""
+
+    def __init__(self, columns: int, device):
+        self.H = torch.zeros(columns, columns, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        batch = x.shape[0] if x.dim() == 3 else 1
+        x = x.reshape(-1, x.shape[-1]).t().float()          # (T, C) -> (C, T)
+        self.H *= self.n / (self.n + batch)
+        self.n += batch
+        x = (2 / self.n) ** 0.5 * x
+        self.H += x @ x.t()
+
+
+def find_params(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Quantizer.find_params`` (quant.py:36-76), asymmetric, one (scale, zero) per row of ``x``,
+    in x's dtype: the range widened to hold 0, [-1, 1] for an all-zero row."""
+    zero_ = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    lo, hi = torch.minimum(x.min(1).values, zero_), torch.maximum(x.max(1).values, zero_)
+    both = (lo == 0) & (hi == 0)
+    lo, hi = torch.where(both, -1.0, lo), torch.where(both, 1.0, hi)
+    scale = (hi - lo) / (2**bits - 1)
+    return scale, torch.round(-lo / scale)
+
+
+@dataclass
+class Quantized:
+    """GPTQ's result for one weight (out, in): integer codes, per-group scale and zero (out, groups),
+    and the group of each input column (in,)."""
+
+    codes: torch.Tensor     # uint8
+    scale: torch.Tensor     # float32 (or the work dtype)
+    zero: torch.Tensor      # integers held as floats
+    g_idx: torch.Tensor     # int64
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        # quant.py:10 ``scale * (q - zero)``, each column with its group's parameters
+        return (self.scale[:, self.g_idx] * (self.codes.to(self.scale.dtype) - self.zero[:, self.g_idx])).to(dtype)
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
+                  block_size: int = 128, damp: float = 0.01, act_order: bool = False) -> Quantized:
+    """``GPTQ.fasterquant`` (gptq.py:60-160) on ``weight`` (out, in) with ``hessian`` (in, in), in
+    float32 (float64 input stays float64)."""
+    work = torch.promote_types(weight.dtype, torch.float32)
+    W, H = weight.to(work).clone(), hessian.to(work).clone()
+    n, maxq = W.shape[1], 2**bits - 1
+    G = n if group_size is None else group_size
+    scale, zero = find_params(W, bits)          # per channel: from the weight as loaded (gptq.py:72-73)
+    dead = H.diagonal() == 0                    # inputs never seen: no error to spread, weight 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(n, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    H.diagonal().add_(damp * H.diagonal().mean())
+    # upper Cholesky factor of H^-1: row j holds what quantizing column j does to the columns after it
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros_like(W)
+    scales, zeros = [], []
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group_size is not None and col % group_size == 0:
+                # read from W as the reference does (gptq.py:123): within a block W has not yet
+                # received this block's updates, so a group starting mid-block (G < block_size) is
+                # sized from its columns as they were at the block's start
+                scale, zero = find_params(W[:, col:col + group_size], bits)
+            if col % G == 0:
+                scales.append(scale)
+                zeros.append(zero)
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+            codes[:, col] = q
+            err = (w - scale * (q - zero)) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]     # the lazy update of every column after the block
+    inv = torch.argsort(perm)
+    return Quantized(codes[:, inv].to(torch.uint8), torch.stack(scales, 1), torch.stack(zeros, 1),
+                     (torch.arange(n, device=W.device) // G)[inv])
+
+
+class GPTQ(Method):
+    name = "gptq"
+    targets = frozenset({"W"})
+    calibrates = True
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        p, b = cfg.method, Bits.from_config(cfg)
+        if not isinstance(p.damp, (int, float)) or isinstance(p.damp, bool) or not 0 < p.damp <= 1:
+            raise ConfigError(f"method.damp={p.damp}: allowed: a number in (0, 1] (a fraction of the mean of diag H)")
+        if not isinstance(p.block_size, int) or isinstance(p.block_size, bool) or p.block_size < 1:
+            raise ConfigError(f"method.block_size={p.block_size}: allowed: an integer >= 1")
+        if not isinstance(p.act_order, bool):
+            raise ConfigError(f"method.act_order={p.act_order}: allowed: true, false")
+        for key, bits in (("a_bits", b.a), ("kv_bits", min(b.k, b.v))):
+            if bits < 16:
+                raise ConfigError(f"{key}={bits}: method gptq quantizes weights only; allowed: 16 "
+                                  f"(method=smoothquant or method=uniform quantize activations)")
+        if cfg.backend == "triton":
+            raise ConfigError("backend=triton: method gptq's own codes are not packed (the packed layout is "
+                              "built by round-to-nearest); allowed: backend=torch or backend=auto")
+
+    @classmethod
+    def check_model(cls, cfg, linear_widths, head_dim) -> None:
+        if Bits.from_config(cfg).w < 16:
+            check_divides("w_group_size", cfg.w_group_size, linear_widths, cfg.model.name, "the Linear input width")
+
+    def __init__(self, params, knobs):
+        super().__init__(params, knobs)
+        self.zero_point = "gptq"
+        self.w_gran = Granularity(axis=-1, group_size=knobs.w_group_size)
+        self._held: set[int] = set()    # storage of the weights GPTQ has written
+
+    def _hold(self, linear, q: Quantized) -> None:
+        linear.weight.data = q.dequantize(linear.weight.dtype).to(linear.weight.device)
+        self._held.add(linear.weight.data_ptr())
+
+    @torch.no_grad()
+    def calibrate(self, model, samples):
+        _, layers = decoder_layers(model)
+        inputs = first_layer_inputs(model, samples)
+        out = {}
+        for layer in layers:
+            lins = linears(layer)
+            names = qualified_names(model, lins)
+            hessians = {n: Hessian(m.in_features, m.weight.device) for n, m in lins.items()}
+            with watching(lins, lambda n, x, h=hessians: h[n].add(x)):
+                run_layer(layer, inputs)
+            for n, m in lins.items():
+                q = gptq_quantize(m.weight.data, hessians[n].H, self.bits.w, self.knobs.w_group_size,
+                                  self.params.block_size, self.params.damp, self.params.act_order)
+                out[names[n]] = {k: v.cpu() for k, v in asdict(q).items()}
+                self._hold(m, q)
+            inputs = run_layer(layer, inputs)   # the next layer sees this one quantized
+        return {"linears": out}
+
+    def apply_calibration(self, model, result) -> None:
+        modules = dict(model.named_modules())
+        for name, q in result["linears"].items():
+            w = modules[name].weight
+            self._hold(modules[name], Quantized(**{k: v.to(w.device) for k, v in q.items()}))
+
+    def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight GPTQ wrote during calibration, as it is."""
+        if self.bits.w >= 16:
+            return w
+        if w.data_ptr() not in self._held:
+            raise RuntimeError("method gptq: this weight was not quantized during calibration (only the "
+                               "Linears of the decoder layers are)")
+        return w
+
+    def scale_granularity(self, target: str) -> str | None:
+        if target != "w" or self.bits.w >= 16:
+            return None
+        return f"group{self.knobs.w_group_size}" if self.knobs.w_group_size else "per_channel"

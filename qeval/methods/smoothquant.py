@@ -1,0 +1,107 @@
+"""SmoothQuant (Xiao et al., arXiv 2211.10438): migrate activation outliers into the weights with a
+per-input-channel scale ``s`` folded into the norm before the Linears, then quantize weights and
+activations (WA).
+
+After mit-han-lab/smoothquant (commit c61476d): ``smoothquant/calibration.py`` ``get_act_scales``
+(``act_scales`` = per input channel max |x| of every Linear over the calibration samples, the
+full-precision model, float32) and ``smoothquant/smooth.py`` ``smooth_ln_fcs`` /
+``smooth_ln_fcs_llama_like`` / ``smooth_lm`` (``s = act_scales ** alpha / weight_max ** (1 - alpha)``
+clamped at 1e-5, ``weight_max`` the per-column max |W| over the Linears sharing the input, also
+clamped at 1e-5, computed in the weights' dtype; the norm's weight and bias divided by ``s``, the
+Linears' columns multiplied by it; q/k/v after the attention norm, gate/up after the MLP norm (OPT:
+fc1)). The result saved for reuse is ``act_scales``, as the authors ship them; ``alpha`` is applied
+when it is folded, so one calibration serves every alpha and bit width.
+
+The quantization after smoothing is ``method=uniform``'s WA (per-channel weights, per-token
+activations, ``zero_point`` and ``symmetric`` as there), so a row differs from uniform's only by
+the smoothing. The authors' own fake quantizer (``fake_quant.py``: symmetric absmax, per channel
+and per token) is ``method.symmetric=true``. Only Linear inputs are quantized: the attention
+matmul inputs SmoothQuant's O1-O3 levels also quantize are not.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qeval.calibration import fold
+from qeval.calibration.layers import decoder_layers, watching
+from qeval.errors import ConfigError
+from qeval.methods.base import Bits, Method
+from qeval.methods.uniform import A_GRANULARITIES, W_GRANULARITIES, check_zero_point
+
+# smooth.py: both clamps
+SCALE_FLOOR = 1e-5
+
+
+@torch.no_grad()
+def smoothing_scales(act_scales: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """``smooth_ln_fcs`` (smooth.py:27-39): (in,) scales in the weights' dtype."""
+    dtype, device = weights[0].dtype, weights[0].device
+    act = act_scales.to(device=device, dtype=dtype)
+    w_max = torch.cat([w.abs().max(dim=0, keepdim=True)[0] for w in weights]).max(dim=0)[0].clamp(min=SCALE_FLOOR)
+    return (act.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=SCALE_FLOOR)
+
+
+@torch.no_grad()
+def act_scales(model, samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``get_act_scales`` (calibration.py:13-51): per Linear, max |input| per channel, float32."""
+    out: dict[str, torch.Tensor] = {}
+
+    def see(name, x):
+        cur = x.reshape(-1, x.shape[-1]).abs().amax(0).float().cpu()
+        out[name] = torch.maximum(out[name], cur) if name in out else cur
+
+    lins = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    device = model.get_input_embeddings().weight.device
+    with watching(lins, see):
+        for ids in samples:
+            model(input_ids=ids.to(device), use_cache=False)
+    return out
+
+
+class SmoothQuant(Method):
+    name = "smoothquant"
+    targets = frozenset({"W", "WA"})
+    calibrates = True
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        check_zero_point(cfg)
+        alpha = cfg.method.alpha
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
+            raise ConfigError(f"method.alpha={alpha}: allowed: a number in [0, 1] (the migration strength)")
+        b = Bits.from_config(cfg)
+        if min(b.k, b.v) < 16:
+            raise ConfigError(f"kv_bits={min(b.k, b.v)}: method smoothquant quantizes weights and activations; "
+                              f"allowed: 16")
+
+    @classmethod
+    def check_architecture(cls, cfg, arch) -> None:
+        fold.check_architecture(cfg, arch, cls.name)
+
+    @classmethod
+    def calibration_identity(cls, cfg) -> dict:
+        # act_scales are statistics of the full-precision model: neither alpha nor the bits enter them
+        return {"method": cls.name, "statistic": "max |x| per input channel of every Linear"}
+
+    def __init__(self, params, knobs):
+        super().__init__(params, knobs)
+        self.w_gran = W_GRANULARITIES["per_channel"]
+        self.a_gran = A_GRANULARITIES["per_token"]
+
+    def calibrate(self, model, samples):
+        result = {"act_scales": act_scales(model, samples)}
+        self.apply_calibration(model, result)
+        return result
+
+    @torch.no_grad()
+    def apply_calibration(self, model, result) -> None:
+        """``smooth_lm`` (smooth.py:74-160), Llama/Mistral/Qwen2 and OPT branches."""
+        kind = model.config.get_text_config().model_type
+        prefix, layers = decoder_layers(model)
+        for i, layer in enumerate(layers):
+            for g in fold.groups(layer, kind, norms_only=True):
+                fcs = [layer.get_submodule(n).weight for n in g.linears]
+                act = result["act_scales"][f"{prefix}.{i}.{g.linears[0]}"]
+                fold.fold(layer, g, smoothing_scales(act, fcs, self.params.alpha))
