@@ -142,7 +142,11 @@ def logits_kl(cfg) -> float:
 
 
 def test_toy_gptq_w3_is_closer_to_full_precision_than_rtn_w3(tmp_path):
-    common = ["w_bits=3", "w_group_size=128", f"results_dir={tmp_path}", "calibration.n_samples=32"]
+    # the paper's 128 calibration samples: with 32 short toy documents (about 2k tokens) the
+    # Hessian of the MLP's wide inputs is barely determined and GPTQ's result swings with the
+    # matmuls' summation order (measured logits_kl 4.2e-5 with 1 thread, 2.3e-4 with 2, RTN 6.7e-5);
+    # with 128 it is 2.2e-5 / 3.0e-5
+    common = ["w_bits=3", "w_group_size=128", f"results_dir={tmp_path}"]
     kl_gptq = logits_kl(compose_cfg("method=gptq", *common))
     kl_rtn = logits_kl(compose_cfg("method=group", *common))
     assert 0 < kl_gptq < kl_rtn, (kl_gptq, kl_rtn)
