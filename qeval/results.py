@@ -78,20 +78,29 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, then rename: readers never see half."""
+@contextmanager
+def replacing(path: Path, binary: bool = False):
+    """A file to write ``path``'s new contents into: a temporary in the same directory, synced and
+    renamed onto ``path`` when the block ends, removed if it raises, so readers never see half.
+    Its name is what :func:`temporaries` finds, so a killed writer's leftover is cleaned up."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; a shared results directory must stay readable
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`replacing`: readers never see half."""
+    with replacing(path) as f:
+        f.write(text)
 
 
 def rows_text(rows: list[dict]) -> str:

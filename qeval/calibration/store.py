@@ -15,8 +15,6 @@ finished result. Computing one is done under the directory's ``.computing`` lock
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -60,24 +58,9 @@ def read(where: Path) -> tuple[dict, dict]:
     return torch.load(where / RESULT, map_location="cpu", weights_only=True), meta
 
 
-def _save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same directory, then rename (named as
-    :func:`qeval.results.temporaries` finds, so a killed writer's leftover is removed)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write(where: Path, result: dict, meta: dict) -> None:
     where.mkdir(parents=True, exist_ok=True)
-    _save_atomic(result, where / RESULT)
+    with results.replacing(where / RESULT, binary=True) as f:   # atomically, like every run file
+        torch.save(result, f)
     results.write_atomic(where / META, json.dumps(meta | {"git_commit": results.git_commit()}, indent=2,
                                                   default=str))
