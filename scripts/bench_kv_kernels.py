@@ -82,7 +82,8 @@ def fp16_bytes(B: int, T: int) -> int:
 
 
 def section_kv(args) -> list[dict]:
-    from qeval.kernels.kv_decode_attention import decode_attention, decode_attention_torch
+    from qeval.kernels.kv_decode_attention import decode_attention
+    from qeval.kernels.kv_decode_reference import decode_attention_torch
     copy = args.copy_gbs
     free = torch.cuda.mem_get_info()[0]
     rows = []

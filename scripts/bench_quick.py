@@ -67,10 +67,8 @@ def _kivi_cache(B: int, T: int, bits: int, dtype):
 
 
 def section_kv(args, report: Report) -> None:
-    from qeval.kernels.kv_decode_attention import (
-        decode_attention,
-        decode_attention_torch,
-    )
+    from qeval.kernels.kv_decode_attention import decode_attention
+    from qeval.kernels.kv_decode_reference import decode_attention_torch
     sdpa = torch.nn.functional.scaled_dot_product_attention
     for dtype in (getattr(torch, name) for name in args.dtypes):
         for T in args.context:

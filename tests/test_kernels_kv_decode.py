@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from qeval.kernels import kv_decode_attention as kda
+from qeval.kernels import kv_decode_reference as ref_impl
 from qeval.kernels import kv_pack
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,7 +64,7 @@ def test_decode_matches_reference_on_ragged_rows(B, Hq, Hkv, D, G, kb, vb, split
     q, packed, kr, vr, kw = ragged(B, Hq, Hkv, D, G, kb, vb, dtype)
     out = torch.full((B, Hq, D), float("nan"), device=DEV, dtype=dtype)
     kda.decode_attention(q, *packed, kr, vr, **kw, n_splits=splits, out=out)
-    ref = kda.decode_attention_torch(q, *packed, kr, vr, **kw)
+    ref = ref_impl.decode_attention_torch(q, *packed, kr, vr, **kw)
     err = (out.float() - ref.float()).abs()
     assert not out.isnan().any(), "unwritten output elements"
     assert err.max() < TOL[dtype], f"max {err.max():.2e} mean {err.mean():.2e}"
@@ -82,7 +83,7 @@ def test_sdpa_baseline_agrees_and_bad_input_is_refused():
     q = torch.randn(1, 4, 1, 32, device=DEV)   # (B, Hq, 1, D), as the model hands it over
     kw = dict(k_bits=2, v_bits=2, group_size=16)
     fused = kda.decode_attention(q, *packed, kr, vr, **kw)
-    sdpa = kda.decode_attention_torch(q, *packed, kr, vr, **kw, use_sdpa=True)
+    sdpa = ref_impl.decode_attention_torch(q, *packed, kr, vr, **kw, use_sdpa=True)
     assert torch.allclose(fused, sdpa, atol=1e-4)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         kda.decode_attention(q[:, :3], *packed, kr, vr, **kw)
@@ -104,7 +105,7 @@ def test_score_bias_scores_and_lse_match_reference(poisoned_outputs, B, Hq, Hkv,
     lse = torch.empty(B, Hq, device=DEV)
     out = kda.decode_attention(q, *packed, kr, vr, **kw, n_splits=splits, k_bias=bias,
                                scores_out=scores, lse_out=lse)
-    ref, ref_scores, ref_lse = kda.decode_attention_torch(q, *packed, kr, vr, **kw,
+    ref, ref_scores, ref_lse = ref_impl.decode_attention_torch(q, *packed, kr, vr, **kw,
                                                           k_bias=bias, with_scores=True)
     assert not out.isnan().any() and (out.float() - ref.float()).abs().max() < TOL[dtype]
     # fp16 scores: the dot runs in fp16 on unit-scale inputs, scores are sums over D channels
