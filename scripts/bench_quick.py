@@ -16,6 +16,12 @@ sections), is rewritten after every case: a crash loses nothing.
   measured copy bandwidth. Reference: dequantize then SDPA (first <= 4 rows of the batch).
 - ``quick_w``: W4 g128 (weight-only), W8A8 and W4A8 g128 against cuBLAS fp16, M = 1 and 16, on
   Llama-2-7B layer shapes. Reference: each kernel's torch reference.
+- ``quick_e2e``: KIVI-2 end to end on a Llama-2-7B-shaped model with random weights (its first
+  ``--layers`` decoder layers, bf16): prefill then greedy decode at batch 1 and 8, ms per decode
+  step for the uncompressed cache and for KIVI on packed words (``backend=triton``), and the KIVI
+  cache's bytes beside the uncompressed one's. Check: one teacher-forced decode step's logits from
+  the packed cache against KIVI's torch backend, which quantizes the same elements to the same
+  codes.
 - ``quick_runtime_resources``: registers and spills the CUDA driver reports for every kernel
   specialisation loaded, the ground truth for scripts/kernel_resources.py's compile-only numbers.
 """
@@ -157,6 +163,90 @@ def section_w(args, report: Report) -> None:
         torch.cuda.empty_cache()
 
 
+def _llama_random(layers: int, hidden: int, heads: int, kv_heads: int, inter: int, dtype, device):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=32000,
+                      max_position_embeddings=32768)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
+
+
+def _kivi_method(backend: str, bits: int):
+    from omegaconf import OmegaConf
+
+    from qeval.methods.base import Bits, Knobs
+    from qeval.methods.kivi import KIVI
+    cfg = OmegaConf.create({"name": "kivi", "group_size": kvb.GROUP, "residual_length": kvb.RESIDUAL})
+    return KIVI(cfg, Knobs(Bits(16, 16, bits, bits), kv_semantics="cache", backend=backend))
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _decode_steps(model, method, ids, steps: int, device: str):
+    """Prefill ``ids``, then ``steps`` greedy one-token steps: (seconds per step, last logits,
+    cache bytes held after the last step)."""
+    import time
+
+    from transformers import DynamicCache
+
+    from qeval.kv.cache import QevalCache, held_bytes
+    mask = torch.ones_like(ids)
+    n_layers = model.config.num_hidden_layers
+    cache = QevalCache(method, n_layers, mask) if method else DynamicCache(config=model.config)
+    model.set_attn_implementation((method and method.attention_implementation("sdpa")) or "sdpa")
+    out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        out = model(nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    seconds = (time.perf_counter() - t0) / max(1, steps)
+    return seconds, out.logits[:, -1].float(), held_bytes(cache)
+
+
+def section_e2e(args, report: Report, device: str = "cuda") -> None:
+    """KIVI end to end; ``device``/``args`` sizes let a CPU test run the same code tiny."""
+    from qeval.kernels._env import INTERPRETING
+    dtype = torch.float32 if INTERPRETING else torch.bfloat16   # the interpreter runs no bf16 dots
+    model = _llama_random(args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate,
+                          dtype, device)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for B in args.e2e_batch:
+            ids = torch.randint(3, 32000, (B, args.prompt), device=device)
+            base = {"batch": B, "prompt_tokens": args.prompt, "steps": args.steps, "layers": args.layers,
+                    "dtype": str(dtype).removeprefix("torch."), "kv_bits": 2}
+            # check first (it also compiles every specialisation the timed run meets)
+            _, ref_logits, _ = _decode_steps(model, _kivi_method("torch", 2), ids, 1, device)
+            _, logits, _ = _decode_steps(model, _kivi_method("triton", 2), ids, 1, device)
+            err = rel_err(logits, ref_logits)
+            if not err <= REL_TOL[torch.bfloat16]:
+                report.add("quick_e2e", {**base, "rel_err": err, "status": f"FAILED check: rel_err {err:.3g}"})
+                print(f"e2e B={B} FAILED rel_err {err:.3g}")
+                continue
+            s_fp, _, bytes_fp = _decode_steps(model, None, ids, args.steps, device)
+            s_kivi, _, bytes_kivi = _decode_steps(model, _kivi_method("triton", 2), ids, args.steps, device)
+            row = {**base, "rel_err": err, "ms_per_step_fp": 1e3 * s_fp, "ms_per_step_kivi2": 1e3 * s_kivi,
+                   "speedup_vs_fp": s_fp / s_kivi, "cache_bytes_fp": bytes_fp,
+                   "cache_bytes_kivi2": bytes_kivi, "cache_ratio": bytes_kivi / bytes_fp, "status": "ok"}
+            report.add("quick_e2e", row)
+            print(f"e2e B={B:3d} fp {row['ms_per_step_fp']:8.2f} ms/step  kivi-2 "
+                  f"{row['ms_per_step_kivi2']:8.2f}  x{row['speedup_vs_fp']:5.2f}  cache "
+                  f"x{row['cache_ratio']:.3f} of fp  err {err:.1e}")
+            del ids
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    del model
+
+
 def runtime_resources() -> list[dict]:
     """Registers / spills the driver reported for every qeval kernel specialisation loaded."""
     from triton.runtime.jit import JITFunction
@@ -191,31 +281,40 @@ def runtime_resources() -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", nargs="+", default=["kv", "w"], choices=["kv", "w"])
+    ap.add_argument("--sections", nargs="+", default=["kv", "w", "e2e"], choices=["kv", "w", "e2e"])
     ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16"])
     ap.add_argument("--context", nargs="+", type=int, default=[8192, 32768])
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 4], choices=[2, 4, 8])
     ap.add_argument("--m", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--out", type=Path, default=Path("results/bench"))
+    e2e = ap.add_argument_group("e2e: a Llama-2-7B-shaped model's first layers, random weights")
+    e2e.add_argument("--layers", type=int, default=4)
+    e2e.add_argument("--hidden", type=int, default=4096)
+    e2e.add_argument("--heads", type=int, default=32)
+    e2e.add_argument("--kv-heads", type=int, default=32)
+    e2e.add_argument("--intermediate", type=int, default=11008)
+    e2e.add_argument("--prompt", type=int, default=4096)
+    e2e.add_argument("--steps", type=int, default=32)
+    e2e.add_argument("--e2e-batch", nargs="+", type=int, default=[1, 8])
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_quick: no CUDA device", file=sys.stderr)
         return 2
     report = Report(args.out)
-    for key in ("quick_kv", "quick_w", "quick_runtime_resources"):
-        report.data.pop(key, None)     # this run's rows only
+    for key in [f"quick_{name}" for name in args.sections] + ["quick_runtime_resources"]:
+        report.data.pop(key, None)     # this run's rows only; other sections' rows stay
     args.copy_gbs = report.data["quick_copy_gbs"] = kvb.copy_bandwidth_gbs()
     report.save()
     print(f"bench_quick: {report.data['device']}, copy bandwidth {args.copy_gbs:.0f} GB/s")
     try:
         for name in args.sections:
-            {"kv": section_kv, "w": section_w}[name](args, report)
+            {"kv": section_kv, "w": section_w, "e2e": section_e2e}[name](args, report)
     finally:
         report.data["quick_runtime_resources"] = runtime_resources()
         report.save()
         print(f"bench_quick: wrote {report.path}")
-    failed = [r for key in ("quick_kv", "quick_w") for r in report.data.get(key, [])
+    failed = [r for key in ("quick_kv", "quick_w", "quick_e2e") for r in report.data.get(key, [])
               if r["status"].startswith("FAILED")]
     return 1 if failed else 0
 

@@ -8,6 +8,8 @@
 #   2. bench    scripts/bench_quick.py: each case checked against a reference, then timed; decode
 #               attention fp16/bf16 at 8k/32k x batch 1/8/32 vs SDPA and the copy bandwidth,
 #               W4 / W8A8 / W4A8 vs cuBLAS fp16 at M = 1 and 16
+#   e2e      KIVI-2 end to end on the first layers of a random Llama-2-7B-shaped model, batch 1 and 8:
+#               ms per decode step against the uncompressed cache, checked against KIVI on torch
 #   3. resources  scripts/kernel_resources.py with this machine's Triton (compile-only numbers,
 #               to set beside the registers the driver reported in step 2)
 #
@@ -48,12 +50,13 @@ step() {   # step NAME SECONDS COMMAND...: run with a limit, log to $RES/gpu_che
 # compilation dominates the tests: spread it over workers when pytest-xdist is there
 XDIST=()
 $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-step tests 200 $PY -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" \
+step tests 170 $PY -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" \
     --junitxml="$RES/gpu_check-tests.xml" \
     tests/test_kernels_kv_decode.py tests/test_kernels_kv_pack.py tests/test_kernels_wq.py \
     tests/test_kernels_wa.py
-step bench 200 $PY scripts/bench_quick.py --out "$RES"
-step resources 45 $PY scripts/kernel_resources.py --jobs 8 --json "$RES/$DEV-resources.json"
+step bench 170 $PY scripts/bench_quick.py --sections kv w --out "$RES"
+step e2e 60 $PY scripts/bench_quick.py --sections e2e --out "$RES"
+step resources 40 $PY scripts/kernel_resources.py --jobs 8 --json "$RES/$DEV-resources.json"
 
 if [ -n "${OUT:-}" ]; then
     cp "$RES/$DEV.json" "$RES/$DEV-resources.json" "$RES"/gpu_check-*.log "$RES/gpu_check-tests.xml" \

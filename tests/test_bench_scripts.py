@@ -28,3 +28,25 @@ def test_bench_kernels_runs_the_kv_sections_too(capsys, monkeypatch):
     assert bench.main(["--sections", "kv", "--batch", "1", "8", "--context", "8192", "--bits", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no CUDA device" in err and len(err.splitlines()) == 1
+
+
+def test_bench_quick_e2e_section_checks_then_times(monkeypatch, tmp_path):
+    # the GPU section's own code on a tiny Llama on the CPU (kernels in the interpreter): the packed
+    # cache's decode logits pass the check against KIVI's torch backend, and the cache is smaller
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench = load("bench_quick")
+    rows = []
+
+    class Report:
+        def add(self, key, row):
+            rows.append((key, row))
+
+    args = type("Args", (), {"layers": 1, "hidden": 64, "heads": 2, "kv_heads": 2, "intermediate": 128,
+                             "prompt": 300, "steps": 1, "e2e_batch": [2]})()
+    bench.section_e2e(args, Report(), device="cpu")
+    (key, row), = rows
+    assert key == "quick_e2e" and row["status"] == "ok", row
+    # 302 tokens, R = 128, G = 32, fp32 on the interpreter: 256 keys and 174 values packed at 2 bits
+    # plus a scale and zero per 32 (0.5 byte per element with capacity rounded up to R), the rest
+    # fp32: about 0.39 of the uncompressed cache; 0.5 fails if nothing were packed
+    assert row["cache_ratio"] < 0.5, row
