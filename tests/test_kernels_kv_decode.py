@@ -37,6 +37,8 @@ CASES = [
     (2, 10, 2, 32, 16, 2, 2, 4, torch.float16),    # GQA 5, many splits
     (2, 4, 2, 64, 64, 2, 4, 3, torch.float32),     # G = 64: two 32-token tiles per key group
 ]
+# MHA in fp16: the broadcast path in the activation dtype (CASES has it in fp32 only)
+MHA_FP16 = (2, 3, 3, 64, 32, 8, 4, 2, torch.float16)
 if DEV == "cuda":
     CASES += [(4, 32, 8, 128, 32, 2, 2, None, torch.bfloat16),
               (2, 32, 32, 128, 128, 4, 4, None, torch.float16)]
@@ -59,7 +61,35 @@ def ragged(B, Hq, Hkv, D, G, kb, vb, dtype):
     return q, packed, kr, vr, kw
 
 
-@pytest.mark.parametrize("B,Hq,Hkv,D,G,kb,vb,splits,dtype", CASES)
+def test_cases_cover_both_contractions():
+    """Tensor cores for GQA groups, on exactly the group's heads (no 16-row padding); the
+    broadcast path for MHA. CASES runs both through the interpreter."""
+    paths = {kda.tile_shape(Hq // Hkv, D, G)[2] for _, Hq, Hkv, D, G, *_ in CASES}
+    assert paths == {True, False}
+    assert kda.tile_shape(1, 128, 32)[::2] == (1, False)
+    for group in (2, 3, 4, 8, 16):
+        block_h, block_t, use_dot = kda.tile_shape(group, 128, 128)
+        assert use_dot and group <= block_h < 2 * group
+    for G in (16, 32, 64, 128):
+        for D in (G, 2 * G, 256):
+            block_t = kda.tile_shape(4, D, G)[1]
+            assert G % block_t == 0 and block_t >= 16   # one key group, one word row of 2-bit keys
+
+
+def test_split_count_fills_the_gpu_at_batch_1_and_8():
+    """132 SMs (H100 SXM), 8 KV heads: a long context gives every SM MIN_RESIDENT_CTAS programs at
+    batch 1 and 8, a 4K context at least one per SM at batch 1; no split is shorter than
+    MIN_SPLIT_TOKENS, and a short context is not split at all."""
+    sms, block_t = 132, 16
+    for batch in (1, 8):
+        for tokens, per_sm in ((32768, kda.MIN_RESIDENT_CTAS), (4096, 1)):
+            S = kda.split_count(batch * 8, tokens // block_t, block_t, sms)
+            assert batch * 8 * S >= per_sm * sms, (batch, tokens, S)
+            assert tokens // S >= kda.MIN_SPLIT_TOKENS
+    assert kda.split_count(8, 100 // block_t, block_t, sms) == 1
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,D,G,kb,vb,splits,dtype", CASES + [MHA_FP16])
 def test_decode_matches_reference_on_ragged_rows(B, Hq, Hkv, D, G, kb, vb, splits, dtype):
     q, packed, kr, vr, kw = ragged(B, Hq, Hkv, D, G, kb, vb, dtype)
     out = torch.full((B, Hq, D), float("nan"), device=DEV, dtype=dtype)

@@ -34,6 +34,7 @@ KERNELS = {
     "pack_keys": kv_pack._pack_keys_kernel,
     "pack_values": kv_pack._pack_values_kernel,
     "wq": wq_gemm._wq_gemm_kernel,
+    "wq_gemv": wq_gemm._wq_gemv_kernel,
     "w8a8": w8a8_gemm._w8a8_kernel,
     "w4a8": w4a8_gemm._w4a8_kernel,
     "act_quant": act_quant._act_quant_kernel,
@@ -87,9 +88,10 @@ def _packed_weight(bits, G, param_dtype) -> PackedWeight:
                         bits, G, K_IN, N_OUT, 0)
 
 
-def _wq(M, bits, G, dtype):
+def _wq(M, bits, G, dtype, split_k=None):
     pdt = torch.float32 if dtype == torch.float32 else torch.float16   # pack.param_dtype_for
-    return lambda: wq_gemm.wq_matmul(torch.empty(M, K_IN, dtype=dtype), _packed_weight(bits, G or K_IN, pdt))
+    return lambda: wq_gemm.wq_matmul(torch.empty(M, K_IN, dtype=dtype), _packed_weight(bits, G or K_IN, pdt),
+                                     split_k=split_k)
 
 
 def _w8a8(M, dtype, bias=True):
@@ -117,6 +119,8 @@ f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
 CASES = [
     # decode attention (G, D, GQA group, dtype, K bits, V bits)
     Case("decode-G32-D128-grp1-fp16-k2v2", "decode", _decode(32, 128, 1, f16, 2, 2), True),
+    # the smallest group on tensor cores: 2 query heads as the MMA's columns (padded to 8)
+    Case("decode-G32-D128-grp2-fp16-k4v4", "decode", _decode(32, 128, 2, f16, 4, 4), True),
     Case("decode-G32-D128-grp4-bf16-k4v4", "decode", _decode(32, 128, 4, bf16, 4, 4), True),
     Case("decode-G32-D64-grp8-fp16-k8v8", "decode", _decode(32, 64, 8, f16, 8, 8), True),
     Case("decode-G64-D128-grp8-bf16-k2v2", "decode", _decode(64, 128, 8, bf16, 2, 2), True),
@@ -136,10 +140,13 @@ CASES = [
     Case("pack-values-G32-b2-fp16-exclude", "pack_values", _pack(False, 2, 32, f16, exclude=True)),
     Case("pack-values-G128-b8-bf16", "pack_values", _pack(False, 8, 128, bf16)),
     # weight-only GEMM: decode (GEMV, M <= 16) and prefill tiles
-    Case("wq-decode-M1-w4g128-fp16", "wq", _wq(1, 4, 128, f16), True),
+    Case("wq-decode-M1-w4g128-fp16", "wq_gemv", _wq(1, 4, 128, f16), True),
     Case("wq-decode-M16-w3g128-bf16", "wq", _wq(16, 3, 128, bf16), True),
-    Case("wq-decode-M1-w8-perchannel-fp16", "wq", _wq(1, 8, None, f16), True),
-    Case("wq-decode-M1-w4g128-fp32", "wq", _wq(1, 4, 128, f32), True),
+    Case("wq-decode-M1-w8-perchannel-fp16", "wq_gemv", _wq(1, 8, None, f16), True),
+    Case("wq-decode-M1-w4g128-fp32", "wq_gemv", _wq(1, 4, 128, f32), True),
+    # groups not aligned to words, and the split-K atomic epilogue (a GPU's SM count picks split-K)
+    Case("wq-decode-M1-w3g128-bf16-splitk", "wq_gemv", _wq(1, 3, 128, bf16, split_k=8), True),
+    Case("wq-decode-M8-w4g64-fp16-splitk", "wq", _wq(8, 4, 64, f16, split_k=8), True),
     Case("wq-prefill-M512-w4g128-fp16", "wq", _wq(512, 4, 128, f16)),
     Case("wq-prefill-M512-w2g64-bf16", "wq", _wq(512, 2, 64, bf16)),
     Case("wq-prefill-M512-w4g128-fp32", "wq", _wq(512, 4, 128, f32)),

@@ -5,14 +5,22 @@ values live as int32 words in KIVI's layout (:mod:`qeval.kernels.kv_pack`; arXiv
 rest in full-precision residual tensors (KIVI keeps keys in full precision until R of them fill a
 block, and values in a sliding window of the last R tokens, so ``TK_Q != TV_Q`` in general).
 
-The kernel reads every byte of the cache once; the physical limit is bytes / bandwidth. Choices:
+The kernel reads every byte of the cache once; the physical limit is bytes / bandwidth, which a
+memory-bound kernel reaches with enough loads in flight. Choices (resources per compiled
+specialisation: ``scripts/kernel_resources.py``):
 
-- the query heads of a GQA group share one tile of ``BLOCK_H >= 16`` rows (``tl.dot`` needs 16),
-  so a KV word is read once per group, not once per query head;
-- tiles of ``BLOCK_T = min(G, 32)`` tokens (16 in fp32) lie in one key group, so the key scale
-  folds into the query, ``q . (c * s + z) = (q * s) . c + q . z``; the dot runs on raw codes;
-- values are dequantized in registers (per-token scales vary across channel groups) before
-  ``p @ v``;
+- one program holds the query heads of a GQA group (``BLOCK_H``: the group rounded up to a power
+  of two, never padded to 16), so a KV word is read once per group, not once per query head;
+- contractions put the tokens on the MMA's rows: ``s^T = k @ q^T`` and ``o^T = v^T @ p^T``, so the
+  query heads are the MMA's columns (n = 8 per instruction), and for one head (MHA) a broadcast
+  multiply and reduce replaces the MMA (:mod:`qeval.kernels.kv_decode_tiles`);
+- tiles of ``BLOCK_T`` tokens (16 at head_dim 128, 32 at 64; it divides G) lie in one key group;
+  keys and values are dequantized in registers, with scales loaded as vectors (a key group's (D,)
+  scale, a (BLOCK_T, D // G) tile of value scales) and broadcast over their channels;
+- one loop without branches: packed and residual loads are unconditional and masked, so Triton's
+  software pipeliner turns them into asynchronous copies ``NUM_STAGES`` tiles ahead;
+- at most 168 registers per thread at 4 warps (3 resident programs per SM) and no spills, on
+  sm_80 and sm_90 (``tests/test_kernels_compile.py``);
 - split-KV: programs ``(batch * kv_head, split)`` each run an online softmax over a slice of
   tiles and write (max, sum, unnormalized output); a second small kernel merges the slices, so
   long contexts fill the GPU even at batch 1.
@@ -37,29 +45,27 @@ import triton
 import triton.language as tl
 
 from qeval.kernels._env import INTERPRETING
+from qeval.kernels.kv_decode_tiles import (
+    DOT_MIN_GROUP,
+    bias_and_record,
+    packed_keys,
+    packed_values,
+    scores,
+    softmax_step,
+    weighted_values,
+)
 from qeval.kernels.kv_pack import check_layout, codes_per_word
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _unpack_rows(words, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """(ROWS // FPI, COLS) words -> (ROWS, COLS) float codes: word w holds rows w*FPI ..."""
-    FPI: tl.constexpr = 32 // BITS
-    shifts = (tl.arange(0, FPI) * BITS).to(tl.uint32)
-    w = words.to(tl.uint32, bitcast=True)
-    codes = (w[:, None, :] >> shifts[None, :, None]) & (2**BITS - 1)
-    return tl.reshape(codes, (ROWS, COLS)).to(tl.float32)
-
-
-@triton.jit
-def _unpack_cols(words, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """(ROWS, COLS // FPI) words -> (ROWS, COLS) float codes: word w holds columns w*FPI ..."""
-    FPI: tl.constexpr = 32 // BITS
-    shifts = (tl.arange(0, FPI) * BITS).to(tl.uint32)
-    w = words.to(tl.uint32, bitcast=True)
-    codes = (w[:, :, None] >> shifts[None, None, :]) & (2**BITS - 1)
-    return tl.reshape(codes, (ROWS, COLS)).to(tl.float32)
+# (BLOCK_T, head_dim) tile elements: 16 fp32 values per thread at 4 warps. Twice that (32 tokens
+# at head_dim 128) measured 240 registers for MHA on sm_90 and 167 with GEAR's extras on sm_80
+TILE_ELEMENTS = 2048
+NUM_WARPS = 4
+NUM_STAGES = 3              # tiles of loads in flight per program (cp.async into shared memory)
+MIN_RESIDENT_CTAS = 3       # the register budget: 3 CTAs of 128 threads per SM
+# a split writes a (group, D) fp32 partial the merge reads back: 4 KB at group 4, D 128, next to
+# about 12 KB of 2-bit K/V with scales per 128 tokens
+MIN_SPLIT_TOKENS = 128
 
 
 @triton.jit
@@ -80,8 +86,9 @@ def _decode_split_kernel(
     Hkv, D, CAP_K, CAP_V, qk_scale, bias_scale, tiles_per_split,
     sq_b, sq_h, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, skb_b, skb_h, ssc_b, ssc_h,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, G: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_SCORES: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NG: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITE_SCORES: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -89,13 +96,15 @@ def _decode_split_kernel(
     b = bh // Hkv
     kvh = bh % Hkv
     FPI_K: tl.constexpr = 32 // K_BITS
-    FPI_V: tl.constexpr = 32 // V_BITS
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
+    tt = tl.arange(0, BLOCK_T)
     hmask = h < GROUP
     dmask = d < D
     q = tl.load(q_ptr + b * sq_b + (kvh * GROUP + h)[:, None] * sq_h + d[None, :],
                 mask=hmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    if USE_DOT:   # the MMA operand, converted once
+        q = q.to(DOT_DTYPE)
     T = tl.load(rows_ptr + b * 5)
     TK_Q = tl.load(rows_ptr + b * 5 + 1)
     TV_Q = tl.load(rows_ptr + b * 5 + 2)
@@ -105,73 +114,49 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    n_wk = CAP_K // FPI_K
-    n_gk = CAP_K // G
-    VW: tl.constexpr = BLOCK_D // FPI_V
-    vwc = tl.arange(0, VW)
-    n_wv = D // FPI_V
+    n_wv = D // (32 // V_BITS)
     n_gv = D // G
+    kw_head = kw_ptr + bh * (CAP_K // FPI_K) * D
+    ks_head = ks_ptr + bh * (CAP_K // G) * D
+    kz_head = kz_ptr + bh * (CAP_K // G) * D
+    vw_head = vw_ptr + bh * CAP_V * n_wv
+    vs_head = vs_ptr + bh * CAP_V * n_gv
+    vz_head = vz_ptr + bh * CAP_V * n_gv
+    hq = kvh * GROUP + h
+    kb_rows = kb_ptr + b * skb_b + hq[:, None] * skb_h
+    sc_rows = sc_ptr + b * ssc_b + hq[:, None] * ssc_h
     n_tiles = tl.cdiv(T, BLOCK_T)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, n_tiles)
-    for tile in range(tile_lo, tile_hi):
+    kr_head = kr_ptr + b * skr_b + kvh * skr_h
+    vr_head = vr_ptr + b * svr_b + kvh * svr_h
+    # one loop without branches: every load is unconditional and masked (a masked-off load moves
+    # no bytes), so the software pipeliner keeps NUM_STAGES tiles of loads in flight; a tile's
+    # keys are all packed or all residual (TK_Q is a multiple of G, G of BLOCK_T), its values
+    # may straddle TV_Q
+    for tile in tl.range(tile_lo, tile_hi, num_stages=NUM_STAGES):
         t0 = tile * BLOCK_T
-        t = t0 + tl.arange(0, BLOCK_T)
-        # -- scores (BLOCK_H, BLOCK_T) ------------------------------------------------------
-        if t0 < TK_Q:   # TK_Q is a multiple of G, G of BLOCK_T: the tile lies in one key group
-            wr = t0 // FPI_K + tl.arange(0, BLOCK_T // FPI_K)
-            kwords = tl.load(kw_ptr + bh * n_wk * D + wr[:, None] * D + d[None, :],
-                            mask=dmask[None, :], other=0)
-            kcodes = _unpack_rows(kwords, K_BITS, BLOCK_T, BLOCK_D)
-            ks = tl.load(ks_ptr + (bh * n_gk + t0 // G) * D + d, mask=dmask, other=0.0).to(tl.float32)
-            kz = tl.load(kz_ptr + (bh * n_gk + t0 // G) * D + d, mask=dmask, other=0.0).to(tl.float32)
-            qs = (q * ks[None, :]).to(DOT_DTYPE)
-            s = tl.dot(qs, tl.trans(kcodes.to(DOT_DTYPE)), input_precision=DOT_PRECISION) \
-                + tl.sum(q * kz[None, :], axis=1)[:, None]
-        else:
-            r = t - TK_Q + K_OFF
-            k = tl.load(kr_ptr + b * skr_b + kvh * skr_h + r[:, None] * skr_t + d[None, :],
-                        mask=(t < T)[:, None] & dmask[None, :], other=0.0)
-            s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        t = t0 + tt
         valid = t < T
+        k_packed = t0 < TK_Q
+        k = packed_keys(kw_head + (t0 // FPI_K) * D, ks_head + (t0 // G) * D,
+                        kz_head + (t0 // G) * D, tl.where(k_packed, D, 0), D, d, K_BITS,
+                        BLOCK_T, BLOCK_D)
+        k_res = tl.load(kr_head + (t - TK_Q + K_OFF)[:, None] * skr_t + d[None, :],
+                        mask=(valid & (t >= TK_Q))[:, None] & dmask[None, :], other=0.0)
+        k = tl.where(k_packed, k, k_res.to(tl.float32))
+        s = scores(q, k, DOT_DTYPE, DOT_PRECISION, USE_DOT)
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        if HAS_BIAS:
-            if t0 < TK_Q:   # natural units in, log2 units here (bias_scale = LOG2E)
-                hq = kvh * GROUP + h
-                bias = tl.load(kb_ptr + b * skb_b + hq[:, None] * skb_h + t[None, :],
-                               mask=hmask[:, None] & (t < TK_Q)[None, :], other=0.0)
-                s += bias * bias_scale
-        if WRITE_SCORES:
-            hq = kvh * GROUP + h
-            tl.store(sc_ptr + b * ssc_b + hq[:, None] * ssc_h + t[None, :], s,
-                     mask=hmask[:, None] & valid[None, :])
-        # -- online softmax ----------------------------------------------------------------
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a fully masked tile: no NaN
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        m_i = m_new
-        # -- values (BLOCK_T, BLOCK_D): packed, residual, or a tile that straddles TV_Q ---------
-        in_q = t < TV_Q
-        packed_mask = in_q[:, None] & dmask[None, :]
-        v = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-        if t0 < TV_Q:
-            vwords = tl.load(vw_ptr + (bh * CAP_V + t[:, None]) * n_wv + vwc[None, :],
-                            mask=in_q[:, None] & (vwc < n_wv)[None, :], other=0)
-            vcodes = _unpack_cols(vwords, V_BITS, BLOCK_T, BLOCK_D)
-            # per-token scales of channel group d // G (gathered; the repeats hit L1)
-            sp = (bh * CAP_V + t[:, None]) * n_gv + (d // G)[None, :]
-            vs = tl.load(vs_ptr + sp, mask=packed_mask, other=0.0).to(tl.float32)
-            vz = tl.load(vz_ptr + sp, mask=packed_mask, other=0.0).to(tl.float32)
-            v += vcodes * vs + vz
-        if t0 + BLOCK_T > TV_Q:
-            r = t - TV_Q + V_OFF
-            rmask = (t >= TV_Q) & (t < T)
-            v += tl.load(vr_ptr + b * svr_b + kvh * svr_h + r[:, None] * svr_t + d[None, :],
-                         mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        s = bias_and_record(s, t, TK_Q, kb_rows, sc_rows, hmask, valid, bias_scale,
+                            HAS_BIAS, WRITE_SCORES)
+        p, m_i, l_i, acc = softmax_step(s, m_i, l_i, acc)
+        v_packed = t < TV_Q
+        v = packed_values(vw_head, vs_head, vz_head, t, v_packed, n_wv, n_gv, V_BITS, BLOCK_T,
+                          BLOCK_NG, G)
+        v_res = tl.load(vr_head + (t - TV_Q + V_OFF)[:, None] * svr_t + d[None, :],
+                        mask=(valid & (t >= TV_Q))[:, None] & dmask[None, :], other=0.0)
+        v = tl.where(v_packed[:, None], v, v_res.to(tl.float32))
+        acc += weighted_values(p, v, DOT_DTYPE, DOT_PRECISION, USE_DOT)
 
     row = bh * GROUP + h   # = b * Hq + kvh * GROUP + h
     tl.store(pm_ptr + row * n_splits + split, m_i, mask=hmask)
@@ -211,13 +196,39 @@ def _merge_splits_kernel(
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def default_splits(batch_heads: int, n_tiles: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU twice over, at least 4 tiles per split."""
+# plain integer helpers for the launcher: triton.cdiv and triton.next_power_of_2 are jit-wrapped
+# and cost microseconds per host call, a decode step's budget being tens of microseconds
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def tile_shape(group: int, head_dim: int, group_size: int) -> tuple[int, int, bool]:
+    """(BLOCK_H, BLOCK_T, USE_DOT) for a GQA group of ``group`` query heads: BLOCK_H is the group
+    rounded up to a power of two; BLOCK_T keeps a (BLOCK_T, BLOCK_D) tile at TILE_ELEMENTS, divides
+    G (a tile lies in one key group) and is at least 16, one word row of 2-bit keys; tensor cores
+    from DOT_MIN_GROUP heads on (:mod:`qeval.kernels.kv_decode_tiles`)."""
+    block_d = max(16, _pow2(head_dim))
+    block_t = min(group_size, max(16, TILE_ELEMENTS // block_d))
+    return _pow2(group), block_t, group >= DOT_MIN_GROUP
+
+
+def split_count(batch_heads: int, n_tiles: int, block_t: int, sms: int) -> int:
+    """Splits so that the grid holds MIN_RESIDENT_CTAS programs per SM (batch 1 needs many,
+    batch 8 a few), each over at least MIN_SPLIT_TOKENS positions, at most 128."""
+    want = _cdiv(MIN_RESIDENT_CTAS * sms, batch_heads)
+    return max(1, min(want, n_tiles * block_t // MIN_SPLIT_TOKENS, 128))
+
+
+def default_splits(batch_heads: int, n_tiles: int, block_t: int, device: torch.device) -> int:
+    """:func:`split_count` for ``device``'s SMs; off CUDA, two splits so the merge is exercised."""
     if device.type != "cuda":
         return max(1, min(n_tiles, 2))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, batch_heads)
-    return max(1, min(want, triton.cdiv(n_tiles, 4), 128))
+    return split_count(batch_heads, n_tiles, block_t,
+                       torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def row_lengths(k_words, v_words, k_res, k_bits: int, k_quantized=None, v_quantized=None,
@@ -258,8 +269,8 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
                      v_offset: torch.Tensor | None = None, n_splits: int | None = None,
                      out: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
                      scores_out: torch.Tensor | None = None,
-                     lse_out: torch.Tensor | None = None, max_length: int | None = None,
-                     max_k_quantized: int | None = None) -> torch.Tensor:
+                     lse_out: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                     max_length: int | None = None, max_k_quantized: int | None = None) -> torch.Tensor:
     """Attention of one query per sequence over packed + residual K/V.
 
     q: (B, Hq, D) or (B, Hq, 1, D). Packed tensors as :mod:`kv_pack` returns them for ``Hkv =
@@ -269,6 +280,9 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
     ``k_res.shape[2]``); row b's remaining keys/values are ``k_res[b, :, ko:ko + lengths -
     k_quantized]`` and ``v_res[b, :, vo:vo + lengths - v_quantized]`` with ``ko = k_offset[b]``,
     ``vo = v_offset[b]`` (default 0: a right-aligned residual window has per-row offsets). Returns (B, Hq, D) in q's dtype (or ``out``).
+    A cache that counts its rows passes them instead as ``rows``, the (B, 5) int32 table of
+    :func:`row_lengths` already on the device, with ``max_length`` / ``max_k_quantized`` as host
+    ints: the step then reads nothing back from the device.
 
     Optional, for methods that correct the packed keys and values (all fp32, channels contiguous):
     ``k_bias`` (B, Hq, >= max TK_Q) is added to the scaled scores ``sm_scale * q . k`` (natural
@@ -298,27 +312,29 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
         raise ValueError(f"packed keys hold {cap_k} tokens, not a multiple of G={group_size}")
     k_words, k_scale, k_zero, v_words, v_scale, v_zero = (
         t.contiguous() for t in (k_words, k_scale, k_zero, v_words, v_scale, v_zero))
-    rows = row_lengths(k_words, v_words, k_res, k_bits, k_quantized, v_quantized, lengths,
-                       k_offset, v_offset)
+    if rows is None:
+        rows = row_lengths(k_words, v_words, k_res, k_bits, k_quantized, v_quantized, lengths,
+                           k_offset, v_offset)
     # host ints from the caller (a cache that counts its rows) avoid a device-to-host sync per step
     T = max_length if max_length is not None else int(rows[:, 0].max()) if B else 0
     tk_max = max_k_quantized if max_k_quantized is not None else int(rows[:, 1].max()) if B else 0
     _check_extras(k_bias, scores_out, lse_out, B, Hq, tk_max, T)
     group = Hq // Hkv
-    block_t = min(group_size, 16 if q.dtype == torch.float32 else 32)   # divides G (no spills, sm_80/90)
-    n_tiles = max(1, triton.cdiv(T, block_t))
-    S = n_splits or default_splits(B * Hkv, n_tiles, q.device)
+    block_h, block_t, use_dot = tile_shape(group, D, group_size)
+    n_tiles = max(1, _cdiv(T, block_t))
+    S = n_splits or default_splits(B * Hkv, n_tiles, block_t, q.device)
     S = max(1, min(S, n_tiles))
-    tiles_per_split = triton.cdiv(n_tiles, S)
-    S = triton.cdiv(n_tiles, tiles_per_split)
-    pm = torch.empty(B * Hq, S, dtype=torch.float32, device=q.device)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty(B * Hq, S, D, dtype=torch.float32, device=q.device)
+    tiles_per_split = _cdiv(n_tiles, S)
+    S = _cdiv(n_tiles, tiles_per_split)
+    # the splits' (max, sum, output) in one allocation: host time per step, not bytes, is scarce
+    n = B * Hq * S
+    work = torch.empty(n * (D + 2), dtype=torch.float32, device=q.device)
+    pacc, pm, pl = work[:n * D].view(B * Hq, S, D), work[n * D:n * (D + 1)], work[n * (D + 1):]
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     o3 = out[:, :, 0] if out.dim() == 4 else out
     scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * LOG2E
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, _pow2(D))
     # an absent extra gets a stand-in pointer and zero strides; its constexpr flag compiles it out
     kb = pm if k_bias is None else k_bias
     sc = pm if scores_out is None else scores_out
@@ -331,11 +347,13 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
         v_res.stride(0), v_res.stride(1), v_res.stride(2),
         *_strides2(k_bias), *_strides2(scores_out),
         K_BITS=k_bits, V_BITS=v_bits, G=group_size, GROUP=group,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_T=block_t, BLOCK_D=block_d,
-        DOT_DTYPE=_DOT[q.dtype], DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32: no TF32
-        HAS_BIAS=k_bias is not None, WRITE_SCORES=scores_out is not None, num_warps=4)
+        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_NG=block_d // group_size,
+        USE_DOT=use_dot, DOT_DTYPE=_DOT[q.dtype],
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32: no TF32
+        HAS_BIAS=k_bias is not None, WRITE_SCORES=scores_out is not None, NUM_STAGES=NUM_STAGES,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     _merge_splits_kernel[(B * Hq,)](pm, pl, pacc, o3, lse, Hq, S, D, o3.stride(0), o3.stride(1),
                                     *_strides2(lse_out),
-                                    BLOCK_S=max(2, triton.next_power_of_2(S)), BLOCK_D=block_d,
+                                    BLOCK_S=max(2, _pow2(S)), BLOCK_D=block_d,
                                     WRITE_LSE=lse_out is not None)
     return out

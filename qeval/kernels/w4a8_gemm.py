@@ -1,8 +1,9 @@
 """W4A8 (and any 2-8 bit weight in groups) x per-token int8 activations, int8 tensor cores.
 
 The weight stays packed (:class:`qeval.kernels.pack.PackedWeight`, groups of G along K); each tile
-is decoded to signed int8 in registers (``code - 2**(bits-1)``) and multiplied with the int8
-activation codes. Group scales cannot enter an integer accumulator, so the K loop runs group by
+of words is loaded once and unpacked in registers with shifts and masks to signed int8
+(``code - 2**(bits-1)``, one byte per code where the load-per-code layout staged four), then
+multiplied with the int8 activation codes. Group scales cannot enter an integer accumulator, so the K loop runs group by
 group (QServe's "per-group" W4A8 scheme, arXiv 2405.04532): an exact int32 dot over one group, then
 
     acc[m, n] += s[g, n] * sum_{k in g} q c  +  z[g, n] * sum_{k in g} q
@@ -64,8 +65,8 @@ def _w4a8_kernel(
     b_ptr,        # (N,) bias (read only when HAS_BIAS)
     out_ptr,      # (M, N) output dtype
     M, N, K, G,
-    BITS: tl.constexpr, CPW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr, CPW: tl.constexpr, CPW_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -74,21 +75,30 @@ def _w4a8_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     rows = offs_m.to(tl.int64)   # M * K passes 2**31 in a long prefill: 64-bit offsets
+    # unpacked row r = word * CPW_P2 + j holds code j of its word (input k = word * CPW + j);
+    # rows with j >= CPW repeat code CPW - 1 (no shift past bit 31) and meet zero activations
+    j = tl.minimum(tl.arange(0, CPW_P2), CPW - 1)
+    r = tl.arange(0, BLOCK_KW * CPW_P2)
+    r_k = (r // CPW_P2) * CPW + r % CPW_P2
+    r_real = r % CPW_P2 < CPW
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(0, K // G):
         dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         qsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
-        for kk in range(0, G, BLOCK_K):
-            in_group = kk + tl.arange(0, BLOCK_K)
-            offs_k = g * G + in_group
-            k_mask = in_group < G
+        # the words holding group g; with C not dividing G a boundary word is read by both groups
+        for w0 in range(g * G // CPW, tl.cdiv((g + 1) * G, CPW), BLOCK_KW):
+            offs_w = w0 + tl.arange(0, BLOCK_KW)
+            # each word once, as packed int32 (no per-code gather)
+            words = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :],
+                            mask=(offs_w < tl.cdiv(K, CPW))[:, None] & n_mask[None, :], other=0)
+            offs_k = w0 * CPW + r_k
+            k_ok = r_real & (offs_k >= g * G) & (offs_k < (g + 1) * G)
             q = tl.load(q_ptr + rows[:, None] * K + offs_k[None, :],
-                        mask=m_mask[:, None] & k_mask[None, :], other=0)
-            words = tl.load(w_ptr + (offs_k // CPW)[:, None] * N + offs_n[None, :],
-                            mask=k_mask[:, None] & n_mask[None, :], other=0)
-            codes = (words >> ((offs_k % CPW) * BITS)[:, None]) & ((1 << BITS) - 1)
-            # masked k read word 0 -> code 0 -> -half; harmless because q is 0 there
-            c = (codes - (1 << (BITS - 1))).to(tl.int8)               # (BLOCK_K, BLOCK_N)
+                        mask=m_mask[:, None] & k_ok[None, :], other=0)
+            # (BLOCK_KW, BLOCK_N) -> (BLOCK_KW, CPW_P2, BLOCK_N) -> (BLOCK_KW * CPW_P2, BLOCK_N):
+            # shifts and a mask in registers; codes outside the group meet q = 0
+            codes = (words[:, None, :] >> (j * BITS)[None, :, None]) & ((1 << BITS) - 1)
+            c = tl.reshape((codes - (1 << (BITS - 1))).to(tl.int8), (BLOCK_KW * CPW_P2, BLOCK_N))
             dot = tl.dot(q, c, dot)
             qsum += tl.sum(q.to(tl.int32), axis=1)
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -107,12 +117,16 @@ def w4a8_matmul(x: torch.Tensor, w: GroupedInt8Weight, bias: torch.Tensor | None
     m, k, n = x2.shape[0], p.in_features, p.out_features
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     block_m, block_n = (16, 64) if m <= 16 else (64, 64)
-    # int8 mma wants K >= 32 per step; a block never crosses a group boundary
-    block_k = max(32, min(128, triton.next_power_of_2(p.group_size)))
+    cpw = codes_per_word(p.bits)
+    cpw_p2 = triton.next_power_of_2(cpw)
+    # the words of one group, unpacked to K = BLOCK_KW * CPW_P2 in [32, 128]: int8 mma takes
+    # K >= 32 per step, and a longer tile would only add masked codes past the group's end
+    block_kw = triton.next_power_of_2(triton.cdiv(p.group_size, cpw))
+    block_kw = max(32 // cpw_p2, min(128 // cpw_p2, block_kw))
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _w4a8_kernel[grid](q, sx, zx, p.words, p.scale, w.zero, w.wsum, bias if bias is not None else w.wsum,
-                       out, m, n, k, p.group_size, BITS=p.bits, CPW=codes_per_word(p.bits),
-                       HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                       out, m, n, k, p.group_size, BITS=p.bits, CPW=cpw, CPW_P2=cpw_p2,
+                       HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KW=block_kw)
     return out.reshape(*lead, n)
 
 
