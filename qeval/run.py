@@ -11,26 +11,18 @@ import torch
 from omegaconf import OmegaConf
 
 from qeval import results
+from qeval.calibration import kv_scales
 from qeval.calibration import stage as calibration
 from qeval.errors import ConfigError
 from qeval.kv import simulated
-from qeval.methods import METHODS
-from qeval.methods.base import Bits, Formats, Knobs, bit_labels
+from qeval.methods.base import Bits, Formats, bit_labels
+from qeval.methods.build import build_method
 from qeval.model import loading
 from qeval.model.handle import Handle
-from qeval.model.linear import quantize_linears, resolve_backend
+from qeval.model.linear import quantize_linears
 from qeval.model.memory import PeakMemory
 from qeval.tasks import TASKS
 from qeval.validate import validate
-
-
-def build_method(cfg):
-    cls = METHODS[cfg.method.name]
-    knobs = Knobs(Bits.from_config(cfg), cfg.w_group_size, cfg.a_group_size,
-                  cfg.kv_group_size, cfg.kv_semantics,
-                  resolve_backend(cfg.get("backend", "auto"), loading.resolve_device(cfg.device)),
-                  Formats.from_config(cfg))
-    return cls(cfg.method, knobs)
 
 
 def prepare(cfg):
@@ -39,11 +31,15 @@ def prepare(cfg):
     method = build_method(cfg)
     # a calibrated method reads its data (or finds a saved result) before any weights load
     stage = calibration.Stage(cfg, method) if method.needs_calibration else None
+    # kv_scale=static: K/V scales from the same kind of stage, on the model before anything changes it
+    kv_stage = (calibration.Stage(kv_scales.data_config(cfg), kv_scales.Calibration(method, kv_scales.mode(cfg)))
+                if kv_scales.is_static(cfg) else None)
     model, tokenizer = loading.load(cfg.model, cfg.device, cfg.dtype, cfg.attn, cfg.seed)
-    facts = stage.run(model) if stage else {}
+    facts = kv_scales.row(kv_stage.run(model)) if kv_stage else {}
+    facts |= stage.run(model) if stage else {}
     facts |= quantize_linears(model, method, cfg.backend)
     if cfg.kv_semantics == "simulated" and method.quantizes_kv:
-        simulated.install(model, method, cfg.attn)
+        (kv_scales.install_simulated if method.kv_scales is not None else simulated.install)(model, method, cfg.attn)
     elif (attention := method.attention_implementation(cfg.attn)) is not None:
         model.set_attn_implementation(attention)
     return Handle(model, tokenizer, method, cfg.kv_semantics), facts

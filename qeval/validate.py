@@ -22,6 +22,7 @@ from qeval.calibration import stage as calibration
 from qeval.errors import ConfigError
 from qeval.methods import METHODS
 from qeval.methods.base import Bits
+from qeval.methods.build import build_method, calls_registered_attention
 from qeval.model import loading
 from qeval.quant import formats as F
 from qeval.tasks import CHECKS, TASKS
@@ -342,6 +343,24 @@ def check_against_model(cfg, arch_cfg, method_cls) -> None:
     check_format_blocks(cfg, widths, head_dim)
     method_cls.check_model(cfg, widths, head_dim)
     method_cls.check_architecture(cfg, arch_cfg)
+    check_fused_decode(cfg, arch_cfg)
+
+
+def check_fused_decode(cfg, arch_cfg) -> None:
+    """KV methods on packed words (KIVI, GEAR with backend=triton) decode in a registered attention
+    function; a model that never calls it would get only the new token from the cache. Under
+    ``backend=auto`` such a model's cache stays on torch (the row's ``kv_backend`` says so);
+    asked for explicitly, it is refused."""
+    if cfg.get("backend", "auto") != "triton" or "KV" not in METHODS[cfg.method.name].targets:
+        return
+    kind = arch_cfg.get_text_config().model_type
+    # the method built as the run builds it: only it knows whether its layout fits the kernels
+    if calls_registered_attention(kind) or getattr(
+            build_method(cfg, registered_attention=True), "kv_backend", "torch") != "triton":
+        return
+    raise ConfigError(f"backend=triton: method {cfg.method.name} decodes on packed words in a registered "
+                      f"attention function, which model {cfg.model.name} ({kind}) never calls; "
+                      f"allowed: backend=torch or auto")
 
 
 def validate(cfg):

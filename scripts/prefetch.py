@@ -4,13 +4,20 @@ compute nodes without it can run offline (HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
     python scripts/prefetch.py experiment=kivi                      # into the Hugging Face cache
     python scripts/prefetch.py model=llama2-7b task=[gsm8k,mmlu] --data-dir /shared/qeval-data
     python scripts/prefetch.py experiment=qllm_eval_kv --dry-run    # only list what is needed
+    python scripts/prefetch.py method=awq w_bits=4 model=llama2-7b --data-dir /shared/qeval-data
+    python scripts/prefetch.py calibration=gptq_wikitext2 --data-dir /shared/qeval-data
 
 Arguments are the same overrides as ``python -m qeval`` (sweeps included: ``kv_bits=2,4``, and
 an experiment's ``hydra.sweeper.params``). ``--data-dir`` also writes every split of every lm-eval
 dataset as ``<dir>/<dataset_path>/<dataset_name>/<split>.jsonl``, and the perplexity tasks' split
 (wikitext2, c4: ``qeval.data.corpus``) the same way, which is what ``task.<name>.data_dir=<dir>``
-reads. Models with ``random_config`` or a local ``path`` and generated tasks (passkey, the toy
-tasks) need nothing.
+reads. The calibration data of a calibrated method (gptq, smoothquant, awq with bits below 16 and
+no ``method.scales_file``; or any preset named by ``calibration=<preset>``) is fetched the same way,
+written where ``calibration.data_dir=<dir>`` reads it (``qeval.calibration.data``): pile-val for
+AWQ / SmoothQuant (``<dir>/mit-han-lab/pile-val-backup/default/validation.jsonl``), GPTQ's C4 shard
+(``<dir>/allenai/c4/en/c4-train.00000-of-01024/train.jsonl``), WikiText-2 train
+(``<dir>/Salesforce/wikitext/wikitext-2-raw-v1/train.jsonl``). Models with ``random_config`` or a
+local ``path``, generated tasks (passkey, the toy tasks) and the toy model's calibration need nothing.
 """
 
 from __future__ import annotations
@@ -32,15 +39,32 @@ def cells(overrides: list[str]) -> list:
         return [compose("config", overrides=cell) for cell in cell_overrides]
 
 
+def calibration_spec(cfg):
+    """The calibration data a cell reads (a :class:`qeval.calibration.data.Spec`), or None."""
+    from qeval.calibration import data, stage
+    from qeval.methods import METHODS
+
+    asked = cfg.calibration.name != data.AUTO
+    cls = METHODS.get(cfg.method.name)
+    if not asked and (cls is None or not stage.calibrates(cfg, cls) or stage.scales_file(cfg)):
+        return None
+    spec = data.resolve(cfg)
+    return None if spec.sampling == "toy_documents" else spec
+
+
 def needs(configs) -> tuple[set, dict, dict]:
-    """(models as (path, revision), lm-eval tasks and perplexity datasets, each as qeval task
-    name -> its config)."""
+    """(models as (path, revision), lm-eval tasks as qeval task name -> its config, and the single
+    splits read as text: perplexity tasks' (task name -> its config) and calibration data's
+    (``calibration=<preset>`` -> the corpus node it is read as))."""
+    from qeval.calibration import data as calibration
     from qeval.model.loading import resolve_path
     from qeval.tasks.perplexity import TASKS as PERPLEXITY
     from qeval.tasks.perplexity import uses_toy_corpus
 
     models, tasks, texts = set(), {}, {}
     for cfg in configs:
+        if (spec := calibration_spec(cfg)) is not None:
+            texts[f"calibration={spec.preset}"] = calibration.source(spec)
         m = cfg.model
         if not m.get("random_config") and m.get("path") and not Path(resolve_path(m.path)).is_dir():
             models.add((m.path, m.get("revision")))
@@ -92,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
     models, tasks, texts = needs(cells(a.overrides))
     data = datasets_for(tasks)
-    split_of = {corpus.dataset_label(c): c for c in texts.values()}   # perplexity: one split each
+    # perplexity and calibration: one split each (WikiText-2's test for perplexity, train for GPTQ)
+    split_of = {(corpus.dataset_label(c), c.split): c for c in texts.values()}
     for path, rev in sorted(models, key=str):
         print(f"model   {path}" + (f"@{rev}" if rev else ""))
     for (path, name), splits in sorted(data.items(), key=str):

@@ -1,20 +1,30 @@
 """AWQ: the scale search picks the grid point a literal loop over the ratios finds and, on planted
 outlier input channels, beats round-to-nearest at W3; the clip search picks each group's best
 shrink; folding the scales leaves the full-precision model's output unchanged (Llama with and
-without GQA, Qwen2, OPT); a saved result rebuilds the same weights on a fresh model."""
+without GQA, Qwen2, OPT); a saved result rebuilds the same weights on a fresh model; an llm-awq
+``awq_cache`` file (``method.scales_file``) rebuilds exactly qeval's own calibrated model, and one
+that does not fit is a one-line error naming the file and the entry."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from method_configs import make_method
 from tiny_models import FAMILIES, tiny_model
 from torch import nn
 
+from qeval.calibration import store
+from qeval.errors import ConfigError
 from qeval.methods.awq import search_clip, search_scale
+from qeval.model import loading
+from qeval.model.linear import quantize_linears
 from qeval.quant.primitives import fake_quantize
+from qeval.run import prepare
+from qeval.validate import CONFIG_DIR, validate
 
 BITS, GROUP = 3, 32
 
@@ -117,3 +127,103 @@ def test_a_saved_result_rebuilds_the_same_weights_on_a_fresh_model():
     make_method("awq", w_bits=BITS, w_group_size=GROUP).apply_calibration(fresh, result)
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------------- published files
+def compose_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def authors_cache(result) -> dict:
+    """``result`` written the way llm-awq's ``run_awq`` builds ``awq_results`` (pre_quant.py): a list
+    of (prev_op_name, tuple of layer names, scales) and of (layer name, max_val (out, groups, 1))."""
+    return {"scale": [(prev, tuple(names), s.detach().cpu()) for prev, names, s in result["scale"]],
+            "clip": [(name, max_val.detach().cpu()) for name, max_val in result["clip"]]}
+
+
+def test_an_awq_cache_file_rebuilds_qevals_own_calibrated_model_exactly(tmp_path):
+    model, _ = tiny_model("llama")
+    fresh = copy.deepcopy(model)
+    result = make_method("awq", w_bits=BITS, w_group_size=GROUP).calibrate(model, samples())
+    path = tmp_path / "llama-w3-g32.pt"
+    torch.save(authors_cache(result), path)
+    method = make_method("awq", w_bits=BITS, w_group_size=GROUP, scales_file=str(path))
+    method.apply_calibration(fresh, method.read_scales_file(path))
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    ids = torch.cat(samples(2, seed=7))
+    q = {}
+    for key, m in (("computed", model), ("file", fresh)):
+        quantize_linears(m, method, "torch")
+        with torch.no_grad():
+            q[key] = m(input_ids=ids, use_cache=False).logits
+    assert torch.equal(q["computed"], q["file"])
+
+
+def test_the_saved_result_is_a_scales_file_and_a_run_from_it_names_the_file(tmp_path):
+    # the calibration store's result.pt is itself an awq_cache file: a run given it applies exactly
+    # the calibrated model, reads no data, saves nothing, and its rows say where the numbers came from
+    common = ["model=tiny-random", "device=cpu", "method=awq", f"w_bits={BITS}", f"w_group_size={GROUP}",
+              "task=quant_error", f"results_dir={tmp_path}"]
+    model, _ = loading.load(compose_cfg(*common).model, "cpu", "float32", "sdpa", 0)
+    method = make_method("awq", w_bits=BITS, w_group_size=GROUP)
+    store.write(tmp_path / "saved", method.calibrate(model, samples()), {})
+    path = tmp_path / "saved" / store.RESULT
+    cfg = compose_cfg(*common, f"method.scales_file={path}")
+    handle, facts = prepare(cfg)
+    quantize_linears(model, method, "torch")
+    ids = torch.cat(samples(2, seed=7))
+    with torch.no_grad():
+        assert torch.equal(handle.model(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert facts["calibration.file"] == str(path) and facts["calibration.format"] == "llm-awq"
+    assert facts["calibration.hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    # facts are the run's row columns (qeval.run._compute: base_row | facts)
+    assert facts["calibration.dataset"] is None and facts["calibration_reused"] is False
+    assert not (tmp_path / "calibration").exists()
+
+
+def bad_cache(tmp_path, edit) -> str:
+    model, _ = tiny_model("llama")
+    result = make_method("awq", w_bits=BITS, w_group_size=GROUP, auto_clip=False).calibrate(model, samples(1))
+    result["clip"] = [("model.layers.0.mlp.down_proj", torch.ones(64, 4, 1))]
+    cache = authors_cache(result)
+    edit(cache)
+    torch.save(cache, tmp_path / "c.pt")
+    return str(tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c["scale"].__setitem__(0, ("model.layers.9.input_layernorm",) + c["scale"][0][1:]),
+     "scale[0] names model.layers.9.input_layernorm, which model LlamaForCausalLM does not have"),
+    (lambda c: c["scale"].__setitem__(1, c["scale"][1][:2] + (torch.ones(7),)),
+     "scale[1] has 7 scales; allowed: 64 (the input width of model.layers.0.mlp.gate_proj, "
+     "model.layers.0.mlp.up_proj; model.layers.0.post_attention_layernorm has 64 channels)"),
+    (lambda c: c["clip"].__setitem__(0, ("model.layers.0.mlp.down_proj", torch.ones(64, 3, 1))),
+     "clip[0] (model.layers.0.mlp.down_proj) has max_val of shape (64, 3, 1); allowed: (64, groups dividing 128, 1)"),
+    (lambda c: c["scale"].__setitem__(0, ("model.layers.0.mlp.act_fn",) + c["scale"][0][1:]),
+     "scale[0] folds into model.layers.0.mlp.act_fn, a SiLUActivation; allowed: an nn.Linear or one of"),
+])
+def test_a_cache_that_does_not_fit_the_model_is_one_line_naming_file_and_entry(tmp_path, edit, message):
+    path = bad_cache(tmp_path, edit)
+    method = make_method("awq", w_bits=BITS, w_group_size=GROUP, scales_file=path)
+    result = method.read_scales_file(path)             # the structure is fine: only the model can tell
+    with pytest.raises(ConfigError) as e:
+        method.apply_calibration(tiny_model("llama")[0], result)
+    assert str(e.value).startswith(f"method.scales_file={path}: {message}") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"scale": [("a", ("b",))], "clip": []}, "scale[0] is not (prev_op name, (linear names), 1-D float scales)"),
+    ({"scale": [], "clip": [("a", torch.ones(4, 2))]}, "clip[0] is not (linear name, max_val of shape (out, groups, 1))"),
+    ({"model.layers.0.self_attn.q_proj": torch.ones(4)}, "is a SmoothQuant act_scales dict (method=smoothquant"),
+    ([1, 2], "holds a list that is not an llm-awq cache"),
+])
+def test_a_file_of_the_wrong_structure_is_refused_before_the_model_loads(tmp_path, content, message):
+    torch.save(content, tmp_path / "c.pt")
+    cfg = compose_cfg("model=tiny-random", "method=awq", "w_bits=4", f"results_dir={tmp_path}",
+                      f"method.scales_file={tmp_path / 'c.pt'}")
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value).startswith(f"method.scales_file={tmp_path / 'c.pt'}: {message}"), str(e.value)
+    assert "allowed: an llm-awq cache" in str(e.value) and "\n" not in str(e.value)

@@ -50,3 +50,18 @@ def test_bench_quick_e2e_section_checks_then_times(monkeypatch, tmp_path):
     # plus a scale and zero per 32 (0.5 byte per element with capacity rounded up to R), the rest
     # fp32: about 0.39 of the uncompressed cache; 0.5 fails if nothing were packed
     assert row["cache_ratio"] < 0.5, row
+
+
+def test_bench_decode_host_times_kivi_and_gear_steps(monkeypatch, tmp_path):
+    # the host-cost benchmark in miniature (kernels stubbed, so no interpreter): one row per case
+    import json
+    bench = load("bench_decode_host")
+    out = tmp_path / "host.json"
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)   # leave the session's threads
+    assert bench.main(["--methods", "kivi", "gear", "--batch", "2", "--context", "300", "--steps", "3",
+                       "--repeats", "3", "--out", str(out)],
+                      patch=monkeypatch.setattr) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["batch"]) for r in rows] == [("kivi", 2), ("gear", 2)]
+    assert all(r["us_decode_warm"] > 0 and r["us_update"] > 0 and r["status"] in ("ok", "over target")
+               for r in rows), rows

@@ -157,12 +157,19 @@ LABELS = [  # (knobs, setting, {target: scale granularity})
     ({"w_bits": 4, "kv_format": "fp8_e5m2"}, "W4 KV fp8_e5m2", {"w": "per_channel", "kv": "per_token fp32"}),
     ({"kv_format": "nvfp4"}, "KV nvfp4", {"kv": "block16 e4m3 + token fp32"}),
     ({"w_bits": 4}, "W4", {"w": "per_channel"}),
+    ({"kv_format": "fp8_e4m3", "kv_scale": "static"}, "KV fp8_e4m3", {"kv": "static per_tensor fp32"}),
+    ({"kv_format": "fp8_e5m2", "kv_scale": "static_per_head"}, "KV fp8_e5m2", {"kv": "static per_head fp32"}),
 ]
 
 
 @pytest.mark.parametrize("knobs,setting,scales", LABELS, ids=[s for _, s, _ in LABELS])
 def test_rows_name_the_format_and_where_its_scales_sit(knobs, setting, scales):
-    row = make_method("uniform", **knobs).describe()
+    knobs = dict(knobs)
+    kv_scale = knobs.pop("kv_scale", "dynamic")   # a run knob, not a method parameter
+    m = make_method("uniform", **knobs)
+    m.knobs.kv_scale = kv_scale
+    row = m.describe()
+    assert row["kv_scale"] == (kv_scale if knobs.get("kv_format", "int").startswith("fp8") else None)
     assert row["setting"] == setting
     assert {t: row[f"{t}_scale_granularity"] for t in ("w", "a", "kv") if row[f"{t}_scale_granularity"]} == scales
     assert {row["w_format"], row["a_format"], row["kv_format"]} >= {knobs.get(k, "int") for k in ("w_format", "a_format", "kv_format")}

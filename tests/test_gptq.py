@@ -1,18 +1,32 @@
 """GPTQ: the blocked Cholesky form qeval runs equals the algorithm written the way the paper states
 it (one column at a time, the inverse Hessian downdated after each), its output error is below
 round-to-nearest's on the calibration inputs, and on the toy model GPTQ W3 is closer to full
-precision than RTN W3 with the same groups."""
+precision than RTN W3 with the same groups; ``static_groups`` is the reference's static-groups
+branch; ``backend=triton`` packs GPTQ's own codes (the per-layer check holds bit for bit) and its
+logits equal ``backend=torch``'s to summation rounding; act-order with groups is refused there."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from method_configs import make_method
+from omegaconf import OmegaConf
+from tolerances import network_rounding
 
 from qeval.errors import ConfigError
+from qeval.kernels.pack import dequantize_packed
 from qeval.methods import METHODS
 from qeval.methods.gptq import Hessian, find_params, gptq_quantize
+from qeval.model import loading
+from qeval.model.linear import (
+    PackedQuantLinear,
+    QuantLinear,
+    _make_linear,
+    quantize_linears,
+)
 from qeval.quant.primitives import quantize
 from qeval.run import prepare
 from qeval.tasks import TASKS
@@ -33,12 +47,13 @@ def weight_and_inputs(rows=16, cols=32, tokens=256, seed=0, dtype=torch.float64)
     return W, X
 
 
-def literal_gptq(W, X, bits, group_size, damp, act_order):
+def literal_gptq(W, X, bits, group_size, damp, act_order, static_groups=False):
     """GPTQ as the paper (arXiv 2210.17323, eqs. 2-3 with its grid and act-order) states it: in the
     chosen order, quantize one column (a group's scale and zero taken from its columns as they are
     when its first column is reached; per channel from the weight as given), spread the error over
     the remaining columns with the inverse Hessian of the remaining columns, then remove the
-    column from that inverse. No blocks, no Cholesky. Returns (codes, dequantized, sum of update
+    column from that inverse. No blocks, no Cholesky. ``static_groups``: column j's group is
+    j // group_size of the weight as given (dead inputs zeroed), sized before anything is quantized. Returns (codes, dequantized, sum of update
     magnitudes per element, for the rounding bound)."""
     W, n = W.clone(), W.shape[1]
     maxq = 2**bits - 1
@@ -47,12 +62,15 @@ def literal_gptq(W, X, bits, group_size, damp, act_order):
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    static = [grid(W[:, i:i + group_size], bits) for i in range(0, n, group_size)] if static_groups else None
     order = torch.argsort(H.diagonal(), descending=True).tolist() if act_order else list(range(n))
     H = H + damp * H.diagonal().mean() * torch.eye(n, dtype=H.dtype)
     Hinv = torch.linalg.inv(H)
     codes, Q, mag = torch.zeros_like(W), torch.zeros_like(W), W.abs().clone()
     for pos, j in enumerate(order):
-        if group_size and pos % group_size == 0:
+        if static:
+            scale, zero = static[j // group_size]
+        elif group_size and pos % group_size == 0:
             scale, zero = grid(W[:, order[pos:pos + group_size]], bits)
         q = torch.clamp(torch.round(W[:, j] / scale) + zero, 0, maxq)
         codes[:, j], Q[:, j] = q, scale * (q - zero)
@@ -100,14 +118,18 @@ def test_hessian_is_two_over_n_sum_of_outer_products():
     assert ((h.H.double() - want).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("group_size,act_order", [(None, False), (None, True), (8, False), (8, True)])
-def test_blocked_cholesky_gptq_equals_the_column_by_column_algorithm(group_size, act_order):
+@pytest.mark.parametrize("group_size,act_order,static", [(None, False, False), (None, True, False), (8, False, False),
+                                                         (8, True, False), (8, False, True), (8, True, True)])
+def test_blocked_cholesky_gptq_equals_the_column_by_column_algorithm(group_size, act_order, static):
     W, X = weight_and_inputs()
     bits, damp = 3, 0.01
     # blocks of 8 columns: the lazy block updates are exercised; with groups of 8 each group
     # starts a block, where the reference and the literal algorithm size it from the same columns
-    got = gptq_quantize(W, 2 * X.T @ X, bits, group_size, block_size=8, damp=damp, act_order=act_order)
-    codes, Q, mag = literal_gptq(W, X, bits, group_size, damp, act_order)
+    got = gptq_quantize(W, 2 * X.T @ X, bits, group_size, block_size=8, damp=damp, act_order=act_order,
+                        static_groups=static)
+    codes, Q, mag = literal_gptq(W, X, bits, group_size, damp, act_order, static)
+    if static:   # groups of original columns, whatever the order: the packed layout holds them
+        assert torch.equal(got.g_idx, torch.arange(W.shape[1]) // group_size)
     # two float64 evaluations of the same updates in different orders and factorizations differ by
     # rounding, amplified at most by the condition number of the damped Hessian
     H = 2 * X.T @ X
@@ -160,16 +182,64 @@ def test_weights_it_did_not_quantize_are_refused():
 
 @pytest.mark.parametrize("override,message", [
     ("a_bits=8", "a_bits=8: method gptq quantizes weights only; allowed: 16"),
-    ("backend=triton", "backend=triton: method gptq's own codes are not packed"),
+    ("method.act_order=true", "backend=triton: method.act_order=true with w_group_size=128: act-order's groups"),
     ("method.damp=0", "method.damp=0: allowed: a number in (0, 1]"),
     ("method.block_size=0", "method.block_size=0: allowed: an integer >= 1"),
     ("w_group_size=96", "w_group_size=96: does not divide the Linear input width=128 of model toy"),
 ])
 def test_bad_settings_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as e:
-        validate(compose_cfg("method=gptq", "w_bits=4", override))
+        validate(compose_cfg("method=gptq", "w_bits=4", "backend=triton", override))
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
 def test_registered():
     assert METHODS["gptq"].calibrates and METHODS["gptq"].targets == {"W"}
+
+
+# ---------------------------------------------------------------------------- backend=triton
+# in order, and act-order with static groups (the permuted codes, groups in order); each runs the
+# kernels in Triton's interpreter on CPU, so two cases
+@pytest.mark.parametrize("group_size,act_order,static", [(64, False, False), (64, True, True)])
+def test_triton_packs_gptqs_own_codes_and_agrees_with_torch(group_size, act_order, static):
+    model, tok = loading.load(OmegaConf.load(CONFIG_DIR / "model/tiny-random.yaml"), "cpu", "float32", "sdpa", 0)
+    ref = copy.deepcopy(model)
+    common = {"w_bits": 4, "w_group_size": group_size, "act_order": act_order, "static_groups": static}
+    packed = make_method("gptq", backend="triton", **common)
+    g = torch.Generator().manual_seed(0)
+    result = packed.calibrate(model, [torch.randint(4, 90, (1, 64), generator=g) for _ in range(4)])
+    torch_method = make_method("gptq", **common)
+    torch_method.apply_calibration(ref, result)
+    facts = {"torch": quantize_linears(ref, torch_method, "torch"), "triton": quantize_linears(model, packed, "triton")}
+    assert facts["triton"]["linear_backend"] == "wq_gemm"
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedQuantLinear)}
+    assert len(layers) == facts["triton"]["linears_quantized"] == facts["torch"]["linears_quantized"] > 0
+    for name, m in layers.items():   # float32 model: scales stay float32, the weight is GPTQ's bit for bit
+        assert torch.equal(dequantize_packed(m.weight_store, torch.float32), ref.get_submodule(name).weight), name
+    ids = tok(["Go on: 4217"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = ref(input_ids=ids).logits, model(input_ids=ids).logits
+    # the same float weights, only the kernel's summation order differs (tests/tolerances.py)
+    bound = network_rounding(model.config, a.abs().max().item())
+    assert (a - b).abs().max().item() <= bound, ((a - b).abs().max().item(), bound)
+
+
+def test_act_order_groups_run_on_torch_under_auto_and_are_refused_by_triton():
+    model, _ = loading.load(OmegaConf.load(CONFIG_DIR / "model/tiny-random.yaml"), "cpu", "float32", "sdpa", 0)
+    method = make_method("gptq", backend="triton", w_bits=4, w_group_size=64, act_order=True)
+    fresh = copy.deepcopy(model)
+    result = method.calibrate(model, [torch.arange(4, 68)[None]])
+    with pytest.raises(ConfigError, match="backend=triton: method.act_order=true with w_group_size=64: act-order's "
+                                          "groups are not contiguous"):
+        quantize_linears(model, method, "triton")
+    # auto on CUDA: the layer stays on the torch path with GPTQ's weight
+    method.apply_calibration(fresh, result)
+    q_proj = fresh.get_submodule("model.layers.0.self_attn.q_proj")
+    kept = _make_linear(q_proj, method, False, "triton", strict=False)
+    assert isinstance(kept, QuantLinear) and torch.equal(kept.weight, q_proj.weight)
+
+
+def test_static_groups_is_part_of_a_saved_results_identity_only_when_on():
+    off, on = compose_cfg("method=gptq", "w_bits=4"), compose_cfg("method=gptq", "w_bits=4", "method.static_groups=true")
+    assert "static_groups" not in METHODS["gptq"].calibration_identity(off)["method"]
+    assert METHODS["gptq"].calibration_identity(on)["method"]["static_groups"] is True

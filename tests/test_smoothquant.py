@@ -2,7 +2,9 @@
 balances activation and weight ranges per channel as its formula intends (alpha = 0.5: equal
 maxima), and on planted outlier activation channels W8A8 after smoothing is closer to full precision
 than plain per-token W8A8; unsupported architectures are one-line errors; ``symmetric=true`` is the
-authors' own fake quantizer bit for bit."""
+authors' own fake quantizer bit for bit; the authors' ``act_scales`` file and Qllm-Eval's rep file
+(``method.scales_file``) give exactly qeval's own smoothed model, and a file for another model is a
+one-line error naming the entry."""
 
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ from transformers import AutoConfig
 from qeval.calibration import fold
 from qeval.calibration.layers import decoder_layers
 from qeval.errors import ConfigError
-from qeval.methods.smoothquant import SmoothQuant, act_scales
+from qeval.methods.smoothquant import SmoothQuant, act_scales, smoothing_scales
 from qeval.model.linear import quantize_linears
-from qeval.validate import CONFIG_DIR
+from qeval.validate import CONFIG_DIR, validate
 
 OUTLIERS = [3, 17, 40]
 
@@ -135,3 +137,61 @@ def test_symmetric_is_the_authors_fake_quantizer_bit_for_bit(dtype):
     w, x = torch.randn(64, 128, generator=g).to(dtype), torch.randn(2, 7, 128, generator=g).to(dtype)
     assert torch.equal(method.quantize_weight(w), fake_quant_absmax(w))
     assert torch.equal(method.quantize_activation(x), fake_quant_absmax(x.view(-1, 128)).view(x.shape))
+
+
+# ---------------------------------------------------------------------------- published files
+def test_an_act_scales_file_or_a_qllm_eval_rep_file_gives_qevals_own_smoothed_model(tmp_path):
+    model, _ = tiny_model("llama")
+    fresh, rep_model = copy.deepcopy(model), copy.deepcopy(model)
+    method = make_method("smoothquant", w_bits=8, a_bits=8, alpha=0.8)
+    result = method.calibrate(model, samples())
+    # the authors' act_scales/*.pt: the dict itself (generate_act_scales.py: torch.save(act_scales, path))
+    torch.save(dict(result["act_scales"]), tmp_path / "act_scales.pt")
+    method.apply_calibration(fresh, method.read_scales_file(tmp_path / "act_scales.pt"))
+    # Qllm-Eval's rep file: the smoothing scales themselves in llm-awq's format (apply_rep.py apply_awq)
+    prefix, layers = decoder_layers(rep_model)
+    rep = {"scale": [], "clip": []}
+    for i, layer in enumerate(layers):
+        for g in fold.groups(layer, "llama", norms_only=True):
+            act = result["act_scales"][f"{prefix}.{i}.{g.linears[0]}"]
+            s = smoothing_scales(act, [layer.get_submodule(n).weight for n in g.linears], 0.8)
+            rep["scale"].append((f"{prefix}.{i}.{g.prev}", tuple(f"{prefix}.{i}.{n}" for n in g.linears), s))
+    torch.save(rep, tmp_path / "rep.pt")
+    method.apply_calibration(rep_model, method.read_scales_file(tmp_path / "rep.pt"))
+    ids = torch.cat(samples(2, seed=3))
+    out = {}
+    for key, m in (("act_scales", fresh), ("rep", rep_model)):
+        for (name, a), b in zip(model.state_dict().items(), m.state_dict().values()):
+            assert torch.equal(a, b), (key, name)
+    for key, m in (("computed", model), ("act_scales", fresh), ("rep", rep_model)):
+        quantize_linears(m, method, "torch")
+        out[key] = logits(m, ids)
+    assert torch.equal(out["computed"], out["act_scales"]) and torch.equal(out["computed"], out["rep"])
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.pop("model.layers.1.mlp.gate_proj"),
+     "has no entry model.layers.1.mlp.gate_proj for model LlamaForCausalLM"),
+    (lambda d: d.__setitem__("model.layers.0.self_attn.q_proj", torch.ones(32)),
+     "entry model.layers.0.self_attn.q_proj has 32 channels; allowed: 64 (the Linear's input width)"),
+])
+def test_an_act_scales_file_for_another_model_is_one_line_naming_the_entry(tmp_path, edit, message):
+    model, _ = tiny_model("llama")
+    scales = act_scales(model, samples(1))
+    edit(scales)
+    torch.save(scales, tmp_path / "a.pt")
+    method = make_method("smoothquant", w_bits=8, a_bits=8, scales_file=str(tmp_path / "a.pt"))
+    with pytest.raises(ConfigError) as e:
+        method.apply_calibration(model, method.read_scales_file(tmp_path / "a.pt"))
+    assert str(e.value).startswith(f"method.scales_file={tmp_path / 'a.pt'}: {message}"), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_an_act_scales_entry_that_is_not_a_vector_is_refused_before_the_model_loads(tmp_path):
+    torch.save({"model.layers.0.self_attn.q_proj": torch.ones(2, 2)}, tmp_path / "a.pt")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny-random", "method=smoothquant", "w_bits=8", "a_bits=8",
+                                           f"results_dir={tmp_path}", f"method.scales_file={tmp_path / 'a.pt'}"])
+    with pytest.raises(ConfigError, match=r"a.pt: entry model.layers.0.self_attn.q_proj is not a 1-D float tensor; "
+                                          r"allowed: a SmoothQuant act_scales dict"):
+        validate(cfg)

@@ -76,8 +76,27 @@ BAD_INPUTS = [
     (["model.random_config.hidden_size=80", "kv_format=nvfp4"],
      ("kv_format=nvfp4: its 16-element blocks do not divide head_dim=20 of model tiny-random; allowed: int, "
       "fp8_e4m3, fp8_e5m2")),
+    (["method=kivi", "kv_bits=2", "backend=triton", "model.random_config.model_type=falcon"],
+     ("backend=triton: method kivi decodes on packed words in a registered attention function, which model "
+      "tiny-random (falcon) never calls; allowed: backend=torch or auto")),
+    (["method=awq", "w_bits=4", "method.scales_file=/no/such/awq.pt"],
+     "method.scales_file=/no/such/awq.pt: no such file; allowed: an llm-awq cache"),
+    (["method=smoothquant", "w_bits=8", "a_bits=8", "method.scales_file=A_FILE"],
+     "a_file: not loadable with torch.load(weights_only=True)"),
+    (["method=gptq", "w_bits=4", "backend=triton", "method.act_order=true"],
+     "backend=triton: method.act_order=true with w_group_size=128: act-order's groups are not contiguous"),
     (["backend=triton", "w_format=fp8_e4m3"], ("backend=triton: w_format=fp8_e4m3: the Triton kernels hold integer "
                                                "codes; allowed: backend=torch or backend=auto")),
+    (["kv_scale=fixed"], "kv_scale=fixed: allowed: dynamic, static, static_per_head"),
+    (["kv_scale=static"], ("kv_scale=static: kv_format=int has no fixed scale to calibrate (int keeps a min-max "
+                           "scale per group, mx/nvfp4 their block scales); allowed: kv_format=fp8_e4m3 or "
+                           "kv_format=fp8_e5m2, or kv_scale=dynamic")),
+    (["kv_scale=static_per_head", "kv_format=mxfp4"], "kv_scale=static_per_head: kv_format=mxfp4 has no fixed scale"),
+    (["method=group", "kv_format=fp8_e4m3", "kv_scale=static", "kv_group_size=8"],
+     "kv_group_size=8: kv_scale=static holds one scale per layer (per_tensor), not per group; allowed: null"),
+    # tiny-random names no calibration preset: K/V scales fall back to SmoothQuant's pile-val, absent offline
+    (["kv_format=fp8_e4m3", "kv_scale=static"],
+     "calibration: dataset mit-han-lab/pile-val-backup (split validation) could not be loaded"),
 ]
 
 
@@ -133,3 +152,17 @@ def test_command_line_exits_2_with_one_line_and_no_traceback(args, expected, tmp
     assert len(lines) == 1 and lines[0].startswith("qeval: error:") and expected in lines[0], p.stderr
     assert "Traceback" not in p.stderr + p.stdout
     assert not (tmp_path / "runs").exists()  # nothing ran, nothing written
+
+
+@pytest.mark.parametrize("model_type,expected", [("falcon", "torch"), ("llama", "triton")])
+def test_auto_backend_keeps_the_cache_on_torch_where_attention_ignores_registered_functions(
+        model_type, expected, monkeypatch, tmp_path):
+    # backend=auto on CUDA resolves to triton; a model whose attention never runs the registered
+    # decode-on-packed-words function (Falcon) must then keep KIVI's cache on torch, not crash
+    from qeval.methods import build
+    monkeypatch.setattr(build, "resolve_backend", lambda backend, device: "triton")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=["model=tiny-random", "method=kivi", "kv_bits=2",
+                                           f"model.random_config.model_type={model_type}",
+                                           f"results_dir={tmp_path}"])
+    assert build.build_method(cfg).kv_backend == expected

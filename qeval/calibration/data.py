@@ -20,6 +20,9 @@ Samplings, each written after the authors' loader:
   shuffled the same way; the first ``n_samples`` documents that, stripped and tokenized, are
   non-empty and at most 512 tokens (a constant there, whatever the block size), concatenated and
   cut into ``len // seq_len`` blocks.
+* ``joined_windows``: IST-DASLab/gptq ``datautils.py`` ``get_wikitext2``: the split's texts joined
+  with ``" "`` and tokenized once; ``random.seed(seed)``, then per sample a window from
+  ``randint(0, len - seq_len - 1)``.
 * ``toy_documents``: held-out documents of the toy model's training mix
   (:func:`qeval.data.corpus.toy_documents`), ``BOS + text + EOS`` as it was trained, cut at ``seq_len``.
 """
@@ -44,8 +47,8 @@ from qeval.errors import ConfigError
 AUTO = "auto"
 TOY = "toy"
 TOY_MODEL_PATH = "@toy"
-SAMPLINGS = ("random_windows", "documents", "concatenated_blocks", "toy_documents")
-KEYS = ("dataset", "data_files", "split", "sampling", "n_samples", "seq_len", "seed", "data_dir")
+SAMPLINGS = ("random_windows", "documents", "concatenated_blocks", "joined_windows", "toy_documents")
+KEYS = ("dataset", "data_files", "split", "sampling", "n_samples", "seq_len", "seed", "data_dir", "dataset_name")
 # llm-awq calib_data.py: ``if len(line_encoded) > 512: continue``, independent of block_size
 AWQ_MAX_DOCUMENT_TOKENS = 512
 # toy_documents: one passkey document and 2 x 12 short ones per round
@@ -65,17 +68,20 @@ class Spec:
     seq_len: int
     seed: int
     data_dir: str | None = None
+    dataset_name: str | None = None    # the hub dataset's configuration (wikitext-2-raw-v1)
 
     def identity(self) -> dict:
-        """What the samples are: every key but the preset's name and where a local copy lives."""
-        return {k: v for k, v in asdict(self).items() if k not in ("preset", "data_dir")}
+        """What the samples are: every key but the preset's name and where a local copy lives (and
+        no configuration name where there is none, so results saved before the key existed still match)."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("preset", "data_dir") and not (k == "dataset_name" and v is None)}
 
     def row(self) -> dict:
         return {f"calibration.{k}": v for k, v in asdict(self).items()}
 
     @property
     def label(self) -> str:
-        return "/".join(str(x) for x in (self.dataset, self.data_files) if x)
+        return "/".join(str(x) for x in (self.dataset, self.dataset_name, self.data_files) if x)
 
 
 def presets() -> list[str]:
@@ -97,7 +103,7 @@ def resolve(cfg) -> Spec:
                               f"preset; allowed: {', '.join(presets())}")
         given = {k: v for k, v in node.items() if k != "name" and v is not None}
         node = yaml.safe_load((CONFIG_DIR / "calibration" / f"{name}.yaml").read_text()) | given
-    return Spec(node["name"], *(node.get(k) for k in KEYS))
+    return Spec(node["name"], **{k: node.get(k) for k in KEYS})
 
 
 def _integer(key: str, value, low: int, high: int | None = None, why: str = "") -> None:
@@ -127,17 +133,18 @@ def check_available(spec: Spec) -> None:
         texts(spec)
 
 
-def _source(spec: Spec):
-    """The node :mod:`qeval.data.corpus`'s loaders read."""
-    return OmegaConf.create({"dataset_path": spec.dataset, "dataset_name": None,
+def source(spec: Spec):
+    """The node :mod:`qeval.data.corpus`'s loaders (and ``scripts/prefetch.py``) read."""
+    return OmegaConf.create({"dataset_path": spec.dataset, "dataset_name": spec.dataset_name,
                              "data_files": spec.data_files, "split": spec.split or "train"})
 
 
 def _local_path(spec: Spec) -> Path:
-    path = corpus.local_file(spec.data_dir, _source(spec))
+    path = corpus.local_file(spec.data_dir, source(spec))
     if not path.is_file():
         raise ConfigError(f"calibration.data_dir={spec.data_dir}: {path} is missing (dataset {spec.label}, "
-                          f"split {spec.split}); write the split there as JSON lines with a text field")
+                          f"split {spec.split}); write it with scripts/prefetch.py calibration={spec.preset} "
+                          f"--data-dir {spec.data_dir} (or as JSON lines with a text field)")
     return path
 
 
@@ -149,12 +156,13 @@ def texts(spec: Spec) -> Sequence[str]:
             return [json.loads(line)["text"] for line in f if line.strip()]
     from datasets.exceptions import DatasetNotFoundError
     try:
-        return corpus.load_hub(_source(spec))["text"]
+        return corpus.load_hub(source(spec))["text"]
     except (ConnectionError, FileNotFoundError, DatasetNotFoundError) as e:   # offline and not cached
-        local = corpus.local_file("<dir>", _source(spec)).relative_to("<dir>")
+        local = corpus.local_file("<dir>", source(spec)).relative_to("<dir>")
         raise ConfigError(f"calibration: dataset {spec.label} (split {spec.split}) could not be loaded "
-                          f"({type(e).__name__}); set calibration.data_dir=<dir with {local}> or run where "
-                          f"the hub is reachable") from e
+                          f"({type(e).__name__}); run scripts/prefetch.py calibration={spec.preset} "
+                          f"[--data-dir <dir>] where there is network, then set calibration.data_dir=<dir with "
+                          f"{local}> or use its Hugging Face cache") from e
 
 
 # ---------------------------------------------------------------------------- samplings
@@ -200,6 +208,20 @@ def concatenated_blocks(texts: Sequence[str], tokenizer, n: int, seq_len: int, s
     return [cat[:, j * seq_len:(j + 1) * seq_len] for j in range(cat.shape[1] // seq_len)]
 
 
+def joined_windows(texts: Sequence[str], tokenizer, n: int, seq_len: int, seed: int) -> list[torch.Tensor]:
+    """GPTQ ``get_wikitext2``'s training windows (see the module docstring)."""
+    ids = tokenizer(" ".join(texts), return_tensors="pt").input_ids
+    if ids.shape[1] <= seq_len:    # GPTQ's randint would raise
+        raise ConfigError(f"calibration.seq_len={seq_len}: the joined split holds {ids.shape[1]} tokens; "
+                          f"allowed: seq_len < {ids.shape[1]}")
+    rng = random.Random(seed)   # the stream of GPTQ's random.seed(seed) on the global generator
+    out = []
+    for _ in range(n):
+        i = rng.randint(0, ids.shape[1] - seq_len - 1)
+        out.append(ids[:, i:i + seq_len])
+    return out
+
+
 def toy_documents(tokenizer, n: int, seq_len: int, seed: int) -> list[torch.Tensor]:
     docs = corpus.toy_documents(seed, -(-n // TOY_DOCUMENTS_PER_ROUND))
     w = corpus.document_windows(tokenizer, docs, seq_len, n)
@@ -211,5 +233,5 @@ def load_samples(spec: Spec, tokenizer) -> list[torch.Tensor]:
     if spec.sampling == "toy_documents":
         return toy_documents(tokenizer, spec.n_samples, spec.seq_len, spec.seed)
     sample = {"random_windows": random_windows, "documents": documents,
-              "concatenated_blocks": concatenated_blocks}[spec.sampling]
+              "concatenated_blocks": concatenated_blocks, "joined_windows": joined_windows}[spec.sampling]
     return sample(texts(spec), tokenizer, spec.n_samples, spec.seq_len, spec.seed)

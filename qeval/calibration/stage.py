@@ -2,6 +2,10 @@
 for it (``method.needs_calibration``): reuse a saved result or compute one and save it, then the
 method applies it to the model. The data is read (and a missing dataset reported in one line)
 before any weights load; nothing here knows which method it serves.
+
+With ``method.scales_file`` set, a published result is read from that file (the method's
+``read_scales_file``, checked before any weights load) and applied instead: no data is read and
+nothing is saved; the rows name the file and its sha256.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import time
 
 from qeval import results
-from qeval.calibration import data, store
+from qeval.calibration import data, kv_scales, published, store
 from qeval.model import loading
 from qeval.quant.primitives import FULL_PRECISION_BITS
 
@@ -23,9 +27,15 @@ def calibrates(cfg, method_cls) -> bool:
     return method_cls.calibrates and min(cfg.w_bits, cfg.a_bits) < FULL_PRECISION_BITS
 
 
+def scales_file(cfg) -> str | None:
+    """The published result a run applies instead of calibrating (``method.scales_file``)."""
+    return cfg.method.get("scales_file")
+
+
 def check(cfg, method_cls, arch) -> None:
     """The calibration keys, and the dataset's availability unless a saved result makes it moot."""
-    if not calibrates(cfg, method_cls):
+    kv_scales.check(cfg, arch)   # kv_scale=static calibrates too, whatever the method
+    if not calibrates(cfg, method_cls) or scales_file(cfg):
         return
     spec = data.resolve(cfg)
     text = arch.get_text_config()
@@ -40,6 +50,10 @@ class Stage:
 
     def __init__(self, cfg, method):
         self.method = method
+        self.file = scales_file(cfg)
+        if self.file:
+            self.result = type(method).read_scales_file(self.file)
+            return
         self.spec = data.resolve(cfg)
         self.ident = store.identity(cfg, type(method), self.spec, _dtype(cfg))
         self.where = store.directory(cfg, self.ident)
@@ -48,6 +62,13 @@ class Stage:
 
     def run(self, model) -> dict:
         start = time.perf_counter()
+        if self.file:
+            self.method.apply_calibration(model, self.result)
+            return ({f"calibration.{k}": None for k in ("preset", *data.KEYS)}
+                    | {"calibration.file": self.file, "calibration.hash": published.digest(self.file),
+                       "calibration.format": published.kind_of_result(self.result),
+                       "calibration.samples": None, "calibration.tokens": None, "calibration_reused": False,
+                       "calibration_seconds": time.perf_counter() - start})
         with results.cell_lock(self.where):
             reused = store.saved(self.where)   # perhaps finished by another run meanwhile
             if reused:
@@ -59,6 +80,7 @@ class Stage:
                 meta = {"identity": self.ident, "samples": len(samples),
                         "tokens": sum(s.numel() for s in samples), "seconds": time.perf_counter() - start}
                 store.write(self.where, result, meta)
-        return self.spec.row() | {"calibration.hash": self.where.name, "calibration.samples": meta["samples"],
+        return self.spec.row() | {"calibration.file": None, "calibration.format": None,
+                                  "calibration.hash": self.where.name, "calibration.samples": meta["samples"],
                                   "calibration.tokens": meta["tokens"], "calibration_reused": reused,
                                   "calibration_seconds": time.perf_counter() - start}

@@ -3,7 +3,8 @@
 A qeval cache is a plain ``transformers.Cache(layers=[...])``; the method decides what a layer
 is (``method.make_cache_layer``), and round-to-nearest methods get :class:`StoreQuantizedLayer`
 (``method.quantize_kv``), or :class:`FP8StoredLayer` for an FP8 ``kv_format``, which holds
-float8 codes for real. ``SequenceState`` carries the padding mask, which transformers does not hand to a layer.
+float8 codes for real (:class:`StaticFP8Layer` with ``kv_scale=static``: one fixed scale per layer).
+``SequenceState`` carries the padding mask, which transformers does not hand to a layer.
 """
 
 from __future__ import annotations
@@ -112,6 +113,47 @@ class FP8StoredLayer(StoreQuantizedLayer):
         if self.get_seq_length() > 0:
             self.keys, self.values, self.k_scale, self.v_scale = (
                 t[indices, ...] for t in (self.keys, self.values, self.k_scale, self.v_scale))
+
+
+class StaticFP8Layer(FP8StoredLayer):
+    """:class:`FP8StoredLayer` with fixed scales from calibration (``kv_scale=static``, vLLM's
+    ``k_scale`` / ``v_scale``: :mod:`qeval.calibration.kv_scales`): ``k_scale`` / ``v_scale`` are
+    float32 (1, 1, 1, 1) per tensor or (1, H, 1, 1) per KV head, held once for the layer, not per
+    token. Codes are ``fp8.encode(x, scale)``: saturating at ``±max * scale``, so a value beyond the
+    calibration's amax is clamped; nothing is taken from the K/V themselves (padding included).
+    """
+
+    def __init__(self, method, seq: SequenceState, k_scale: torch.Tensor, v_scale: torch.Tensor):
+        super().__init__(method, seq)
+        self.k_scale, self.v_scale = k_scale, v_scale
+
+    def lazy_initialization(self, key_states, value_states):
+        scales = self.k_scale, self.v_scale
+        super().lazy_initialization(key_states, value_states)   # which clears them
+        self.k_scale, self.v_scale = (s.to(key_states.device) for s in scales)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        fmt = self.method.formats.kv
+        kc, vc = fp8.encode(key_states, self.k_scale, fmt), fp8.encode(value_states, self.v_scale, fmt)
+        if self.keys is None:
+            self.keys, self.values = kc, vc
+            return key_states, value_states
+        keys = torch.cat([fp8.decode(self.keys, self.k_scale, self.dtype), key_states], dim=-2)
+        values = torch.cat([fp8.decode(self.values, self.v_scale, self.dtype), value_states], dim=-2)
+        self.keys, self.values = torch.cat([self.keys, kc], -2), torch.cat([self.values, vc], -2)
+        return keys, values
+
+    # the scales belong to the layer, not to a token or a sequence: only the codes change
+    def crop(self, tokens_to_remove: int) -> None:
+        DynamicLayer.crop(self, tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        DynamicLayer.batch_repeat_interleave(self, repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        DynamicLayer.batch_select_indices(self, indices)
 
 
 def held_bytes_of(layer, seen: set | None = None) -> int:

@@ -16,7 +16,9 @@ n_grid`` (0 to 45 % with the defaults), ``w`` clamped to ``[-max_val, max_val]``
 group's partial outputs over 512 evenly strided calibration tokens compared; the inputs are the
 scaled ones). The quantizer throughout is ``pseudo_quantize_tensor``: ``method=group``'s weights with
 the integer zero point. The saved result is the authors' ``{"scale": [(prev op, (Linears), s)],
-"clip": [(Linear, max_val)]}`` with names in the model.
+"clip": [(Linear, max_val)]}`` with names in the model: ``torch.save`` of it is an llm-awq
+``awq_cache`` file, and ``method.scales_file=<awq_cache/*.pt>`` applies such a file (the authors' or
+Qllm-Eval's) instead of calibrating (:mod:`qeval.calibration.published`).
 
 Which op each scale folds into (norms, v -> o without GQA, up -> down; OPT's fc1 -> fc2) is
 :mod:`qeval.calibration.fold`. Samples run one at a time, so the losses are sums over samples
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from qeval.calibration import fold
+from qeval.calibration import fold, published
 from qeval.calibration.layers import (
     decoder_layers,
     first_layer_inputs,
@@ -108,6 +110,19 @@ def apply_clip(fc, max_val: torch.Tensor) -> None:
     fc.weight.data = torch.clamp(w, -max_val, max_val).reshape(shape)
 
 
+def apply_awq(model, result: dict) -> None:
+    """``apply_awq`` (pre_quant.py:218-220): every scale folded, then every clip applied. A result
+    read from a file (``source``) is first checked against the model's modules."""
+    if result.get("source"):
+        published.check_awq(model, result, f"{published.KEY}={result['source']}", type(model).__name__,
+                            fold.NORMS)
+    modules = dict(model.named_modules())
+    for prev, names, s in result["scale"]:
+        fold.fold_into(modules[prev], [modules[n] for n in names], s)
+    for name, max_val in result["clip"]:
+        apply_clip(modules[name], max_val)
+
+
 class AWQ(Method):
     name = "awq"
     targets = frozenset({"W"})
@@ -128,6 +143,19 @@ class AWQ(Method):
             if bits < 16:
                 raise ConfigError(f"{key}={bits}: method awq quantizes weights only; allowed: 16 "
                                   f"(method=smoothquant or method=uniform quantize activations)")
+        if p.get("scales_file") is not None and b.w < 16:
+            cls.read_scales_file(p.scales_file)     # before any weights load
+
+    @classmethod
+    def read_scales_file(cls, path) -> dict:
+        """An llm-awq ``awq_cache`` file as this method's result (structure checked)."""
+        return published.awq_entries(published.load(path, published.AWQ_SHAPE), path) | {"source": str(path)}
+
+    @classmethod
+    def calibration_identity(cls, cfg) -> dict:
+        ident = super().calibration_identity(cfg)
+        ident["method"].pop("scales_file", None)    # a computed result never depends on it
+        return ident
 
     @classmethod
     def check_model(cls, cfg, linear_widths, head_dim) -> None:
@@ -182,9 +210,4 @@ class AWQ(Method):
         return result
 
     def apply_calibration(self, model, result) -> None:
-        """``apply_awq`` (pre_quant.py:218-220)."""
-        modules = dict(model.named_modules())
-        for prev, names, s in result["scale"]:
-            fold.fold_into(modules[prev], [modules[n] for n in names], s)
-        for name, max_val in result["clip"]:
-            apply_clip(modules[name], max_val)
+        apply_awq(model, result)

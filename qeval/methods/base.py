@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from qeval.kv.cache import FP8StoredLayer, StoreQuantizedLayer
+from qeval.kv.cache import FP8StoredLayer, StaticFP8Layer, StoreQuantizedLayer
 from qeval.kv.sequence import SequenceState
 from qeval.quant import formats as F
 from qeval.quant.formats import fp8
@@ -102,6 +102,10 @@ class Knobs:
     kv_semantics: str = "cache"
     backend: str = "torch"        # resolved top-level ``backend``: torch | triton (real low-bit KV)
     formats: Formats = field(default_factory=Formats)
+    kv_scale: str = "dynamic"     # FP8 K/V scales: dynamic | static | static_per_head (per layer, calibrated)
+    # whether the model's attention runs registered attention functions (Falcon's, MPT's, BLOOM's
+    # do not): packed KV layers decode in one, so without it their cache stays on torch
+    registered_attention: bool = True
 
 
 class Method:
@@ -120,6 +124,9 @@ class Method:
     # model load and the Linear swap (qeval.calibration); its YAML's ``calibration`` key names the
     # preset (configs/calibration/) that ``calibration=auto`` resolves to
     calibrates: ClassVar[bool] = False
+    # kv_scale=static: FP8 K/V scales fixed per layer (qeval.calibration.kv_scales.KVScales), set
+    # by the run once calibrated; None while K/V scales are dynamic (or not yet calibrated)
+    kv_scales = None
 
     def __init__(self, params, knobs: Knobs):
         self.params = params      # the method's own config node (cfg.method)
@@ -228,9 +235,13 @@ class Method:
         Otherwise a plain ``DynamicCache`` serves (nothing would change)."""
         return self.quantizes_kv or self.evicts
 
-    def quantize_kv(self, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None = None):
+    def quantize_kv(self, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None = None,
+                    layer_idx: int | None = None):
         """(B, H_kv, T, D) post-RoPE K/V -> quantized K/V. ``pad``: (B, 1, T, 1) bool, True at
-        left-padding positions, which are kept out of the statistics."""
+        left-padding positions, which are kept out of the statistics. With static scales the
+        layer's own (``layer_idx``, which must then be given) replace every statistic."""
+        if self.kv_scales is not None:
+            return self.kv_scales.fake_quantize(layer_idx, k, v)
         return (self._quantize(k, "kv", self.bits.k, self.k_gran, pad),
                 self._quantize(v, "kv", self.bits.v, self.v_gran, pad))
 
@@ -248,6 +259,10 @@ class Method:
         """One layer of a ``cache``-semantics KV cache: FP8 K/V held as float8 where the format has
         a torch dtype and both are quantized, otherwise fake-quantized in the model's dtype."""
         if self.formats.kv in F.STORED and max(self.bits.k, self.bits.v) < FULL_PRECISION_BITS:
+            if self.kv_scales is not None:
+                return StaticFP8Layer(self, seq, *self.kv_scales.layer(layer_idx))
+            if self.knobs.kv_scale != "dynamic":
+                raise RuntimeError(f"kv_scale={self.knobs.kv_scale}: the K/V scales were never calibrated")
             return FP8StoredLayer(self, seq)
         return StoreQuantizedLayer(self, seq)
 
@@ -275,6 +290,8 @@ class Method:
             return None
         if fmt in F.BLOCKS:
             return F.block_scale_granularity(fmt, target)
+        if target == "kv" and self.knobs.kv_scale != "dynamic":
+            return f"static {'per_head' if self.knobs.kv_scale == 'static_per_head' else 'per_tensor'} fp32"
         label = (f"group{gran.group_size}" if gran.group_size else "per_tensor" if gran.per_sequence
                  or gran.axis is None else "per_channel" if target == "w" or gran.axis != -1 else "per_token")
         return label if fmt == F.INT else f"{label} fp32"
@@ -286,7 +303,9 @@ class Method:
         f = self.formats
         return ({f"method.{k}": v for k, v in self.params.items() if k != "name"}
                 | {"zero_point": None if self.evicts else self.zero_point,
-                   "w_format": f.w, "a_format": f.a, "kv_format": f.kv}
+                   "w_format": f.w, "a_format": f.a, "kv_format": f.kv,
+                   # FP8 K/V: scales from each K/V (dynamic) or fixed by calibration (static)
+                   "kv_scale": self.knobs.kv_scale if f.kv in F.STORED and self.quantizes_kv else None}
                 | {f"{t}_scale_granularity": self.scale_granularity(t) for t in ("w", "a", "kv")}
                 | self.labels())
 

@@ -116,7 +116,7 @@ class GEAR(Method):
         # uniform backbone, the reference code's outlier rule or a layout the kernels cannot hold runs
         # on torch, and the row says so
         self.kv_backend = "torch"
-        if (knobs.backend == "triton" and knobs.kv_semantics == "cache" and self.backbone == "kivi"
+        if (knobs.backend == "triton" and knobs.kv_semantics == "cache" and knobs.registered_attention and self.backbone == "kivi"
                 and self.outlier_rule == "paper"):
             # imported only here: triton is an optional, Linux-only dependency
             from qeval.methods import gear_packed, kivi_packed

@@ -4,7 +4,8 @@ in the cache, decode on the fused packed-KV kernel (arXiv 2403.05527; ``backend=
 The block structure is :class:`qeval.kv.blocks.BlockCompressedLayer`'s with GEAR's
 streams: per row, counted from its first real token, the prompt's first L - (L mod n_b) tokens
 are one block (rank ``rank_prefill``), then every ``stream_block`` new tokens one block (rank
-``rank_decode``), keys and values in the same blocks, compressed at the start of the next update.
+``rank_decode``), keys and values in the same blocks, compressed once a step's attention has its
+K/V (right after a prefill, at the start of the next update after a decode step).
 Blocks are grouped across rows exactly as the torch backend groups them and decomposed by the
 same :func:`qeval.quant.decompose.gear_decompose`, so both backends keep the same codes, outliers
 and factors. A block X (K or V) is held as X ~ Q + S + L:
@@ -42,7 +43,7 @@ import torch
 
 from qeval.kernels import kv_pack
 from qeval.kernels.kv_decode_attention import decode_attention
-from qeval.methods.kivi_packed import PackedKVLayer, grow
+from qeval.methods.kivi_packed import PackedKVLayer, grow, to_device
 from qeval.quant.decompose import gear_decompose, outliers_per_side
 from qeval.quant.primitives import dequantize, quantize
 
@@ -112,6 +113,9 @@ class PackedGEARLayer(PackedKVLayer):
         self.n_slots = [0] * B                     # outlier slots used per row (K and V alike)
         self.blocks: list[list[tuple[int, int, int]]] = [[] for _ in range(B)]  # (lo, n, rank)
         self.packed = [0] * B                      # packed-layout bytes of the blocks, per row
+        # blocks whose outlier count is still a device tensor: (rows, shape, bits, rank, count);
+        # counted into ``packed`` when bytes are asked for, so compressing never reads the device
+        self.uncounted: list[tuple[list[int], tuple, int, int, torch.Tensor | None]] = []
 
     def _rank_cap(self, d: int) -> int:
         """The largest rank a block can get (``rank`` is capped by min(n, D))."""
@@ -144,15 +148,26 @@ class PackedGEARLayer(PackedKVLayer):
     def _compress(self, rows: list[int], resid: int, m: int, first: bool) -> None:
         """The oldest ``m`` of the ``resid`` residual tokens of ``rows`` become one block each."""
         W = self.k_res.shape[2]
-        idx = slice(None) if len(rows) == len(self.start) else torch.tensor(rows, device=self.k_res.device)
+        idx = slice(None) if len(rows) == len(self.start) else to_device(rows, self.k_res.device)
         parts = {}
         for w, res, bits in (("k", self.k_res, self.kb), ("v", self.v_res, self.vb)):
             # (B', H, m, D): one block of each of these rows
             parts[w] = self._decompose(res[idx, :, W - resid:W - resid + m], w, bits, first)
         for i, b in enumerate(rows):
             self._store(b, i, parts, m)
-            for w in "kv":
-                self.packed[b] += parts[w]["bytes"] // len(rows)
+        for w in "kv":
+            p = parts[w]
+            self.uncounted.append((list(rows), p["shape"], p["bits"], p["rank"], p["n_out"]))
+
+    def _count_bytes(self) -> None:
+        """Add the blocks compressed since the last call to ``packed`` (reads their outlier counts
+        from the device: for reports and row operations, never in a decode step)."""
+        for rows, shape, bits, rank, n_out in self.uncounted:
+            like = torch.empty(shape, device="meta")   # the byte formula reads only the shape
+            nbytes = self.method._packed(like, bits, 0 if n_out is None else int(n_out), rank)
+            for b in rows:
+                self.packed[b] += nbytes // len(rows)
+        self.uncounted = []
 
     def _decompose(self, x: torch.Tensor, which: str, bits: int, first: bool) -> dict:
         """One block of rows (B', H, n, D) -> its packed parts and packed-layout bytes."""
@@ -167,9 +182,9 @@ class PackedGEARLayer(PackedKVLayer):
         q, mask, u, w = gear_decompose(x, quantizer, m.outlier_ratio, m.rank(first, n, D), m.iterations)
         slots = 2 * outliers_per_side(m.outlier_ratio, n, D) if m.outlier_ratio > 0 else 0
         sidx, sval = sparse_outliers(x, q, mask, slots)
-        n_out, rank = (0 if mask is None else int(mask.sum())), (0 if u is None else u.shape[-1])
-        return {"packed": box[0], "sidx": sidx, "sval": sval, "u": u, "w": w, "rank": rank,
-                "bytes": m._packed(x, bits, n_out, rank)}
+        return {"packed": box[0], "sidx": sidx, "sval": sval, "u": u, "w": w,
+                "rank": 0 if u is None else u.shape[-1], "shape": tuple(x.shape), "bits": bits,
+                "n_out": None if mask is None else mask.sum()}
 
     def _store(self, b: int, i: int, parts: dict, m: int) -> None:
         """Row ``b`` (row ``i`` of the block's rows) appends its block at row-local ``dk[b]``."""
@@ -251,18 +266,18 @@ class PackedGEARLayer(PackedKVLayer):
         scale = 1.0 / math.sqrt(D) if scaling is None else scaling
         # (B, Hq, 1, D) -> (B, Hkv, g, D): the query heads of each KV head's group
         q = query[:, :, 0].float().reshape(B, Hkv, Hq // Hkv, D)
-        tq = max(self.dk)
+        args = self._launch_args()
+        tq, T = args["max_k_quantized"], args["max_length"]
         blk = self.block_of[:, :tq].long()                               # (B, tq)
         bias = self._score_bias(q, tq, blk) * scale                      # (B, Hkv, g, tq)
-        T = max(self._n(b) for b in range(B))
         scores = torch.empty(B, Hq, T, device=dev)
         lse = torch.empty(B, Hq, device=dev)
         out = torch.empty(B, Hq, D, device=dev)   # fp32: the value terms are added before rounding
         decode_attention(query, self.k_words, self.k_scale, self.k_zero, self.v_words, self.v_scale,
                          self.v_zero, self.k_res, self.v_res, k_bits=self.kb, v_bits=self.vb,
                          group_size=self.G, sm_scale=scaling, out=out, k_bias=bias.reshape(B, Hq, tq),
-                         scores_out=scores, lse_out=lse, **self._offsets())
-        packed = torch.arange(tq, device=dev)[None] < torch.tensor(self.dk, device=dev)[:, None]
+                         scores_out=scores, lse_out=lse, **args)
+        packed = torch.arange(tq, device=dev)[None] < args["rows"][:, 1:2]   # packed keys per row
         # (B, Hq, tq) log2 scores -> (B, Hkv, g, tq) probabilities; 0 past a row's packed tokens,
         # where scores_out holds residual scores or nothing at all
         p = torch.exp2(scores[..., :tq] - lse[..., None]).reshape(B, Hkv, -1, tq)
@@ -314,12 +329,14 @@ class PackedGEARLayer(PackedKVLayer):
         if not self.is_initialized:
             return 0
         self.settle()
+        self._count_bytes()
         _, H, _, D = self.k_res.shape
         tail = sum(2 * (self._n(b) - self.dk[b]) for b in range(len(self.start)))
         return sum(self.packed) + tail * H * D * 2
 
     # -- batch rows ----------------------------------------------------------------------------
     def _select_rows(self, idx: torch.Tensor) -> None:
+        self._count_bytes()   # the uncounted blocks name rows by their old index
         super()._select_rows(idx)
         order = idx.tolist()
         self.n_slots, self.blocks, self.packed = ([xs[i] for i in order]

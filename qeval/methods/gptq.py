@@ -11,12 +11,18 @@ already quantized; every Linear of a layer gets its Hessian from one pass of the
 default without ``--true-sequential``). Weights only; groups of the top-level ``w_group_size``
 along the input dimension (null: one group per output channel, GPTQ's ``--groupsize -1``).
 
-The quantized Linears hold GPTQ's dequantized weight ``scale * (code - zero)`` (computed in float32,
-then cast to the model's dtype, as ``fasterquant`` writes it back); the saved result holds the codes,
-scales, zeros and each input column's group (``g_idx``: act-order permutes the columns, so a group's
-columns need not be adjacent). The packed Triton layout is built by round-to-nearest, not from
-these codes, so ``backend=triton`` is refused; under ``auto`` a layer is packed only where that
-layout reproduces GPTQ's weight (:func:`qeval.model.linear.reproduces`), else it runs on torch.
+The quantized Linears hold GPTQ's dequantized weight ``scale * code - zero * scale`` (computed in
+float32, then cast to the model's dtype), the form the authors' packed kernel computes (``quant.py``
+``QuantLinear.pack``: ``self.zeros = zeros * scales``) and :func:`qeval.kernels.pack.dequantize_packed`
+computes: it differs from ``fasterquant``'s ``scale * (q - zero)`` by a float32 rounding, and makes
+``backend=triton`` hold this very weight. The saved result holds the codes, scales, zeros and each
+input column's group (``g_idx``). With ``backend=triton`` the codes are packed as they are
+(:meth:`GPTQ.pack_weight`; groups of ``w_group_size`` along the input in order), so the per-layer
+load-time check against the torch weight holds bit for bit before the scales are rounded to the
+storage dtype. Act-order with groups scatters a group's columns over the input, which that layout
+cannot hold: refused for ``backend=triton``, run on torch under ``auto``. ``method.static_groups``
+(the reference's ``--static-groups``) sizes every group from the weight before any column is
+quantized, so with act-order the groups stay contiguous and pack.
 """
 
 from __future__ import annotations
@@ -77,16 +83,25 @@ class Quantized:
     zero: torch.Tensor      # integers held as floats
     g_idx: torch.Tensor     # int64
 
+    def offset(self) -> torch.Tensor:
+        """(out, groups) ``-zero * scale``: the packed layout's real offset (one rounding)."""
+        return -(self.zero * self.scale)
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        # quant.py:10 ``scale * (q - zero)``, each column with its group's parameters
-        return (self.scale[:, self.g_idx] * (self.codes.to(self.scale.dtype) - self.zero[:, self.g_idx])).to(dtype)
+        # ``code * scale + offset``, each column with its group's parameters: the arithmetic of
+        # dequantize_packed, so the torch and the packed weight are one weight (module docstring)
+        g = self.g_idx
+        return (self.codes.to(self.scale.dtype) * self.scale[:, g] + self.offset()[:, g]).to(dtype)
 
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
-                  block_size: int = 128, damp: float = 0.01, act_order: bool = False) -> Quantized:
+                  block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+                  static_groups: bool = False) -> Quantized:
     """``GPTQ.fasterquant`` (gptq.py:60-160) on ``weight`` (out, in) with ``hessian`` (in, in), in
-    float32 (float64 input stays float64)."""
+    float32 (float64 input stays float64). ``static_groups``: every group's scale and zero from the
+    weight before any column is quantized (after dead inputs are zeroed), group ``j // G`` for
+    original column ``j`` whatever the order (the reference's ``static_groups`` branch)."""
     work = torch.promote_types(weight.dtype, torch.float32)
     W, H = weight.to(work).clone(), hessian.to(work).clone()
     n, maxq = W.shape[1], 2**bits - 1
@@ -95,6 +110,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     dead = H.diagonal() == 0                    # inputs never seen: no error to spread, weight 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    static = [find_params(W[:, i:i + G], bits) for i in range(0, n, G)] if static_groups and group_size else None
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(n, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     H.diagonal().add_(damp * H.diagonal().mean())
@@ -108,12 +124,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
-            if group_size is not None and col % group_size == 0:
+            if static is not None:
+                scale, zero = static[int(perm[col]) // G]
+            elif group_size is not None and col % group_size == 0:
                 # read from W as the reference does (gptq.py:123): within a block W has not yet
                 # received this block's updates, so a group starting mid-block (G < block_size) is
                 # sized from its columns as they were at the block's start
                 scale, zero = find_params(W[:, col:col + group_size], bits)
-            if col % G == 0:
+            if col % G == 0 and static is None:
                 scales.append(scale)
                 zeros.append(zero)
             w = W1[:, i]
@@ -124,6 +142,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]     # the lazy update of every column after the block
     inv = torch.argsort(perm)
+    if static is not None:    # groups of original columns: g_idx in order whatever the permutation
+        return Quantized(codes[:, inv].to(torch.uint8), torch.stack([s for s, _ in static], 1),
+                         torch.stack([z for _, z in static], 1), torch.arange(n, device=W.device) // G)
     return Quantized(codes[:, inv].to(torch.uint8), torch.stack(scales, 1), torch.stack(zeros, 1),
                      (torch.arange(n, device=W.device) // G)[inv])
 
@@ -140,15 +161,25 @@ class GPTQ(Method):
             raise ConfigError(f"method.damp={p.damp}: allowed: a number in (0, 1] (a fraction of the mean of diag H)")
         if not isinstance(p.block_size, int) or isinstance(p.block_size, bool) or p.block_size < 1:
             raise ConfigError(f"method.block_size={p.block_size}: allowed: an integer >= 1")
-        if not isinstance(p.act_order, bool):
-            raise ConfigError(f"method.act_order={p.act_order}: allowed: true, false")
+        for key in ("act_order", "static_groups"):
+            if not isinstance(p[key], bool):
+                raise ConfigError(f"method.{key}={p[key]}: allowed: true, false")
         for key, bits in (("a_bits", b.a), ("kv_bits", min(b.k, b.v))):
             if bits < 16:
                 raise ConfigError(f"{key}={bits}: method gptq quantizes weights only; allowed: 16 "
                                   f"(method=smoothquant or method=uniform quantize activations)")
-        if cfg.backend == "triton":
-            raise ConfigError("backend=triton: method gptq's own codes are not packed (the packed layout is "
-                              "built by round-to-nearest); allowed: backend=torch or backend=auto")
+        if cfg.backend == "triton" and b.w < 16 and p.act_order and cfg.w_group_size and not p.static_groups:
+            raise ConfigError(f"backend=triton: method.act_order=true with w_group_size={cfg.w_group_size}: "
+                              "act-order's groups are not contiguous along the input, which the packed layout "
+                              "needs; allowed: backend=torch or backend=auto, method.static_groups=true, "
+                              "method.act_order=false, or w_group_size=null")
+
+    @classmethod
+    def calibration_identity(cls, cfg) -> dict:
+        ident = super().calibration_identity(cfg)
+        if not ident["method"].get("static_groups"):   # results saved before the option existed still match
+            ident["method"].pop("static_groups", None)
+        return ident
 
     @classmethod
     def check_model(cls, cfg, linear_widths, head_dim) -> None:
@@ -160,10 +191,40 @@ class GPTQ(Method):
         self.zero_point = "gptq"
         self.w_gran = Granularity(axis=-1, group_size=knobs.w_group_size)
         self._held: set[int] = set()    # storage of the weights GPTQ has written
+        # backend=triton: storage -> its codes packed (or why they cannot be), until the swap takes them
+        self._packed: dict[int, object] = {}
 
     def _hold(self, linear, q: Quantized) -> None:
         linear.weight.data = q.dequantize(linear.weight.dtype).to(linear.weight.device)
         self._held.add(linear.weight.data_ptr())
+        if self.knobs.backend == "triton":
+            self._packed[linear.weight.data_ptr()] = self._pack(q)
+
+    def _pack(self, q: Quantized):
+        """GPTQ's own codes in the packed layout, or why they do not fit it."""
+        from qeval.kernels.pack import PACKABLE_BITS, PackedWeight, pack_codes
+        n_out, n_in = q.codes.shape
+        G = self.knobs.w_group_size or n_in
+        if self.bits.w not in PACKABLE_BITS:
+            return f"w_bits={self.bits.w}: the packed kernels hold {PACKABLE_BITS}"
+        if not torch.equal(q.g_idx, torch.arange(n_in, device=q.g_idx.device) // G):
+            return (f"method.act_order=true with w_group_size={self.knobs.w_group_size}: act-order's groups are "
+                    "not contiguous along the input (method.static_groups=true keeps them so)")
+        # (out, groups) -> (groups, out); scale * code + offset is what the held weight computed
+        return PackedWeight(pack_codes(q.codes.to(torch.int32), self.bits.w), q.scale.float().t().contiguous(),
+                            q.offset().float().t().contiguous(), self.bits.w, G, n_in, n_out, 0)
+
+    def pack_weight(self, w: torch.Tensor, layout: dict):
+        """The packed weight of a Linear GPTQ quantized: its codes, scales and zeros as they are
+        (``layout``, the round-to-nearest arguments, is not needed)."""
+        from qeval.model.linear import UnsupportedLayout
+        packed = self._packed.pop(w.data_ptr(), None)
+        if packed is None:
+            raise UnsupportedLayout("method gptq: this weight was not quantized during calibration with "
+                                    "backend=triton")
+        if isinstance(packed, str):
+            raise UnsupportedLayout(packed)
+        return packed
 
     @torch.no_grad()
     def calibrate(self, model, samples):
@@ -178,7 +239,8 @@ class GPTQ(Method):
                 run_layer(layer, inputs)
             for n, m in lins.items():
                 q = gptq_quantize(m.weight.data, hessians[n].H, self.bits.w, self.knobs.w_group_size,
-                                  self.params.block_size, self.params.damp, self.params.act_order)
+                                  self.params.block_size, self.params.damp, self.params.act_order,
+                                  self.params.static_groups)
                 out[names[n]] = {k: v.cpu() for k, v in asdict(q).items()}
                 self._hold(m, q)
             inputs = run_layer(layer, inputs)   # the next layer sees this one quantized

@@ -97,7 +97,7 @@ class KIVI(Method):
         # backend=triton: int32 codes in the cache and fused decode attention (kivi_packed); a
         # layout the kernels cannot hold (e.g. 16-bit keys) runs on torch, and the row says so
         self.kv_backend = "torch"
-        if knobs.backend == "triton" and knobs.kv_semantics == "cache":
+        if knobs.backend == "triton" and knobs.kv_semantics == "cache" and knobs.registered_attention:
             # imported only here: triton is an optional, Linux-only dependency
             from qeval.methods import kivi_packed
             if kivi_packed.layout_problem(self.bits.k, self.bits.v, self.group_size) is None:

@@ -3,7 +3,8 @@
 Used when the run's ``backend`` is ``triton`` (arXiv:2402.02750). The block structure is exactly
 :class:`qeval.kv.blocks.BlockCompressedLayer`'s with KIVI's streams (keys flushed in whole
 blocks of R, values token by token behind a window of R, counted per row from its first real
-token, flushed at the start of the next update), so the torch and triton backends quantize the same
+token, flushed once a step's attention has its K/V: right after a prefill, at the start of the next
+update after a decode step), so the torch and triton backends quantize the same
 elements with the same codes; only the storage differs:
 
 - packed keys / values: :func:`qeval.kernels.kv_pack.pack_keys` / ``pack_values`` words and
@@ -20,6 +21,7 @@ materialized in the padded timeline and attends as usual.
 
 from __future__ import annotations
 
+import array
 from abc import abstractmethod
 
 import torch
@@ -71,6 +73,23 @@ def register(fused: FusedDecode, base: str, kind: str = "kivi_packed") -> str:
     name = register_attention(kind, base, make)
     fused.active = True
     return name
+
+
+def to_device(values: list[int], device: torch.device, width: int | None = None) -> torch.Tensor:
+    """Python ints -> an int32 tensor on ``device`` (rows of ``width`` when given) without waiting
+    for the device.
+
+    ``torch.tensor(rows, device=cuda)`` copies from pageable memory, which synchronizes the stream
+    (the host waits for every queued kernel). From pinned memory a ``non_blocking`` copy is queued
+    like a kernel; the caching host allocator keeps the pinned block until the copy has run. Off
+    CUDA the ints are viewed in place (``array`` -> ``frombuffer``: a third of the host time of
+    ``torch.tensor`` on a list)."""
+    if device.type == "cuda":
+        host = torch.tensor(values, dtype=torch.int32, pin_memory=True)
+    else:
+        host = torch.frombuffer(array.array("i", values), dtype=torch.int32)
+    host = host if width is None else host.view(-1, width)
+    return host.to(device, non_blocking=True)
 
 
 def grow(t: torch.Tensor, dim: int, need: int, chunk: int) -> torch.Tensor:
@@ -141,23 +160,34 @@ class PackedKVLayer(RowSelectable, DynamicLayer):
         if key_states.shape[2] == 1 and self.fused.active:
             self.fused.put(self.layer_idx, self)
             return key_states, value_states      # not read: the attention asks the layer
-        return self.materialize()
+        keys, values = self.materialize()
+        # this step's K/V are built, so what is due can be packed now rather than at the next
+        # update: after a prefill the cache holds the packed prompt, not the whole prompt in full
+        # precision (same blocks, same inputs: the codes do not depend on when they are packed)
+        self.settle()
+        return keys, values
 
     # -- reading -------------------------------------------------------------------------------
-    def _offsets(self) -> dict:
-        B, dev = len(self.start), self.k_res.device
-        n = [self._n(b) for b in range(B)]
-        col = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
-        return dict(lengths=col(n), k_quantized=col(self.dk), v_quantized=col(self.dv),
-                    k_offset=col([self.k_res.shape[2] - (n[b] - self.dk[b]) for b in range(B)]),
-                    v_offset=col([self.v_res.shape[2] - (n[b] - self.dv[b]) for b in range(B)]))
+    def _launch_args(self) -> dict:
+        """The launcher's per-row table, (B, 5) int32 on the device in
+        :func:`~qeval.kernels.kv_decode_attention.row_lengths`' layout (length, packed keys, packed
+        values, first residual key / value), and its maxima as host ints.
+
+        Built from the host-side counters and sent in one copy that does not wait for the device,
+        so a decode step never reads the device back (the maxima would otherwise be read from the
+        device tensors)."""
+        W_k, W_v = self.k_res.shape[2], self.v_res.shape[2]
+        n = [self.length - s for s in self.start]
+        flat = [x for m, dk, dv in zip(n, self.dk, self.dv) for x in (m, dk, dv, W_k - m + dk, W_v - m + dv)]
+        rows = to_device(flat, self.k_res.device, width=5)
+        return {"rows": rows, "max_length": max(n), "max_k_quantized": max(self.dk)}
 
     def decode(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         """(B, Hq, 1, D) query -> (B, Hq, D): fused attention over packed words + residual."""
         return decode_attention(query, self.k_words, self.k_scale, self.k_zero, self.v_words,
                                 self.v_scale, self.v_zero, self.k_res, self.v_res,
                                 k_bits=self.kb, v_bits=self.vb, group_size=self.G,
-                                sm_scale=scaling, **self._offsets())
+                                sm_scale=scaling, **self._launch_args())
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized (B, H, T, D) K and V in the padded timeline (pad positions zero)."""
@@ -226,7 +256,7 @@ class PackedKIVILayer(PackedKVLayer):
             if m:
                 groups.setdefault((done[b], self._n(b) - done[b], m), []).append(b)
         for (lo, resid, m), rows in groups.items():
-            idx = slice(None) if len(rows) == res.shape[0] else torch.tensor(rows, device=res.device)
+            idx = slice(None) if len(rows) == res.shape[0] else to_device(rows, res.device)
             # (B', H, m, D): the oldest m residual positions of these rows
             chunk = res[idx, :, W - resid:W - resid + m]
             if which == "k":
@@ -246,8 +276,11 @@ class PackedKIVILayer(PackedKVLayer):
             for b in rows:
                 done[b] += m
         keep = max(self._n(b) - done[b] for b in range(len(done)))
-        # a copy, not a view: the packed positions' full-precision storage is really freed
-        setattr(self, f"{which}_res", res[:, :, W - keep:].clone())
+        # a copy when most of the window was packed (a prompt, a block of keys), so that storage is
+        # really freed; a view when few positions were (a decode step's one value): the next
+        # update's cat copies the window anyway, and a copy here would move it twice per step
+        tail = res[:, :, W - keep:]
+        setattr(self, f"{which}_res", tail.clone() if W - keep > keep else tail)
 
     def packed_bytes(self) -> int:
         """The packed-layout formula: codes + scale/zero per group + the fp16 residual tail."""

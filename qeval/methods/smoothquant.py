@@ -12,6 +12,12 @@ Linears' columns multiplied by it; q/k/v after the attention norm, gate/up after
 fc1)). The result saved for reuse is ``act_scales``, as the authors ship them; ``alpha`` is applied
 when it is folded, so one calibration serves every alpha and bit width.
 
+``method.scales_file`` applies a published file instead of calibrating
+(:mod:`qeval.calibration.published`): the authors' ``act_scales/*.pt`` (the same dict, folded with
+``alpha`` as above) or Qllm-Eval's rep file in llm-awq's format, whose scales already hold their
+alpha and are folded as they are (``method.alpha`` is then unused; the row's
+``calibration.format`` says which).
+
 The quantization after smoothing is ``method=uniform``'s WA (per-channel weights, per-token
 activations, ``zero_point`` and ``symmetric`` as there), so a row differs from uniform's only by
 the smoothing. The authors' own fake quantizer (``fake_quant.py``: symmetric absmax, per channel
@@ -24,9 +30,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qeval.calibration import fold
+from qeval.calibration import fold, published
 from qeval.calibration.layers import decoder_layers, watching
 from qeval.errors import ConfigError
+from qeval.methods.awq import apply_awq
 from qeval.methods.base import Bits, Method
 from qeval.methods.uniform import A_GRANULARITIES, W_GRANULARITIES, check_zero_point
 
@@ -75,6 +82,18 @@ class SmoothQuant(Method):
         if min(b.k, b.v) < 16:
             raise ConfigError(f"kv_bits={min(b.k, b.v)}: method smoothquant quantizes weights and activations; "
                               f"allowed: 16")
+        if cfg.method.get("scales_file") is not None and min(b.w, b.a) < 16:
+            cls.read_scales_file(cfg.method.scales_file)     # before any weights load
+
+    @classmethod
+    def read_scales_file(cls, path) -> dict:
+        """The authors' act_scales, or Qllm-Eval's llm-awq-format smoothing scales, as this method's
+        result (structure checked)."""
+        allowed = f"{published.ACT_SHAPE}, or {published.AWQ_SHAPE}"
+        obj = published.load(path, allowed)
+        if published.kind(obj) == published.AWQ:
+            return published.awq_entries(obj, path) | {"source": str(path)}
+        return {"act_scales": published.act_scales(obj, path), "source": str(path)}
 
     @classmethod
     def check_architecture(cls, cfg, arch) -> None:
@@ -82,7 +101,8 @@ class SmoothQuant(Method):
 
     @classmethod
     def calibration_identity(cls, cfg) -> dict:
-        # act_scales are statistics of the full-precision model: neither alpha nor the bits enter them
+        # act_scales are statistics of the full-precision model: neither alpha nor the bits (nor a
+        # scales_file, which replaces them) enter them
         return {"method": cls.name, "statistic": "max |x| per input channel of every Linear"}
 
     def __init__(self, params, knobs):
@@ -97,9 +117,18 @@ class SmoothQuant(Method):
 
     @torch.no_grad()
     def apply_calibration(self, model, result) -> None:
-        """``smooth_lm`` (smooth.py:74-160), Llama/Mistral/Qwen2 and OPT branches."""
+        """``smooth_lm`` (smooth.py:74-160), Llama/Mistral/Qwen2 and OPT branches; a file in llm-awq's
+        format is applied as ``apply_awq`` does."""
+        if "scale" in result:
+            apply_awq(model, result)
+            return
         kind = model.config.get_text_config().model_type
         prefix, layers = decoder_layers(model)
+        if result.get("source"):
+            needed = [f"{prefix}.{i}.{g.linears[0]}" for i, layer in enumerate(layers)
+                      for g in fold.groups(layer, kind, norms_only=True)]
+            published.check_act_scales(model, result["act_scales"], needed,
+                                       f"{published.KEY}={result['source']}", type(model).__name__)
         for i, layer in enumerate(layers):
             for g in fold.groups(layer, kind, norms_only=True):
                 fcs = [layer.get_submodule(n).weight for n in g.linears]

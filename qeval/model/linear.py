@@ -18,8 +18,10 @@ The packed path only takes layouts it reproduces exactly: the packed weight, deq
 equal the method's own ``quantize_weight`` bit for bit before its scales are rounded to the storage
 dtype (for an integer zero point in a float32 model: within the one rounding of ``-z * scale``, see
 :mod:`qeval.kernels.pack`), so a method that quantizes weights some other way is refused instead
-of silently changed. The int8 GEMMs quantize activations with the real-valued zero only, so WA
-with another ``zero_point`` stays on the torch path.
+of silently changed. A method that computed its own codes (GPTQ) packs them itself
+(``method.pack_weight(w, layout)``), and the same check holds its result. The int8 GEMMs quantize
+activations with the real-valued zero only, so WA with another ``zero_point`` stays on the torch
+path.
 """
 
 from __future__ import annotations
@@ -147,7 +149,9 @@ class PackedQuantLinear(nn.Module):
         w = linear.weight.data
         self.in_features, self.out_features = linear.in_features, linear.out_features
         layout = packed_layout(method, quantize_input)
-        p = pack_weight(w, **layout)
+        # a method holding its own codes (GPTQ) packs those; otherwise round-to-nearest of the weight
+        own = getattr(method, "pack_weight", None)
+        p = own(w, layout) if own is not None else pack_weight(w, **layout)
         if not reproduces(p, w, method):
             raise UnsupportedLayout(f"method={method.name}: its weights are not round-to-nearest min-max "
                                     "in the packed layout")

@@ -112,7 +112,9 @@ def evaluate(handle, cfg) -> list[dict]:
         k_fp, v_fp = fp.kv[layer]
         k, v = q.kv[layer]
         if handle.kv_semantics == "simulated" and handle.method.quantizes_kv:
-            k, v = handle.method.quantize_kv(k, v, None)   # what the simulated attention sees
+            # what the simulated attention sees; static scales are per layer
+            static = {"layer_idx": layer} if handle.method.kv_scales is not None else {}
+            k, v = handle.method.quantize_kv(k, v, None, **static)
         if k.shape == k_fp.shape:
             rows.append({"metric": "k_rel_error", "layer": layer, "value": relative_error(k_fp, k), "n": n})
             rows.append({"metric": "v_rel_error", "layer": layer, "value": relative_error(v_fp, v), "n": n})

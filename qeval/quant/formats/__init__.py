@@ -11,6 +11,11 @@
 | mxfp4    | FP4 E2M1           | 4            | blocks of 32 (its own)   | E8M0 power of two        | 4.25                    | dequantized (fake)       |
 | nvfp4    | FP4 E2M1           | 4            | blocks of 16 (its own)   | E4M3, times a float32 (W: per tensor, A: per sequence, K/V: per token) | 4.5 (+ 32 per float32) | dequantized (fake) |
 
+Sources: OCP 8-bit Floating Point Specification (OFP8) rev. 1.0 for FP8; OCP Microscaling Formats
+(MX) Specification v1.0 for MX (§5.3 elements, §5.4.1 the E8M0 scale, §6.3 conversion); NVIDIA's
+NVFP4 description (:mod:`.nvfp4`). FP8 K/V scales are dynamic (from each group) by default or
+static per layer from calibration (``kv_scale``, :mod:`qeval.calibration.kv_scales`).
+
 Bits and format: a non-integer format fixes its own element width, so ``*_bits`` is either 16
 (the default: "the format decides") or equal to that width; anything else is refused. The method's
 grouping (``*_granularity``, ``*_group_size``) sets where FP8's scales are taken; the block formats

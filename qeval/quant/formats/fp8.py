@@ -1,11 +1,12 @@
-"""FP8 with a dynamic scale: E4M3 "fn" and E5M2 (OCP 8-bit Floating Point Specification, OFP8).
+"""FP8 with a float32 scale: E4M3 "fn" and E5M2 (OCP 8-bit Floating Point Specification (OFP8),
+revision 1.0; the OCP MX spec's FP8 elements, its §5.3.1, are these two).
 
 | format     | torch dtype          | max   | infinities | NaN              | scale            |
 | ---------- | -------------------- | ----- | ---------- | ---------------- | ---------------- |
 | fp8_e4m3   | torch.float8_e4m3fn  | 448   | none       | S.1111.111 only  | ``amax / 448``   |
 | fp8_e5m2   | torch.float8_e5m2    | 57344 | yes        | S.11111.{01..11} | ``amax / 57344`` |
 
-The scale is float32 and dynamic: ``amax / max`` over each group of the grouping qeval uses
+The scale is float32 and, by default, dynamic: ``amax / max`` over each group of the grouping qeval uses
 everywhere (:mod:`qeval.quant.primitives`: per tensor ``axis=None``, per output channel or per
 token ``axis=-1``, groups of g ``group_size=g``), so the group's largest magnitude maps onto the
 format's largest finite value. An all-zero group gets scale 1. Encoding is
@@ -16,6 +17,10 @@ one is inf);
 
 decoding is ``codes.float() * scale``, then the caller's dtype. Everything between the input and
 the final cast is float32, so a bfloat16 / float16 input is rounded once more only on the way out.
+
+A static scale (``kv_scale=static``, :mod:`qeval.calibration.kv_scales`) is the same ``amax / max``
+with the amax taken once over calibration data instead of from the group itself; encoding with it
+is the same :func:`encode`, so a value beyond that amax saturates at ``±max * scale``.
 """
 
 from __future__ import annotations

@@ -1,21 +1,27 @@
-"""MX (OCP Microscaling Formats spec v1.0): blocks of 32 sharing a power-of-two E8M0 scale.
+"""MX (OCP Microscaling Formats (MX) Specification v1.0, September 2023): blocks of 32 sharing a
+power-of-two E8M0 scale.
 
-| format | element (§5.3)        | emax_elem | element max | block | scale (§5.2)   | bits per element   |
-| ------ | --------------------- | --------- | ----------- | ----- | -------------- | ------------------ |
-| mxfp8  | FP8 E4M3 (OFP8, "fn") | 8         | 448         | 32    | E8M0, 1 byte   | 8 + 8 / 32 = 8.25  |
-| mxfp4  | FP4 E2M1 (§5.3.3)     | 2         | 6           | 32    | E8M0, 1 byte   | 4 + 8 / 32 = 4.25  |
+| format | element (§5.3)            | emax_elem | element max | block | scale (§5.4.1) | bits per element   |
+| ------ | ------------------------- | --------- | ----------- | ----- | -------------- | ------------------ |
+| mxfp8  | FP8 E4M3 (§5.3.1: OFP8's) | 8         | 448         | 32    | E8M0, 1 byte   | 8 + 8 / 32 = 8.25  |
+| mxfp4  | FP4 E2M1 (§5.3.3)         | 2         | 6           | 32    | E8M0, 1 byte   | 4 + 8 / 32 = 4.25  |
+
+Sections: §5.3 element data types (§5.3.1 FP8, §5.3.3 FP4), §5.4.1 the E8M0 scale (exponent bias
+127, 0xFF NaN, no zero: 0x00 is 2**-127), §6.3 the conversion of a block of scalars to MX (its Algorithm 1).
 
 Blocks are 32 consecutive elements along the last axis, which is the reduction axis wherever
 qeval uses them: a weight's input dimension, an activation's channels, a key's or value's head_dim.
 
 Conversion (§6.3, the spec's reference algorithm): per block,
-``shared_exp = floor(log2(amax)) - emax_elem``, clamped to E8M0's exponents [-127, 127], and
+``shared_exp = floor(log2(amax)) - emax_elem``, raised to E8M0's smallest exponent, -127, where it
+falls below (as microsoft/microxcaling's ``_quantize_mx`` does; its NaN for an exponent above 127
+cannot arise from float32, whose amax < 2**128 gives at most 127 - emax_elem), and
 ``X = 2**shared_exp``; each element becomes ``V_i / X`` rounded to the element format, to nearest
 with ties to even, and saturating: a quotient above the element's largest normal is clamped to it
 (``amax / X`` lies in [2**emax, 2**(emax + 1)), so the block's largest magnitudes can exceed the
 max: 6 for E2M1, 448 for E4M3, and saturate; that is the spec's choice, kept). ``V_i / X`` is exact
 (a power-of-two scale). An all-zero block gets E8M0's smallest scale, 2**-127, and decodes to 0.
-A block holding NaN or an infinity gets the E8M0 NaN code (0xFF, §5.2) and decodes to NaN, so a
+A block holding NaN or an infinity gets the E8M0 NaN code (0xFF, §5.4.1) and decodes to NaN, so a
 broken input stays visible instead of saturating.
 
 E8M0 scales are held as their biased exponent (uint8, ``shared_exp + 127``); E2M1 codes as uint8

@@ -1,5 +1,8 @@
 """NVFP4 (NVIDIA Blackwell): E2M1 elements in blocks of 16, an E4M3 scale per block and a float32
-scale per tensor.
+scale per tensor, as NVIDIA describes it ("Introducing NVFP4 for Efficient and Accurate
+Low-Precision Inference", NVIDIA Technical Blog, 2025; cuBLAS's block-scaling documentation). The
+element is the OCP MX spec's FP4 E2M1 (§5.3.3); unlike MX the block scale is not a power of two
+and there is no 0xFF NaN code: a block scale is an ordinary E4M3 number.
 
 | quantity      | dtype               | per                                    | value                                              |
 | ------------- | ------------------- | -------------------------------------- | -------------------------------------------------- |
