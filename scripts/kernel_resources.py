@@ -65,12 +65,12 @@ def main(argv=None) -> int:
     else:
         rows = [measure(*job) for job in jobs]
     print(f"{'case':40s} {'sm':>3s} {'warps':>5s} {'regs':>4s} {'spill':>5s} {'smem KB':>7s} "
-          f"{'CTA/SM':>6s} {'occ':>3s} {'mma':24s} budget")
+          f"{'CTA/SM':>6s} {'occ':>3s} {'async':>5s} {'mma':24s} budget")
     for r in rows:
         ctas = min(r["ctas_by_regs"], r["ctas_by_shared"])
         print(f"{r['case']:40s} {r['target']:3d} {r['num_warps']:5d} {r['regs']:4d} "
               f"{r['spill_stores']:5d} {r['shared'] / 1024:7.1f} {ctas:6d} "
-              f"{'yes' if r['occupancy'] else '':>3s} {r['mma']:24s} "
+              f"{'yes' if r['occupancy'] else '':>3s} {r['async_copies']:5d} {r['mma']:24s} "
               f"{'; '.join(r['failures']) or 'ok'}")
     for r in rows:
         print(f"  {r['case']} sm_{r['target']}: {r['constexprs']}")

@@ -95,3 +95,13 @@ def test_tensor_core_paths_are_the_expected_ones(measured):
     # decode: GQA groups on mma.sync (heads as the MMA's columns), MHA without an MMA to pad
     assert measured[("decode-G32-D128-grp2-fp16-k4v4", 90)]["mma"].startswith("mma.sync")
     assert measured[("decode-G32-D128-grp1-fp16-k2v2", 90)]["mma"] == "none"
+
+
+def test_decode_attention_pipelines_its_tile_loads(measured):
+    """Decode attention is bandwidth-bound: its key / value tiles are loaded by cp.async, so the
+    next tiles are in flight while this one is computed (the pipeliner skips loads under control
+    flow, which is why the loop has none)."""
+    decode = {k: r for k, r in measured.items() if k[0].startswith("decode-")}
+    assert decode
+    for (case, target), row in decode.items():
+        assert row["async_copies"] > 0, f"{case} sm_{target}: no asynchronous tile loads"

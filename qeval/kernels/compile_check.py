@@ -147,6 +147,12 @@ def mma_kind(ptx: str) -> str:
     return f"{kind} {shape} {types[1] if len(types) > 1 else '?'}"
 
 
+def async_copies(ptx: str) -> int:
+    """Asynchronous global-to-shared copies in the PTX (``cp.async``, TMA's ``cp.async.bulk``):
+    the software pipeliner's mark, keeping the next tiles' loads in flight during this tile's math."""
+    return len(re.findall(r"\bcp\.async\.(?:ca|cg|bulk)\b", ptx))
+
+
 def resources(compiled, capability: int, ptxas_log: str = "") -> dict:
     """Registers, spills, shared memory and MMA kind of one compiled kernel (see module doc);
     ``ptxas_log`` from :func:`compile_launch`, else (a cache hit) ptxas runs again."""
@@ -163,7 +169,7 @@ def resources(compiled, capability: int, ptxas_log: str = "") -> dict:
             "num_warps": md.num_warps, "num_stages": md.num_stages, "threads": threads,
             "ctas_by_regs": REGS_PER_SM // max(1, alloc * threads),
             "ctas_by_shared": SHARED_PER_SM[capability] // (shared + RESERVED_SHARED_PER_CTA),
-            "mma": mma_kind(ptx)}
+            "mma": mma_kind(ptx), "async_copies": async_copies(ptx)}
 
 
 def budget_failures(row: dict) -> list[str]:

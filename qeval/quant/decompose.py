@@ -10,6 +10,8 @@ and places outliers differently and hands the quantizer the row's mean in their 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -71,12 +73,19 @@ def reference_outliers(x: torch.Tensor, ratio: float, which: str) -> tuple[torch
     return (mask.reshape(b, n, h, d).transpose(1, 2), seen.reshape(b, n, h, d).transpose(1, 2))
 
 
+@functools.lru_cache(maxsize=64)
+def _start_vectors(d: int, rank: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The power iteration's random start, drawn on the CPU (the same numbers on every device) and
+    moved once per shape: a copy from pageable memory per call would stall every GEAR block
+    compressed during decoding until the GPU drained its queue."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(d, rank, generator=g).to(device, dtype)
+
+
 def low_rank_factors(e: torch.Tensor, rank: int, iterations: int,
                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., n, D) -> U (..., n, r) orthonormal and W = U^T E (..., r, D) by block power iteration."""
-    d = e.shape[-1]
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(d, rank, generator=g).to(e.device, e.dtype)    # (D, r), shared by all rows/heads
+    v = _start_vectors(e.shape[-1], rank, seed, e.device, e.dtype)  # (D, r), shared by all rows/heads
     u = torch.linalg.qr(e @ v).Q                                    # (..., n, r)
     for _ in range(iterations - 1):
         u = torch.linalg.qr(e @ (e.transpose(-1, -2) @ u)).Q
