@@ -55,11 +55,11 @@ def test_corrections_are_applied_in_decode(model_and_tokenizer):
     """Without outliers and low rank the packed run is the KIVI backbone alone and equals the
     torch backend's; the default run differs from it by far more than the backends do."""
     model, tok = model_and_tokenizer
-    bare_ref = generate(model, tok, gear("torch", **NO_CORRECTIONS), n_new=10, record=True)
-    bare = generate(model, tok, gear("triton", **NO_CORRECTIONS), n_new=10, force=bare_ref[0], record=True)
+    bare_ref = generate(model, tok, gear("torch", **NO_CORRECTIONS), n_new=6, record=True)
+    bare = generate(model, tok, gear("triton", **NO_CORRECTIONS), n_new=6, force=bare_ref[0], record=True)
     gaps = compare_backends(model, bare_ref[:2] + bare_ref[4:], bare[:2] + bare[4:])["gaps"]
     assert not any(layer.n_slots[0] or layer.k_u.shape[2] for layer in bare[2].layers)
-    _, logits, _, _ = generate(model, tok, gear("triton"), n_new=10, force=bare_ref[0])
+    _, logits, _, _ = generate(model, tok, gear("triton"), n_new=6, force=bare_ref[0])
     # the corrections move the logits by far more than the backends differ (see check_triton_equals_torch)
     assert (logits - bare[1]).abs().max().item() > 50 * max(gaps)
 
