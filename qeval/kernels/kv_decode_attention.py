@@ -38,6 +38,7 @@ without them the kernel runs exactly the code it runs for KIVI.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -206,6 +207,7 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=256)
 def tile_shape(group: int, head_dim: int, group_size: int) -> tuple[int, int, bool]:
     """(BLOCK_H, BLOCK_T, USE_DOT) for a GQA group of ``group`` query heads: BLOCK_H is the group
     rounded up to a power of two; BLOCK_T keeps a (BLOCK_T, BLOCK_D) tile at TILE_ELEMENTS, divides
@@ -227,8 +229,12 @@ def default_splits(batch_heads: int, n_tiles: int, block_t: int, device: torch.d
     """:func:`split_count` for ``device``'s SMs; off CUDA, two splits so the merge is exercised."""
     if device.type != "cuda":
         return max(1, min(n_tiles, 2))
-    return split_count(batch_heads, n_tiles, block_t,
-                       torch.cuda.get_device_properties(device).multi_processor_count)
+    return split_count(batch_heads, n_tiles, block_t, _sm_count(device.index))
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def row_lengths(k_words, v_words, k_res, k_bits: int, k_quantized=None, v_quantized=None,
@@ -294,9 +300,8 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
     """
     check_layout(k_bits, group_size)
     check_layout(v_bits, group_size)
-    if q.dim() == 4:
-        q = q[:, :, 0]
-    B, Hq, D = q.shape
+    # (B, Hq, 1, D) is read through its batch and head strides as it is: no slice per step
+    B, Hq, D = (q.shape[0], q.shape[1], q.shape[-1])
     Hkv = k_res.shape[1]
     if Hq % Hkv:
         raise ValueError(f"query heads {Hq} are not a multiple of kv heads {Hkv}")
@@ -326,10 +331,11 @@ def decode_attention(q, k_words, k_scale, k_zero, v_words, v_scale, v_zero, k_re
     S = max(1, min(S, n_tiles))
     tiles_per_split = _cdiv(n_tiles, S)
     S = _cdiv(n_tiles, tiles_per_split)
-    # the splits' (max, sum, output) in one allocation: host time per step, not bytes, is scarce
-    n = B * Hq * S
-    work = torch.empty(n * (D + 2), dtype=torch.float32, device=q.device)
-    pacc, pm, pl = work[:n * D].view(B * Hq, S, D), work[n * D:n * (D + 1)], work[n * (D + 1):]
+    # the splits' (max, sum, output), flat as the kernels index them (a view per step costs host
+    # time, which a decode step has little of)
+    pm = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
+    pl = torch.empty(B * Hq * S, dtype=torch.float32, device=q.device)
+    pacc = torch.empty(B * Hq * S * D, dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     o3 = out[:, :, 0] if out.dim() == 4 else out
