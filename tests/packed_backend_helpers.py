@@ -167,3 +167,15 @@ def check_row_operations(model, tok, method):
     assert torch.equal(k3, keys[[1, 0]]) and torch.equal(v3, values[[1, 0]])
     assert layer.start[0] > 0 and layer.start[1] == 0    # the short (left-padded) prompt now leads
     return layer
+
+
+def prefill_cache(model, tok, method, n_tokens: int):
+    """The method's cache after one prefill of ``n_tokens`` random tokens (batch 1, no decode);
+    returns (cache, its layers' heads, head_dim)."""
+    model.set_attn_implementation(method.attention_implementation("sdpa"))
+    ids = torch.randint(3, model.config.vocab_size, (1, n_tokens), device=DEV)
+    cache = Handle(model, tok, method, "cache").new_cache(torch.ones_like(ids))
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    model.set_attn_implementation("sdpa")
+    return cache, cache.layers[0].k_res.shape[1], cache.layers[0].k_res.shape[3]

@@ -13,6 +13,7 @@ from packed_backend_helpers import (
     compare_backends,
     generate,
     load_tiny,
+    prefill_cache,
 )
 
 from qeval.kernels import kv_pack
@@ -174,18 +175,10 @@ def test_row_selection_and_expansion_keep_each_row_intact(model_and_tokenizer):
 def test_prefill_leaves_only_the_partial_block_in_full_precision(model_and_tokenizer):
     """After a prefill of 100 tokens (blocks of 16) the prompt's first 96 tokens are one compressed
     block right away; only the 4 past it wait in full precision for the next block."""
-    model, tok = model_and_tokenizer
-    method = gear("triton")
-    model.set_attn_implementation(method.attention_implementation("sdpa"))
-    ids = torch.randint(3, model.config.vocab_size, (1, 100), device=DEV)
-    cache = Handle(model, tok, method, "cache").new_cache(torch.ones_like(ids))
-    with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
-    model.set_attn_implementation("sdpa")
+    cache, H, D = prefill_cache(*model_and_tokenizer, gear("triton"), 100)
     for layer in cache.layers:
         assert layer.k_res.shape[2] == layer.v_res.shape[2] == 4, (layer.k_res.shape, layer.v_res.shape)
         assert layer.blocks == [[(0, 96, 4)]] and layer.dk == layer.dv == [96]
-    H, D = cache.layers[0].k_res.shape[1], cache.layers[0].k_res.shape[3]
     # per element of the 96: 2-bit codes 0.25 byte + fp32 scale / zero per 16 0.5 + 60 outliers
     # per head at 8 bytes 0.16 + rank-4 fp32 U 0.5, against 4; the 4 fp32 tokens and W's first
     # chunk of 4 block slots (4 x 4 x 32 fp32 per head) bring it to 0.55 of the fp32 cache; the

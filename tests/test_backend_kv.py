@@ -10,6 +10,7 @@ from packed_backend_helpers import (
     check_row_operations,
     check_triton_equals_torch,
     load_tiny,
+    prefill_cache,
 )
 
 from qeval.kv.cache import held_bytes, packed_layout_bytes
@@ -78,18 +79,10 @@ def test_row_selection_and_expansion_keep_each_row_intact(model_and_tokenizer):
 def test_prefill_leaves_only_the_residual_in_full_precision(model_and_tokenizer):
     """After a prefill of 100 >> R tokens the layer holds packed words, not the prompt: keys past
     the last whole block of R and the last R values stay in full precision, nothing more."""
-    model, tok = model_and_tokenizer
-    method = kivi("triton")
-    model.set_attn_implementation(method.attention_implementation("sdpa"))
-    ids = torch.randint(3, model.config.vocab_size, (1, 100), device=DEV)
-    cache = Handle(model, tok, method, "cache").new_cache(torch.ones_like(ids))
-    with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
-    model.set_attn_implementation("sdpa")
+    cache, H, D = prefill_cache(*model_and_tokenizer, kivi("triton"), 100)
     for layer in cache.layers:
         assert layer.k_res.shape[2] == 100 % 16 and layer.v_res.shape[2] == 16, (layer.k_res.shape, layer.v_res.shape)
         assert layer.dk == [96] and layer.dv == [84]
-    H, D = cache.layers[0].k_res.shape[1], cache.layers[0].k_res.shape[3]
     fp32_cache = len(cache.layers) * 2 * H * 100 * D * 4
     # 2-bit codes with fp32 scale / zero per 16 are 0.75 byte per element against 4; with 20 of
     # 100 tokens in fp32 that is about 0.35 of the fp32 cache (R-token chunks of capacity add
