@@ -47,8 +47,9 @@ step() {   # step NAME SECONDS COMMAND...: run with a limit, log to $RES/gpu_che
     [ "$rc" = 0 ] || status=1
 }
 
-# compilation dominates the tests: spread it over workers when pytest-xdist is there
-XDIST=()
+# compilation dominates the tests: spread it over workers when pytest-xdist is there; without it,
+# the project's own addopts (which ask for xdist's workers) are replaced
+XDIST=(-o addopts=-q)
 $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 step tests 170 $PY -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" \
     --junitxml="$RES/gpu_check-tests.xml" \
