@@ -1,13 +1,20 @@
-"""qeval: evaluate quantized LLMs (weights, activations, KV cache) and turn results into rows."""
+"""qeval: evaluate quantized LLMs (weights, activations, KV cache) and turn results into rows.
 
+Importing this package imports nothing heavy (no torch, transformers or lm-eval), so that
+``python -m qeval --help`` and ``--version`` answer at once.
+"""
+
+from importlib import metadata
 from pathlib import Path
 
-__version__ = "0.1.0"
+try:
+    __version__ = metadata.version("qeval")
+except metadata.PackageNotFoundError:   # run from a checkout that was never installed
+    __version__ = "0+unknown"
 
-# the Hydra config tree (configs/ beside the package in a checkout, which is how qeval is installed)
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# the Hydra config tree ships inside the package, so a wheel installed anywhere finds it
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-# Triton reads TRITON_INTERPRET when it is imported (its own library functions, tl.sum and the
-# like, are decorated then), and transformers imports it through torch._dynamo: choose the
+# Triton reads TRITON_INTERPRET when it is imported, and transformers imports it: choose the
 # interpreter (on a machine without CUDA) before anything else is imported.
 from qeval.kernels import _env as _kernel_env  # noqa: E402,F401

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -163,7 +164,7 @@ def cell_lock(run_dir: Path, block: bool = True):
                 return
             f.seek(0)
             holder = f.read().strip() or "another process"
-            print(f"qeval: {run_dir.name} is being computed by {holder}; waiting for it", flush=True)
+            logging.getLogger(__name__).info(f"qeval: {run_dir.name} is being computed by {holder}; waiting for it")
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             waited = True
         try:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -23,6 +22,8 @@ from qeval.model.linear import quantize_linears
 from qeval.model.memory import PeakMemory
 from qeval.tasks import TASKS
 from qeval.validate import validate
+
+log = logging.getLogger(__name__)
 
 
 def prepare(cfg):
@@ -75,7 +76,7 @@ def record_failure(cfg, run_dir: Path, error: str) -> dict:
     """Write a failed row for a cell whose method was never built (a bad config in a sweep, a cell
     killed from outside), labelled as its bits would label it."""
     run_id = run_dir.name
-    print(f"qeval: failed: {error}", file=sys.stderr)
+    log.error(f"qeval: failed: {error}")
     formats = Formats.from_config(cfg)
     try:   # labels as the method would give them, where the bits themselves are valid
         b = Bits.from_config(cfg)
@@ -97,19 +98,19 @@ def _finished(cfg, run_id: str, run_dir: Path, say: bool = True) -> dict | None:
     """The skip result when this cell is finished and its files agree; says why it is not."""
     result, problem = results.read_finished(run_dir)
     if problem and say:
-        print(f"qeval: {run_id}: {problem}; recomputing", file=sys.stderr)
+        log.warning(f"qeval: {run_id}: {problem}; recomputing")
     if problem or result is None or result.get("status") != "ok":
         return None
     then, now = result.get("git_commit"), results.git_commit()
     if then != now:
         if cfg.get("resume", "skip") == "strict":
             if say:
-                print(f"qeval: {run_id} was finished by qeval at commit {then}, this is {now}; "
-                      f"resume=strict: recomputing", file=sys.stderr)
+                log.warning(f"qeval: {run_id} was finished by qeval at commit {then}, this is {now}; "
+                            f"resume=strict: recomputing")
             return None
-        print(f"qeval: {run_id} was finished by qeval at commit {then}, this is {now}; kept "
-              f"(resume=strict recomputes it)", file=sys.stderr)
-    print(f"qeval: {run_id} already done in {run_dir} (force=true recomputes)")
+        log.warning(f"qeval: {run_id} was finished by qeval at commit {then}, this is {now}; kept "
+                    f"(resume=strict recomputes it)")
+    log.info(f"qeval: {run_id} already done in {run_dir} (force=true recomputes)")
     return {"status": "skipped", "run_dir": str(run_dir)}
 
 
@@ -146,7 +147,7 @@ def _compute(cfg, run_id: str, run_dir: Path) -> dict:
     try:
         method = build_method(cfg)
     except Exception as e:  # validated, so unexpected: still a failed row, never a lost cell
-        traceback.print_exc(file=sys.stderr)
+        log.exception("qeval: building the method failed")
         return record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
     rows, status, error, bad_input = [], "ok", None, None
     device = loading.resolve_device(cfg.device)
@@ -176,7 +177,7 @@ def _compute(cfg, run_id: str, run_dir: Path) -> dict:
         if isinstance(e, ConfigError) and not _in_sweep():
             bad_input = e  # found only once the model is loaded (e.g. its attention code)
         else:
-            traceback.print_exc(file=sys.stderr)
+            log.exception(f"qeval: {run_id} failed")
         rows.append(base_row(cfg, method, run_id) | {"device": str(device), "task": ",".join(cfg.task),
                                                       "metric": None, "value": None, "status": "failed",
                                                       "error": error})

@@ -1,150 +1,31 @@
 """Bad input gets one line naming the key, the value and what is allowed, before any model loads.
 
-Two passes: ``check_overrides`` reads the command line against the config tree (unknown groups,
-options and keys, with a did-you-mean) before Hydra composes anything; ``check_config`` reads the
-composed config against the method and the model's architecture config (bits, group sizes,
-targets, semantics, availability offline).
+Two passes: :mod:`qeval.overrides` reads the command line against the config tree (unknown
+groups, options and keys, with a did-you-mean) before Hydra composes anything and before torch is
+imported; ``check_config`` here reads the composed config against the method and the model's
+architecture config (bits, group sizes, targets, semantics, availability offline).
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-import yaml
-from omegaconf import OmegaConf
-
-from qeval import CONFIG_DIR
+from qeval import CONFIG_DIR  # noqa: F401  (re-exported: tests and scripts read it from here)
 from qeval.calibration import stage as calibration
 from qeval.errors import ConfigError
+from qeval.kv.attention import routes_registered_attention
 from qeval.methods import METHODS
 from qeval.methods.base import Bits
-from qeval.methods.build import build_method, calls_registered_attention
+from qeval.methods.build import build_method
 from qeval.model import loading
 from qeval.quant import formats as F
+from qeval.quant.primitives import FULL_PRECISION_BITS
+from qeval.overrides import (  # noqa: F401  (check_composes, check_overrides re-exported)
+    _did_you_mean, check_composes, check_known_keys, check_overrides, check_results_dir, options)
 from qeval.tasks import CHECKS, TASKS
-
-GROUPS = ("model", "method", "calibration", "task", "experiment")
-
-
-def _did_you_mean(value: str, options) -> str:
-    close = difflib.get_close_matches(value, list(options), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-
-
-def _values(raw: str) -> list[str]:
-    raw = raw.strip()
-    if raw.startswith(("choice(", "range(", "glob(", "interval(")):
-        return []  # sweep functions are left to Hydra
-    raw = raw.strip("[]")
-    return [v.strip() for v in raw.split(",") if v.strip()]
-
-
-def check_overrides(argv: list[str]) -> None:
-    top = yaml.safe_load((CONFIG_DIR / "config.yaml").read_text())
-    top_keys = set(top) - {"defaults"}
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, _, value = arg.partition("=")
-        key = key.lstrip("+~")
-        if key.startswith("hydra"):
-            continue
-        head = key.split(".")[0]
-        if key in GROUPS:
-            allowed = options(key)
-            for v in _values(value):
-                if v not in allowed:
-                    raise ConfigError(f"{key}={v}: unknown {key}{_did_you_mean(v, allowed)} "
-                                      f"(allowed: {', '.join(allowed)})")
-        elif head not in top_keys and head not in GROUPS:   # with or without +
-            known = sorted(top_keys | set(GROUPS))
-            raise ConfigError(f"{key}={value}: unknown key{_did_you_mean(head, known)} "
-                              f"(top-level keys: {', '.join(known)})")
-
-
-def _one_line(e: Exception) -> str:
-    """Hydra's and OmegaConf's multi-line messages as one line, without their internal details."""
-    skip = ("full_key", "object_type", "reference_type", "To append", "Set the environment")
-    lines = [l.strip() for l in str(e).splitlines() if l.strip() and not l.strip().startswith(skip)]
-    return "; ".join(lines) or type(e).__name__
-
-
-def check_composes(argv: list[str]) -> None:
-    """Every cell the command line asks for composes (Hydra's own errors, as one line), no node
-    holds a key its YAML does not define, and results can be written; before Hydra starts, so
-    nothing runs or is written."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from qeval.sweep import expand
-
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    for arg in overrides:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+~") == "task" and value.strip() in ("[]", ""):
-            raise ConfigError(f"task={value}: at least one task (allowed: {', '.join(options('task'))})")
-    def composed(cell: list[str]):
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose("config", overrides=cell)
-
-    try:
-        try:
-            _check_sweep_has_multirun(argv, overrides, initialize_config_dir, compose)
-            cells = expand(overrides)
-            configs = [composed(cell) for cell in cells]
-        except HydraException as e:
-            raise _unknown_override(e, overrides, composed) from e
-        for cfg in configs:
-            check_results_dir(cfg.results_dir)
-            check_known_keys(cfg)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_one_line(e)) from e
-
-
-def _check_sweep_has_multirun(argv, overrides, initialize_config_dir, compose) -> None:
-    """``kv_bits=2,4`` sweeps only under ``-m`` (or an experiment that is a sweep)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    sweep = next((o.input_line for o in parsed if o.is_sweep_override()), None)
-    if sweep is None or any(a in ("-m", "--multirun") for a in argv):
-        return
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        mode = compose("config", overrides=fixed, return_hydra_config=True).hydra.get("mode")
-    if str(mode) != "RunMode.MULTIRUN" and str(mode) != "MULTIRUN":
-        key, _, value = sweep.partition("=")
-        raise ConfigError(f"{sweep}: a sweep needs -m (python -m qeval -m {sweep}); a list is "
-                          f"{key}=[{value}]")
-
-
-def _unknown_override(e: Exception, cell: list[str], composed) -> Exception:
-    """Hydra's "Could not override 'method.foo'" as qeval's unknown-key line, naming the keys the
-    node has; any other composition error unchanged."""
-    first = str(e).splitlines()[0] if str(e) else ""
-    if not first.startswith("Could not override '"):
-        return e
-    key = first.split("'")[1]
-    arg = next((a for a in cell if a.lstrip("+~").partition("=")[0] == key), f"{key}=")
-    try:   # the node as it composes without the unknown key
-        cfg = composed([a for a in cell if a != arg])
-        node = OmegaConf.select(cfg, key.rpartition(".")[0])
-    except Exception:   # noqa: BLE001 - only a nicer message is at stake; the original stands
-        return e
-    if node is None or not hasattr(node, "keys"):
-        return e
-    leaf, known = key.rpartition(".")[2], set(node.keys())
-    return ConfigError(f"{key}={arg.partition('=')[2]}: unknown key{_did_you_mean(leaf, known)} "
-                       f"({key.rpartition('.')[0]} has: {', '.join(sorted(known))})")
 
 
 def _bits(cfg) -> dict[str, int]:
@@ -243,44 +124,6 @@ def check_config(cfg, method_cls) -> None:
     method_cls.check(cfg)
 
 
-def check_results_dir(results_dir) -> None:
-    """A directory, or a place one can be made: its nearest existing ancestor is a writable
-    directory (nothing is created here)."""
-    path = Path(str(results_dir)).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"results_dir={results_dir}: exists and is not a directory; allowed: a directory")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"results_dir={results_dir}: {probe} is not writable; allowed: a writable directory")
-
-
-def yaml_keys(group: str, option: str) -> set[str]:
-    """The keys an option's YAML defines (``configs/<group>/<option>.yaml``)."""
-    node = yaml.safe_load((CONFIG_DIR / group / f"{option}.yaml").read_text()) or {}
-    return set(node) - {"defaults"}
-
-
-MODEL_KEYS = ("name", "path", "revision", "trust_remote_code", "random_config")
-
-
-def check_known_keys(cfg) -> None:
-    """Every key of the method's and the tasks' nodes is one its YAML defines, so a key added with
-    ``+`` (a typo Hydra would otherwise accept) is refused like any unknown key."""
-    nodes = [("method", cfg.method, yaml_keys("method", cfg.method.name)),
-             ("model", cfg.model, set(MODEL_KEYS))]
-    if "calibration" in cfg and cfg.calibration.name in options("calibration"):
-        nodes.append(("calibration", cfg.calibration, yaml_keys("calibration", cfg.calibration.name)))
-    nodes += [(f"task.{name}", node, yaml_keys("task", name)) for name, node in cfg.task.items()
-              if name in options("task")]
-    for prefix, node, known in nodes:
-        for key in node:
-            if key not in known:
-                raise ConfigError(f"{prefix}.{key}={node[key]}: unknown key{_did_you_mean(key, known)} "
-                                  f"({prefix} has: {', '.join(sorted(known))})")
-
-
 def hub_reachable(timeout: float = 3.0) -> bool:
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
@@ -343,7 +186,28 @@ def check_against_model(cfg, arch_cfg, method_cls) -> None:
     check_format_blocks(cfg, widths, head_dim)
     method_cls.check_model(cfg, widths, head_dim)
     method_cls.check_architecture(cfg, arch_cfg)
+    check_attention_route(cfg, arch_cfg, method_cls)
     check_fused_decode(cfg, arch_cfg)
+
+
+def check_attention_route(cfg, arch_cfg, method_cls) -> None:
+    """``simulated`` semantics quantize K/V inside a registered attention function, and eviction
+    methods read scores or swap masks in theirs: a model whose attention never calls registered
+    functions would measure full precision, or fail after loading. Asked of the model by building
+    its architecture on the meta device, never by its family name."""
+    b = Bits.from_config(cfg)
+    simulated_kv = cfg.kv_semantics == "simulated" and min(b.k, b.v) < FULL_PRECISION_BITS
+    if not (simulated_kv or method_cls.evicts) or routes_registered_attention(arch_cfg):
+        return
+    kind = arch_cfg.get_text_config().model_type
+    quantizers = sorted(n for n, c in METHODS.items() if "KV" in c.targets and not c.evicts)
+    if simulated_kv:
+        raise ConfigError(f"kv_semantics=simulated: model {cfg.model.name} ({kind}) runs its own attention code, "
+                          f"not transformers' AttentionInterface, so K/V would not be quantized; "
+                          f"allowed: kv_semantics=cache")
+    raise ConfigError(f"method={cfg.method.name}: model {cfg.model.name} ({kind}) runs its own attention code, "
+                      f"not transformers' AttentionInterface, which this method's attention function needs; "
+                      f"allowed: a method that only quantizes K/V ({', '.join(quantizers)})")
 
 
 def check_fused_decode(cfg, arch_cfg) -> None:
@@ -355,7 +219,7 @@ def check_fused_decode(cfg, arch_cfg) -> None:
         return
     kind = arch_cfg.get_text_config().model_type
     # the method built as the run builds it: only it knows whether its layout fits the kernels
-    if calls_registered_attention(kind) or getattr(
+    if routes_registered_attention(arch_cfg) or getattr(
             build_method(cfg, registered_attention=True), "kv_backend", "torch") != "triton":
         return
     raise ConfigError(f"backend=triton: method {cfg.method.name} decodes on packed words in a registered "

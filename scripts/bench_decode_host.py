@@ -18,7 +18,7 @@ each step) and GEAR's corrections over every packed token are device work on a G
 CPU they also evict the caches the decode's Python then misses (``us_decode_in_loop``).
 ``--device cuda`` (kernels still stubbed) times the host side alone.
 Llama-2-7B-like shapes: 32 heads x head_dim 128, fp16, the methods' shipped settings
-(configs/method/*.yaml), a prompt of ``--context`` tokens prefilled first. Each case reports
+(qeval/configs/method/*.yaml), a prompt of ``--context`` tokens prefilled first. Each case reports
 medians over ``--steps`` steps in ``--out`` (one row per case).
 """
 

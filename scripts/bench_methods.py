@@ -42,7 +42,7 @@ def quantized_cache_backend() -> str | None:
 
 def method_cache_factory(model, name: str, bits: int):
     """() -> a fresh qeval cache for ``name`` at ``bits`` (H2O: 16), with its attention function set."""
-    cfg = OmegaConf.load(ROOT / "configs" / "method" / f"{name}.yaml")
+    cfg = OmegaConf.load(ROOT / "qeval" / "configs" / "method" / f"{name}.yaml")
     b = 16 if name == "h2o" else bits
     method = METHODS[name](cfg, Knobs(Bits(16, 16, b, b), kv_semantics="cache"))
     attention = method.attention_implementation("sdpa")
@@ -78,7 +78,7 @@ def time_generate(model, caches: dict, ids, new_tokens: int, repeats: int) -> di
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny-random", help="a configs/model/<name>.yaml")
+    ap.add_argument("--model", default="tiny-random", help="a qeval/configs/model/<name>.yaml")
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--bits", type=int, default=2, choices=[2, 4])
@@ -88,7 +88,7 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_cfg = OmegaConf.load(ROOT / "configs" / "model" / f"{args.model}.yaml")
+    model_cfg = OmegaConf.load(ROOT / "qeval" / "configs" / "model" / f"{args.model}.yaml")
     model, _ = loading.load(model_cfg, "cpu", "float32", "sdpa", 0)
     vocab = model.config.vocab_size
     backend = quantized_cache_backend()

@@ -4,7 +4,7 @@
 #   scripts/regenerate_figures.sh STUDY [overrides...]
 #   scripts/regenerate_figures.sh all_smoke
 #
-# STUDY is an experiment in configs/experiment/ (qllm_eval_w, qllm_eval_wa, qllm_eval_kv, kivi,
+# STUDY is an experiment in qeval/configs/experiment/ (qllm_eval_w, qllm_eval_wa, qllm_eval_kv, kivi,
 # gear, h2o, or any *_smoke variant); all_smoke runs every smoke variant into one directory.
 # Environment:
 #   LAUNCHER     basic (one process, default) | local (parallel subprocesses) | slurm

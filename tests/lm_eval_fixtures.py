@@ -76,7 +76,7 @@ def write_longbench(root: Path, subsets, n: int = 2, context_chars: int = 900, s
 
 def task_cfg(name: str, **overrides):
     """The task's shipped config with overrides, as the runner hands it to the task."""
-    base = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "task" / f"{name}.yaml")
+    base = OmegaConf.load(Path(__file__).resolve().parent.parent / "qeval" / "configs" / "task" / f"{name}.yaml")
     return OmegaConf.merge(base, overrides)
 
 
@@ -86,7 +86,7 @@ def handle_for(*overrides: str):
 
     from qeval.run import prepare, validate
 
-    config_dir = str(Path(__file__).resolve().parent.parent / "configs")
+    config_dir = str(Path(__file__).resolve().parent.parent / "qeval" / "configs")
     with initialize_config_dir(config_dir=config_dir, version_base="1.3", job_name="test"):
         cfg = compose("config", overrides=["model=tiny-random", "device=cpu", *overrides])
     validate(cfg)

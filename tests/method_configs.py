@@ -1,4 +1,4 @@
-"""Methods built the way a run builds them: from their shipped YAML (``configs/method/<name>.yaml``)
+"""Methods built the way a run builds them: from their shipped YAML (``qeval/configs/method/<name>.yaml``)
 with a few keys overridden, so a test never retypes a method's parameters.
 
 ``CONTRACT`` is the table every registered method must have a row in (tests/test_method_contract.py

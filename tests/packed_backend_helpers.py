@@ -22,7 +22,7 @@ PROMPTS = ["the passkey is 4721. what is it?", "hello there"]
 
 
 def load_tiny(dtype: str = "float32"):
-    cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "model", "tiny-random.yaml"))
+    cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "qeval", "configs", "model", "tiny-random.yaml"))
     return loading.load(cfg, DEV, dtype, "sdpa", 0)
 
 

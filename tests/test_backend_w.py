@@ -21,7 +21,7 @@ from qeval.model.linear import PackedQuantLinear, QuantLinear, quantize_linears
 from qeval.quant.primitives import relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-MODEL_CFG = OmegaConf.load(Path(__file__).parents[1] / "configs/model/tiny-random.yaml")
+MODEL_CFG = OmegaConf.load(Path(__file__).parents[1] / "qeval/configs/model/tiny-random.yaml")
 PROMPTS = ["The pass key is 4217. Remember it.", "Go on:"]
 
 

@@ -27,7 +27,7 @@ PROMPTS = ["the grass is green. the sky is blue. here we go", "there and back ag
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "model", "tiny-random.yaml"))
+    cfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "qeval", "configs", "model", "tiny-random.yaml"))
     return loading.load(cfg, "cpu", "float32", "sdpa", 0)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from method_configs import method_params
 from omegaconf import OmegaConf
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, OWN_ATTENTION, runs_registered_attention, tiny_model
 from transformers import DynamicCache
 
 from qeval.errors import ConfigError
@@ -80,7 +80,9 @@ def test_kv_cache_semantics(family):
     assert 0 < packed_layout_bytes(cache, m4) < held_bytes(cache) / 4
 
     sim = copy.deepcopy(model)
-    if family == "falcon":  # Falcon has its own attention code, outside AttentionInterface
+    # whether attention runs registered functions is the model's own behaviour (Falcon's changed
+    # in transformers 5.25); where it does not, simulated must refuse rather than measure fp
+    if not runs_registered_attention(copy.deepcopy(model)):
         with pytest.raises(ConfigError, match="kv_semantics=simulated"):
             simulated.install(sim, m4, "sdpa")
         return
@@ -89,6 +91,25 @@ def test_kv_cache_semantics(family):
     real = enc["attention_mask"].bool()
     assert not torch.equal(out_sim[real], ref[real])
     assert relative_error(ref[real], out_sim[real]) < 0.5
+
+
+@pytest.mark.parametrize("family", list(FAMILIES) + list(OWN_ATTENTION))
+def test_attention_route_probe_agrees_with_a_real_forward(family):
+    """qeval's pre-load probe (the architecture on the meta device) gives the answer a real forward
+    of the loaded model gives, for families that route through AttentionInterface and those that
+    do not."""
+    from qeval.kv.attention import routes_registered_attention
+    model, _ = tiny_model(family)
+    truth = runs_registered_attention(model)
+    assert routes_registered_attention(model.config) is truth
+    if family in OWN_ATTENTION:
+        assert truth is False
+
+
+def test_simulated_is_refused_where_attention_ignores_registered_functions():
+    model, _ = tiny_model(next(iter(OWN_ATTENTION)))
+    with pytest.raises(ConfigError, match="kv_semantics=simulated: .* does not route attention"):
+        simulated.install(model, method(kv=4), "sdpa")
 
 
 def test_left_padding_does_not_change_a_sequence():

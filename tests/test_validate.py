@@ -76,9 +76,16 @@ BAD_INPUTS = [
     (["model.random_config.hidden_size=80", "kv_format=nvfp4"],
      ("kv_format=nvfp4: its 16-element blocks do not divide head_dim=20 of model tiny-random; allowed: int, "
       "fp8_e4m3, fp8_e5m2")),
-    (["method=kivi", "kv_bits=2", "backend=triton", "model.random_config.model_type=falcon"],
+    (["method=kivi", "kv_bits=2", "backend=triton", "model.random_config.model_type=bloom"],
      ("backend=triton: method kivi decodes on packed words in a registered attention function, which model "
-      "tiny-random (falcon) never calls; allowed: backend=torch or auto")),
+      "tiny-random (bloom) never calls; allowed: backend=torch or auto")),
+    (["kv_bits=4", "kv_semantics=simulated", "model.random_config.model_type=bloom"],
+     ("kv_semantics=simulated: model tiny-random (bloom) runs its own attention code, not transformers' "
+      "AttentionInterface, so K/V would not be quantized; allowed: kv_semantics=cache")),
+    (["method=h2o", "model.random_config.model_type=bloom"],
+     ("method=h2o: model tiny-random (bloom) runs its own attention code, not transformers' AttentionInterface, "
+      "which this method's attention function needs; allowed: a method that only quantizes K/V (gear, group, "
+      "kivi, uniform)")),
     (["method=awq", "w_bits=4", "method.scales_file=/no/such/awq.pt"],
      "method.scales_file=/no/such/awq.pt: no such file; allowed: an llm-awq cache"),
     (["method=smoothquant", "w_bits=8", "a_bits=8", "method.scales_file=A_FILE"],
@@ -154,11 +161,11 @@ def test_command_line_exits_2_with_one_line_and_no_traceback(args, expected, tmp
     assert not (tmp_path / "runs").exists()  # nothing ran, nothing written
 
 
-@pytest.mark.parametrize("model_type,expected", [("falcon", "torch"), ("llama", "triton")])
+@pytest.mark.parametrize("model_type,expected", [("bloom", "torch"), ("llama", "triton")])
 def test_auto_backend_keeps_the_cache_on_torch_where_attention_ignores_registered_functions(
         model_type, expected, monkeypatch, tmp_path):
     # backend=auto on CUDA resolves to triton; a model whose attention never runs the registered
-    # decode-on-packed-words function (Falcon) must then keep KIVI's cache on torch, not crash
+    # decode-on-packed-words function (BLOOM) must then keep KIVI's cache on torch, not crash
     from qeval.methods import build
     monkeypatch.setattr(build, "resolve_backend", lambda backend, device: "triton")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):

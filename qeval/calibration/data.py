@@ -2,7 +2,7 @@
 method's own preset, checked and loaded before any weights.
 
 ``calibration=auto`` (the default) resolves to the preset the method's YAML names in its
-``calibration`` key (``configs/calibration/<preset>.yaml``: the paper's own setting), or to ``toy``
+``calibration`` key (``qeval/configs/calibration/<preset>.yaml``: the paper's own setting), or to ``toy``
 on the embedded toy model without a ``data_dir``; any key set in the ``calibration`` node replaces
 the preset's. A sample is a (1, T) tensor of token ids, run through the model alone (no padding).
 

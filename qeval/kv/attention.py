@@ -9,10 +9,12 @@ modules, and a forward without such a cache finds nothing pending and runs the b
 
 from __future__ import annotations
 
+import copy
 import itertools
+import logging
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
@@ -66,3 +68,44 @@ class PendingLayers:
 
     def take(self, layer_idx: int):
         return self._layers.pop(layer_idx, None)
+
+
+
+_PROBE = "qeval_probe_sdpa"
+_probe_calls = [0]
+_routes: dict[str, bool] = {}   # architecture config (JSON) -> answer; a sweep asks once per model
+
+
+def _probe(module, query, key, value, attention_mask, **kwargs):
+    _probe_calls[0] += 1
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def routes_registered_attention(arch_config) -> bool:
+    """Whether a model of this architecture runs the attention function ``set_attn_implementation``
+    selects, found by what the model does rather than by its family name: the architecture is built
+    on the meta device (no memory, no weights), switched to a counting function and run on two
+    tokens. Falcon, for one, ignored registered functions before transformers 5.25 and calls them
+    since; BLOOM and MPT still hard-code their attention."""
+    key = arch_config.to_json_string()
+    if key not in _routes:
+        _routes[key] = _count_probe_calls(copy.deepcopy(arch_config)) > 0
+    return _routes[key]
+
+
+def _count_probe_calls(arch_config) -> int:
+    AttentionInterface.register(_PROBE, _probe)
+    AttentionMaskInterface.register(_PROBE, sdpa_mask)
+    hf_logger = logging.getLogger("transformers")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)   # "does not support setting its attention implementation" is the answer
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(arch_config)
+        model.set_attn_implementation(_PROBE)
+        before = _probe_calls[0]
+        with torch.no_grad():
+            model(input_ids=torch.ones(1, 2, dtype=torch.long, device="meta"))
+        return _probe_calls[0] - before
+    finally:
+        hf_logger.setLevel(level)

@@ -1,6 +1,6 @@
 """Quantization and eviction methods, one file each (plus a packed variant where real low-bit
 storage exists). ``METHODS`` is the table the runner and validation read: registry key = module
-name = config file name (``configs/method/<name>.yaml``)."""
+name = config file name (``qeval/configs/method/<name>.yaml``)."""
 
 from qeval.methods.awq import AWQ
 from qeval.methods.base import Method

@@ -122,7 +122,7 @@ class Method:
     evicts: ClassVar[bool] = False
     # a calibrated method (GPTQ, SmoothQuant, AWQ) computes something from calibration data between
     # model load and the Linear swap (qeval.calibration); its YAML's ``calibration`` key names the
-    # preset (configs/calibration/) that ``calibration=auto`` resolves to
+    # preset (qeval/configs/calibration/) that ``calibration=auto`` resolves to
     calibrates: ClassVar[bool] = False
     # kv_scale=static: FP8 K/V scales fixed per layer (qeval.calibration.kv_scales.KVScales), set
     # by the run once calibrated; None while K/V scales are dynamic (or not yet calibrated)

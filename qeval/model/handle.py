@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from qeval.kv.cache import QevalCache, cache_kwarg, held_bytes, packed_layout_bytes
+from qeval.logs import Progress
 from qeval.methods.base import Method
 
 
@@ -38,10 +39,11 @@ class Handle:
     stats: Stats = field(default_factory=Stats)
     run_dir: object = None        # the run directory, where tasks may keep per-sample outputs
 
-    def progress_bar(self, total: int, desc: str):
-        """A progress bar with ETA for a task's samples (silent when stderr is not a terminal)."""
-        from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc, unit="sample", disable=None, leave=False)
+    def progress_bar(self, total: int, desc: str, unit: str = "sample"):
+        """Progress through a task's samples: a bar on a terminal, steady log lines otherwise
+        (:class:`qeval.logs.Progress`), with the tokens processed so far."""
+        return Progress(total, desc, unit, detail=lambda: f"{self.stats.prompt_tokens} prompt tokens, "
+                                                          f"{self.stats.generated_tokens} generated")
 
     @property
     def device(self) -> torch.device:

@@ -13,6 +13,8 @@ import string
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from qeval.kernels import _env
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 # ``path: "@name"`` names a model shipped inside the package (qeval/assets/<name>, e.g. the toy model)
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -37,6 +39,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def resolve_device(device: str) -> torch.device:
+    _env.confirm_with_torch()
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

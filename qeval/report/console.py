@@ -1,4 +1,4 @@
-"""The compact table a run prints at the end."""
+"""The compact table a run shows at the end (through the run's log)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "kv_semantics", "ta
            "length", "depth", "value", "n", "kv_bytes_held", "kv_bytes_packed", "seconds", "status"]
 
 
-def print_rows(rows: list[dict], full: bool = False) -> None:
+def rows_table(rows: list[dict], full: bool = False) -> str:
+    """The headline rows as a plain-text table ("" for no rows)."""
     if not rows:
-        return
+        return ""
     if not full:  # the headline numbers; per-cell, per-layer and per-subtask rows are in rows.jsonl
         rows = [r for r in rows if is_headline(r)] or rows
     df = pd.DataFrame(rows)
     cols = [c for c in COLUMNS if c in df and df[c].notna().any()]
     with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+        return df[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}")

@@ -1,4 +1,4 @@
-"""The Hydra callback registered in ``configs/config.yaml``. It runs in two places:
+"""The Hydra callback registered in ``qeval/configs/config.yaml``. It runs in two places:
 
 * in every cell's process (``on_job_start`` / ``on_job_end``), where it classifies the cell as
   ``done`` (computed now), ``skipped`` (a finished result with the same config hash already
@@ -43,9 +43,13 @@ from qeval.sweep.summary import (
 def classify(task_cfg: DictConfig, job_return: JobReturn, started: float) -> dict:
     """``done`` / ``skipped`` / ``failed`` for one finished cell, with the error if any."""
     if job_return.status == JobStatus.FAILED:
-        err = job_return._return_value
+        try:
+            job_return.return_value   # a failed job's return value raises its exception
+            err = RuntimeError("the job failed without an exception")
+        except Exception as e:  # noqa: BLE001 - any exception a cell raised is its error
+            err = e
         return {"status": "failed", "error": f"{type(err).__name__}: {err}", "run_dir": None}
-    said = job_return._return_value if isinstance(job_return._return_value, dict) else {}
+    said = job_return.return_value if isinstance(job_return.return_value, dict) else {}
     if said.get("status") == "failed" and not said.get("run_dir"):   # failed before writing a row
         return {"status": "failed", "error": said.get("error"), "run_dir": None}
     run_dir = run_dir_of(task_cfg)

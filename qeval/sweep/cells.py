@@ -3,6 +3,7 @@ rows land."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from qeval import CONFIG_DIR, results
+from qeval.errors import ConfigError
 
 
 def expand(overrides: Sequence[str], params: Mapping[str, object] | None = None) -> list[list[str]]:
@@ -24,7 +26,7 @@ def expand(overrides: Sequence[str], params: Mapping[str, object] | None = None)
 
     ``params`` are the ``hydra.sweeper.params`` to use, for a caller that already has the composed
     config (a Hydra callback). Without them, they are read from the config that the command line's
-    non-sweep overrides compose from ``configs/``; that initializes Hydra for the moment, so call it
+    non-sweep overrides compose from ``qeval/configs/``; that initializes Hydra for the moment, so call it
     outside any ``initialize`` context or ``@hydra.main``.
 
     >>> for cell in expand(["experiment=kivi_smoke", "kv_bits=16,2"]):  # kivi_smoke: kv_bits 2,4,16
@@ -32,7 +34,6 @@ def expand(overrides: Sequence[str], params: Mapping[str, object] | None = None)
     model=toy kv_bits=16 task=passkey experiment=kivi_smoke
     model=toy kv_bits=2 task=passkey experiment=kivi_smoke
     """
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = list(overrides)
@@ -45,9 +46,19 @@ def expand(overrides: Sequence[str], params: Mapping[str, object] | None = None)
             swept = [f"{k}={v}" for k, v in (head.hydra.sweeper.get("params") or {}).items()]
     else:
         swept = [f"{k}={v}" for k, v in params.items()]
-    # without a max_batch_size the basic sweeper makes one batch of every cell
-    (cells,) = BasicSweeper.split_arguments(parser.parse_overrides(swept + overrides), None)
-    return cells
+    # the basic sweeper's rule (BasicSweeper.split_arguments, Hydra 1.3), with Hydra's public
+    # override API: one list of values per key, a later key replacing an earlier one in its place
+    values: dict[str, list[str]] = {}
+    for o in parser.parse_overrides(swept + overrides):
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            values[key] = [f"{key}={o.get_value_element_as_str()}"]
+        elif o.is_discrete_sweep():
+            values[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        else:
+            raise ConfigError(f"{o.input_line}: the basic sweeper takes a list of values; allowed: k=a,b, "
+                              f"k=choice(a,b) or k=range(a,b) (interval() needs another sweeper)")
+    return [list(cell) for cell in itertools.product(*values.values())]
 
 
 def count_cells(config: DictConfig) -> int | None:

@@ -24,7 +24,6 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 from omegaconf import OmegaConf, open_dict
 
 from qeval import results
-from qeval.run import record_failure
 from qeval.sweep.cells import run_dir_of
 from qeval.sweep.summary import MARKER_DIR, record
 
@@ -84,10 +83,12 @@ class RecordsKilledCells(BaseSubmititLauncher):
             # another sweep computes this cell now and will write its own result
             finished, _ = results.read_finished(run_dir)
             if free is not None and not (finished and finished.get("status") == "ok"):
+                from qeval.run import record_failure   # torch: only when a cell really failed
                 record_failure(task_cfg, run_dir, error)
         if not marker.exists():
             record(sweep_dir, {"status": "failed", "error": error, "run_dir": str(run_dir), "job": job_num,
                                "overrides": overrides, "seconds": None})
         # COMPLETED, so that Hydra's sweeper (which re-raises a failed job's error) goes on
-        return JobReturn(overrides=overrides, cfg=task_cfg, status=JobStatus.COMPLETED,
-                         _return_value={"status": "failed", "error": error, "run_dir": str(run_dir)})
+        job_return = JobReturn(overrides=overrides, cfg=task_cfg, status=JobStatus.COMPLETED)
+        job_return.return_value = {"status": "failed", "error": error, "run_dir": str(run_dir)}
+        return job_return

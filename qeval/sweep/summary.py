@@ -9,6 +9,7 @@ processes (or on separate machines sharing a file system).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from qeval import results
@@ -23,8 +24,10 @@ def record(sweep_dir: Path, cell: dict) -> None:
     results.write_atomic(sweep_dir / MARKER_DIR / f"{job:06d}.json", json.dumps(cell, default=str))
     total = read_total(sweep_dir)
     finished = len(read_markers(sweep_dir))
-    print(f"qeval sweep: cell {job} {cell['status']} ({' '.join(cell['overrides'])}) "
-          f"[{finished}/{total if total is not None else '?'} finished]", flush=True)
+    # in the cell's own process: its log file gets the line too
+    logging.getLogger("qeval.sweep").info(
+        f"qeval sweep: cell {job} {cell['status']} ({' '.join(cell['overrides'])}) "
+        f"[{finished}/{total if total is not None else '?'} finished]")
 
 
 def read_total(sweep_dir: Path) -> int | None:

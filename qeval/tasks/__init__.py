@@ -1,6 +1,6 @@
 """Tasks: each evaluates a :class:`qeval.model.handle.Handle` with its config node and returns
 metric rows, and checks its own keys before any model loads. ``TASKS`` and ``CHECKS`` are the
-tables the runner and validation read: key = config file name (``configs/task/<name>.yaml``)."""
+tables the runner and validation read: key = config file name (``qeval/configs/task/<name>.yaml``)."""
 
 from collections.abc import Callable
 

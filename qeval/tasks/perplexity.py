@@ -154,7 +154,7 @@ def evaluate_perplexity(name: str, handle, cfg) -> list[dict]:
 
 
 def task(name: str):
-    """The task function for ``configs/task/<name>.yaml``."""
+    """The task function for ``qeval/configs/task/<name>.yaml``."""
     return lambda handle, cfg: evaluate_perplexity(name, handle, cfg)
 
 

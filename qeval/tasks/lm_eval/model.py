@@ -53,6 +53,7 @@ class QevalLM(HFLM):
         self.chat_template = chat_template
         # prompt as sent -> (tokens before truncation, tokens after), without the chat template
         self.input_lengths: dict[str, tuple[int, int]] = {}
+        self._generation_progress = None
 
     # ------------------------------------------------------------------ generation
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
@@ -66,6 +67,8 @@ class QevalLM(HFLM):
         s.prompt_tokens += int(mask.sum())
         s.generated_tokens += int((out[:, context.shape[1]:] != self.tokenizer.pad_token_id).sum())
         s.observe_cache(cache, self.handle.method)
+        if self._generation_progress is not None:
+            self._generation_progress.update(context.shape[0])
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False):
@@ -80,7 +83,13 @@ class QevalLM(HFLM):
                                                           tokenize=False, add_generation_prompt=True)
             self.input_lengths[text] = lengths
             req.arguments = (text, gen_kwargs)  # lm-eval logs the prompt as sent
-        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        # lm-eval's own bar is a terminal's; a log gets qeval's steady progress lines instead
+        self._generation_progress = self.handle.progress_bar(len(requests), "generate_until", "request")
+        try:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or self._generation_progress.bar is None)
+        finally:
+            self._generation_progress.close()
+            self._generation_progress = None
 
     def _fit(self, context: str, gen_kwargs: dict) -> tuple[str, tuple[int, int]]:
         """LongBench's truncation: if the prompt has more than ``budget`` tokens keep the first

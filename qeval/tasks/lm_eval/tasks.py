@@ -23,6 +23,7 @@ from qeval.errors import ConfigError
 from qeval.results import write_atomic
 from qeval.tasks import keys
 from qeval.tasks.lm_eval.model import QevalLM
+from qeval.tasks.lm_eval.task_yaml import entry_field, load_task_yaml
 
 SPLIT_KEYS = ("test_split", "validation_split", "training_split", "fewshot_split")
 
@@ -31,23 +32,22 @@ SPLIT_KEYS = ("test_split", "validation_split", "training_split", "fewshot_split
 def leaf_configs(manager, names) -> dict[str, dict]:
     """Every leaf task under ``names`` (tasks, groups or tags) -> its merged YAML config
     (with ``yaml_path``), read without building anything (building downloads the data)."""
-    from lm_eval.tasks._index import Kind
-    from lm_eval.tasks._yaml_loader import load_yaml
-
     out: dict[str, dict] = {}
+    tags, groups = set(manager.all_tags), set(manager.all_groups)
 
     def visit(name: str) -> None:
         entry = manager.task_index.get(name)
         if entry is None:
             raise ConfigError(f"lm_eval_tasks: '{name}' is not an lm-eval task, group or tag")
-        if entry.kind == Kind.TAG:
-            for t in sorted(entry.tags):
+        yaml_path = entry_field(entry, "yaml_path")
+        if name in tags:
+            for t in sorted(entry_field(entry, "tags") or ()):
                 visit(t)
-        elif entry.kind == Kind.GROUP:
-            for item in load_yaml(entry.yaml_path, resolve_func=False).get("task", []):
+        elif name in groups:
+            for item in load_task_yaml(yaml_path).get("task", []):
                 visit(item if isinstance(item, str) else item.get("task") or item.get("group"))
-        elif entry.yaml_path is not None:
-            out[name] = load_yaml(entry.yaml_path, resolve_func=False) | {"yaml_path": str(entry.yaml_path)}
+        elif yaml_path is not None:
+            out[name] = load_task_yaml(yaml_path) | {"yaml_path": str(yaml_path)}
 
     for n in names:
         visit(n)
@@ -272,7 +272,7 @@ def check(name: str, cfg, model) -> None:
 
 
 def task(name: str):
-    """The task function for lm-eval task group ``name`` (``configs/task/<name>.yaml``)."""
+    """The task function for lm-eval task group ``name`` (``qeval/configs/task/<name>.yaml``)."""
     return lambda handle, cfg: evaluate_lm_eval(name, handle, cfg)
 
 
