@@ -149,10 +149,14 @@ def check_results_dir(results_dir) -> None:
         raise ConfigError(f"results_dir={results_dir}: {probe} is not writable; allowed: a writable directory")
 
 
+def option_node(group: str, option: str) -> dict:
+    """An option's YAML as written (``qeval/configs/<group>/<option>.yaml``)."""
+    return yaml.safe_load((CONFIG_DIR / group / f"{option}.yaml").read_text()) or {}
+
+
 def yaml_keys(group: str, option: str) -> set[str]:
-    """The keys an option's YAML defines (``configs/<group>/<option>.yaml``)."""
-    node = yaml.safe_load((CONFIG_DIR / group / f"{option}.yaml").read_text()) or {}
-    return set(node) - {"defaults"}
+    """The keys an option's YAML defines."""
+    return set(option_node(group, option)) - {"defaults"}
 
 
 MODEL_KEYS = ("name", "path", "revision", "trust_remote_code", "random_config")

@@ -35,7 +35,9 @@ def prepare(cfg):
     # kv_scale=static: K/V scales from the same kind of stage, on the model before anything changes it
     kv_stage = (calibration.Stage(kv_scales.data_config(cfg), kv_scales.Calibration(method, kv_scales.mode(cfg)))
                 if kv_scales.is_static(cfg) else None)
+    started = time.perf_counter()
     model, tokenizer = loading.load(cfg.model, cfg.device, cfg.dtype, cfg.attn, cfg.seed)
+    log.info(f"qeval: model {cfg.model.name} loaded in {time.perf_counter() - started:.1f} s")
     facts = kv_scales.row(kv_stage.run(model)) if kv_stage else {}
     facts |= stage.run(model) if stage else {}
     facts |= quantize_linears(model, method, cfg.backend)

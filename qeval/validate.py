@@ -24,7 +24,7 @@ from qeval.model import loading
 from qeval.quant import formats as F
 from qeval.quant.primitives import FULL_PRECISION_BITS
 from qeval.overrides import (  # noqa: F401  (check_composes, check_overrides re-exported)
-    _did_you_mean, check_composes, check_known_keys, check_overrides, check_results_dir, options)
+    _did_you_mean, check_composes, check_known_keys, check_overrides, check_results_dir, option_node, options)
 from qeval.tasks import CHECKS, TASKS
 
 
@@ -165,8 +165,17 @@ def check_model_available(model_cfg) -> None:
         raise ConfigError(
             f"model.path={model_cfg.path}: not a local directory and not in the Hugging Face cache "
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and the hub is unreachable; "
-            f"pre-download it with `python scripts/prefetch.py model={model_cfg.name}` where there is "
+            f"pre-download it with `python -m qeval.prefetch {_model_override(model_cfg)}` where there is "
             f"network, or set model.path to a local copy")
+
+
+def _model_override(model_cfg) -> str:
+    """The override that names this model to another qeval command: its config option where one
+    holds this path, else the path itself (a model named after its folder has no option)."""
+    name = str(model_cfg.get("name"))
+    if name in options("model") and option_node("model", name).get("path") == model_cfg.path:
+        return f"model={name}"
+    return f"model.path={model_cfg.path}"
 
 
 def _dims(text_cfg) -> tuple[set[int], int]:

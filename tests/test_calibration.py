@@ -56,7 +56,7 @@ def test_bad_or_missing_calibration_is_one_line_before_any_weights_load(override
         validate(cfg)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
     if "could not be loaded" in message or "is missing" in message:   # advice that can be followed
-        assert "calibration.data_dir=" in str(e.value) and "scripts/prefetch.py calibration=gptq_c4" in str(e.value)
+        assert "calibration.data_dir=" in str(e.value) and "python -m qeval.prefetch calibration=gptq_c4" in str(e.value)
 
 
 def test_methods_that_do_not_calibrate_never_look_for_data():
@@ -212,8 +212,7 @@ def test_prefetch_writes_each_calibration_dataset_where_data_dir_reads_it(tmp_pa
     """With the hub replaced by a local fake (no network in tests): each preset's split is fetched
     once, written where ``calibration.data_dir`` reads it, and validation then finds it."""
     import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import prefetch
+    from qeval import prefetch
 
     asked = []
 

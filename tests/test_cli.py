@@ -2,9 +2,13 @@
 launcher; a rerun skips what is done."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROW_FIELDS = [
     "model", "method", "method.kv_granularity", "w_bits", "a_bits", "kv_bits", "k_bits", "v_bits",
@@ -78,12 +82,102 @@ def test_no_arguments_runs_the_demo_comparison(tmp_path):
 
 
 def test_hydra_flags_keep_their_arguments(tmp_path):
-    """results_dir is added before the user's arguments, so --cfg job and --help still work."""
+    """qeval's own overrides (results_dir) never split Hydra's flags from their values."""
     p = qeval("model=toy", "--cfg", "job", cwd=tmp_path)
     assert p.returncode == 0 and "name: toy" in p.stdout, p.stderr[-2000:]
     p = qeval("--help", cwd=tmp_path)
     assert p.returncode == 0 and "Configuration groups" in p.stdout, p.stderr[-2000:]
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("line", [
+    ["-m", "kv_bits=16,2", "method=uniform,group"],
+    ["kv_bits=16,2", "-m", "method=uniform,group"],
+    ["kv_bits=16,2", "method=uniform,group", "-m"],
+    ["kv_bits=16,2", "--multirun", "method=uniform,group"],
+])
+def test_a_sweep_line_with_flags_anywhere_shows_every_cell(line, tmp_path):
+    """Hydra takes overrides as one run of positionals; qeval puts its flags first, so -m may sit
+    anywhere, and --cfg job on a sweep prints each cell's config (Hydra refuses both together)."""
+    p = qeval(*line, "--cfg", "job", "task.passkey.lengths=[240]", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    heads = [l for l in p.stdout.splitlines() if l.startswith("# cell ")]
+    assert len(heads) == 4 and "kv_bits=2 method=group" in heads[-1], p.stdout[:2000]
+    assert not (tmp_path / "results").exists()
+    for flag in (["--help"], ["--info", "defaults"]):
+        p = qeval(*line, *flag, cwd=tmp_path)
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_sweep_line_runs_with_minus_m_in_the_middle(tmp_path):
+    p = qeval("kv_bits=16,4", "-m", "task.passkey.lengths=[240]", "task.passkey.depths=[0.5]", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "qeval sweep: 2 cells: done 2, skipped 0, failed 0" in p.stdout
+    assert sorted({r["kv_bits"] for r in rows_in(tmp_path / "results")}) == [4, 16]
+
+
+HEAVY = ("torch", "transformers", "lm_eval", "pandas", "triton", "datasets")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["method=unifrom"], ["kv_bit=2"],
+                                  ["-m", "kv_bits=2,4", "--cfg", "job"]])
+def test_the_cli_answers_without_heavy_imports(args, tmp_path):
+    """--help, --version, a refused override and --cfg import none of the libraries that take
+    seconds (read from python -X importtime, which lists every module imported)."""
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "qeval", *args], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    imported = {line.rpartition("|")[2].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+    assert imported, p.stderr[-2000:]
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    assert p.returncode == (2 if "=" in args[0] and "-m" not in args else 0), p.stderr[-2000:]
+
+
+def test_version_names_qeval_and_the_libraries_behind_its_numbers():
+    from importlib import metadata
+    p = qeval("--version")
+    assert p.returncode == 0
+    line = p.stdout.strip()
+    assert line.startswith(f"qeval {metadata.version('qeval')} ")
+    for lib in ("torch", "transformers", "lm-eval", "triton"):
+        assert f"{lib} {metadata.version(lib)}" in line, line
+
+
+def test_a_refused_run_leaves_no_folder(tmp_path):
+    """Found only with the model's architecture (BLOOM runs its own attention), still before Hydra
+    writes its run folder."""
+    p = qeval("model=tiny-random", "model.random_config.model_type=bloom", "kv_bits=4",
+              "kv_semantics=simulated", cwd=tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().count("\n") == 0 and "kv_semantics=simulated" in p.stderr
+    assert not list(tmp_path.iterdir()), list(tmp_path.rglob("*"))
+
+
+def test_a_launcher_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/bin{os.pathsep}/bin"}
+    if shutil.which("sbatch", path=env["PATH"]):
+        pytest.skip("sbatch is installed here")
+    p = subprocess.run([sys.executable, "-m", "qeval", "experiment=kivi_smoke", "hydra/launcher=slurm"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "sbatch is not on PATH" in lines[0], p.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_job_log_holds_what_the_console_shows_and_progress_lines(tmp_path):
+    """Off a terminal (here: a pipe) tqdm stays silent, so progress comes as log lines at the set
+    rate; the run's Hydra log file holds them and the table, like the console."""
+    env = os.environ | {"QEVAL_PROGRESS_SECONDS": "0"}
+    p = subprocess.run([sys.executable, "-m", "qeval", "model=tiny-random", "task=passkey",
+                        "task.passkey.lengths=[240]", "task.passkey.depths=[0.0,1.0]", "task.passkey.batch_size=1"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    progress = [l for l in p.stdout.splitlines() if l.startswith("passkey: ") and " samples " in l]
+    assert len(progress) >= 3 and progress[-1].startswith("passkey: 4/4 samples (100%)"), p.stdout
+    (log,) = (tmp_path / "results" / "hydra").rglob("qeval.log")
+    text = log.read_text()
+    for line in [*progress, "qeval: model tiny-random loaded in", "accuracy", "qeval: ok: "]:
+        assert line in text, (line, text[-2000:])
 
 
 def test_a_model_given_by_path_is_named_after_its_folder(tmp_path):

@@ -153,8 +153,7 @@ def test_missing_data_is_one_line_naming_dataset_and_override(tmp_path):
 
 
 def test_prefetch_lists_every_model_and_dataset_of_a_sweep(capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import prefetch
+    from qeval import prefetch
 
     assert prefetch.main(["model=tiny-random,llama2-7b", "task=[gsm8k,mmlu,passkey]", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()

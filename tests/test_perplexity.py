@@ -281,7 +281,7 @@ def test_a_missing_dataset_is_one_line_naming_it_and_the_override(task, where, t
     label = "Salesforce/wikitext/wikitext-2-raw-v1 (split test)" if task == "wikitext2" else \
         "allenai/c4/en/c4-validation.00000-of-00008.json.gz (split validation)"
     assert str(e.value) == (f"task={task}: dataset {label} could not be loaded (ConnectionError); run "
-                            f"scripts/prefetch.py task={task} where there is network, or set "
+                            f"`python -m qeval.prefetch task={task}` where there is network, or set "
                             f"task.{task}.data_dir=<dir with {where}>")
     with pytest.raises(ConfigError, match=rf"^task.{task}.data_dir={tmp_path}: {tmp_path / where} is missing"):
         validated("model=tiny-random", f"task={task}", f"task.{task}.data_dir={tmp_path}")
@@ -324,8 +324,7 @@ def test_lm_eval_wikitext_at_16_bits_equals_stock_hflm(tmp_path):
 
 
 def test_prefetch_lists_the_perplexity_datasets_but_not_the_toy_corpus(capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import prefetch
+    from qeval import prefetch
 
     assert prefetch.main(["model=tiny-random", "task=[wikitext2,c4,wikitext]", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()

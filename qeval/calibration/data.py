@@ -134,7 +134,7 @@ def check_available(spec: Spec) -> None:
 
 
 def source(spec: Spec):
-    """The node :mod:`qeval.data.corpus`'s loaders (and ``scripts/prefetch.py``) read."""
+    """The node :mod:`qeval.data.corpus`'s loaders (and ``python -m qeval.prefetch``) read."""
     return OmegaConf.create({"dataset_path": spec.dataset, "dataset_name": spec.dataset_name,
                              "data_files": spec.data_files, "split": spec.split or "train"})
 
@@ -143,8 +143,8 @@ def _local_path(spec: Spec) -> Path:
     path = corpus.local_file(spec.data_dir, source(spec))
     if not path.is_file():
         raise ConfigError(f"calibration.data_dir={spec.data_dir}: {path} is missing (dataset {spec.label}, "
-                          f"split {spec.split}); write it with scripts/prefetch.py calibration={spec.preset} "
-                          f"--data-dir {spec.data_dir} (or as JSON lines with a text field)")
+                          f"split {spec.split}); write it with `python -m qeval.prefetch calibration={spec.preset} "
+                          f"--data-dir {spec.data_dir}` (or as JSON lines with a text field)")
     return path
 
 
@@ -160,8 +160,8 @@ def texts(spec: Spec) -> Sequence[str]:
     except (ConnectionError, FileNotFoundError, DatasetNotFoundError) as e:   # offline and not cached
         local = corpus.local_file("<dir>", source(spec)).relative_to("<dir>")
         raise ConfigError(f"calibration: dataset {spec.label} (split {spec.split}) could not be loaded "
-                          f"({type(e).__name__}); run scripts/prefetch.py calibration={spec.preset} "
-                          f"[--data-dir <dir>] where there is network, then set calibration.data_dir=<dir with "
+                          f"({type(e).__name__}); run `python -m qeval.prefetch calibration={spec.preset}` "
+                          f"(with --data-dir <dir>) where there is network, then set calibration.data_dir=<dir with "
                           f"{local}> or use its Hugging Face cache") from e
 
 

@@ -3,7 +3,7 @@ cut into the windows a protocol scores.
 
 Datasets come from the Hugging Face hub (``datasets.load_dataset(dataset_path, dataset_name,
 data_files=..., split=...)``, as GPTQ's ``datautils.py`` loads them) or, offline, from a local copy
-laid out like the lm-eval tasks' (``scripts/prefetch.py --data-dir`` writes it)::
+laid out like the lm-eval tasks' (``python -m qeval.prefetch --data-dir`` writes it)::
 
     <data_dir>/<dataset_path>/<dataset_name, or the data file's path without .json.gz>/<split>.jsonl
 
@@ -154,7 +154,7 @@ def offline() -> bool:
 
 def missing_error(task: str, cfg, why: str) -> ConfigError:
     return ConfigError(f"task={task}: dataset {dataset_label(cfg)} (split {cfg.split}) could not be loaded ({why}); "
-                       f"run scripts/prefetch.py task={task} where there is network, or set "
+                       f"run `python -m qeval.prefetch task={task}` where there is network, or set "
                        f"task.{task}.data_dir=<dir with {local_file('<dir>', cfg).relative_to('<dir>')}>")
 
 
@@ -163,7 +163,7 @@ def require_local(task: str, cfg) -> Path:
     if not path.is_file():
         raise ConfigError(f"task.{task}.data_dir={cfg.data_dir}: {path} is missing (dataset "
                           f"{dataset_label(cfg)}, split {cfg.split}); write it with "
-                          f"scripts/prefetch.py task={task} --data-dir {cfg.data_dir}")
+                          f"`python -m qeval.prefetch task={task} --data-dir {cfg.data_dir}`")
     return path
 
 

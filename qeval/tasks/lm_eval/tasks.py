@@ -6,7 +6,7 @@ qeval owns the model (:class:`qeval.tasks.lm_eval.model.QevalLM`) and the rows. 
 
 Data: from the Hugging Face hub by default. ``data_dir`` points every leaf task at local JSON
 lines instead, laid out as ``<data_dir>/<dataset_path>/<dataset_name or default>/<split>.jsonl``
-(what ``scripts/prefetch.py --data-dir`` writes); the redirect is a generated YAML per leaf task
+(what ``python -m qeval.prefetch --data-dir`` writes); the redirect is a generated YAML per leaf task
 that ``include``s lm-eval's own and swaps only the dataset (``dataset_path: json``).
 """
 
@@ -83,7 +83,7 @@ def write_local_overrides(leaves: dict[str, dict], data_dir: Path, out_dir: Path
             if not (folder / f"{split}.jsonl").is_file():
                 raise ConfigError(f"{key}={data_dir}: {folder / f'{split}.jsonl'} is missing (dataset "
                                   f"{cfg['dataset_path']}/{cfg.get('dataset_name')}, split {split}); "
-                                  f"write it with scripts/prefetch.py --data-dir {data_dir}")
+                                  f"write it with `python -m qeval.prefetch {key.partition('.data_dir')[0].replace('.', '=', 1)} --data-dir {data_dir}`")
         files = {cfg[k]: str(folder / f"{cfg[k]}.jsonl") for k in SPLIT_KEYS
                  if cfg.get(k) and (folder / f"{cfg[k]}.jsonl").is_file()}
         override = {"include": cfg["yaml_path"], "task": name, "dataset_path": "json",
@@ -192,7 +192,7 @@ def missing_data_error(name: str, leaves: dict[str, dict], e: Exception) -> Conf
     ds = datasets_of(leaves)
     shown = ", ".join(p + (f"/{n}" if n else "") for p, n in ds[:3]) + (f" (+{len(ds) - 3} more)" if len(ds) > 3 else "")
     return ConfigError(f"task={name}: dataset {shown} could not be loaded ({type(e).__name__}); run "
-                       f"scripts/prefetch.py, or set task.{name}.data_dir=<dir with "
+                       f"`python -m qeval.prefetch task={name}` where there is network, or set task.{name}.data_dir=<dir with "
                        f"<dataset_path>/<dataset_name>/<split>.jsonl>")
 
 

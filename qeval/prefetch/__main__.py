@@ -1,0 +1,7 @@
+"""``python -m qeval.prefetch [overrides] [--data-dir DIR] [--dry-run]``."""
+
+import sys
+
+from qeval.prefetch import main
+
+sys.exit(main())
