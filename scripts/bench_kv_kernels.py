@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from qeval.kv.cache import cache_kwarg
+
 HQ, HKV, HEAD_DIM = 32, 32, 128        # Llama-2-7B attention
 GROUP, RESIDUAL = 32, 128              # KIVI's G and R
 BATCHES = [1, 4, 8, 16, 32, 64]
@@ -150,7 +152,7 @@ def _generate_seconds(model, method, batch: int, prompt: int, new: int) -> float
     cache = (QevalCache(method, 32, mask) if method else DynamicCache(config=model.config))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new,
+    model.generate(ids, attention_mask=mask, **{cache_kwarg(model): cache}, max_new_tokens=new,
                    min_new_tokens=new, do_sample=False, pad_token_id=0)
     torch.cuda.synchronize()
     return time.perf_counter() - t0

@@ -27,6 +27,7 @@ from transformers import DynamicCache, QuantizedCache
 
 ROOT = Path(__file__).resolve().parent.parent
 
+from qeval.kv.cache import cache_kwarg
 from qeval.methods import METHODS
 from qeval.methods.base import Bits, Knobs
 from qeval.model import loading
@@ -63,7 +64,7 @@ def time_generate(model, caches: dict, ids, new_tokens: int, repeats: int) -> di
         cache = make(mask)
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n,
+            model.generate(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): cache}, max_new_tokens=n,
                            min_new_tokens=n, do_sample=False, pad_token_id=0)
         return time.perf_counter() - t0
 

@@ -37,6 +37,8 @@ import bench_kv_kernels as kvb  # the KV helpers (a script beside this one)
 import torch
 from bench_kernels import SHAPES
 
+from qeval.kv.cache import cache_kwarg
+
 # relative error bounds: the kernels feed tl.dot in the activation dtype (8-bit mantissa for bf16)
 REL_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2}
 CHECK_ROWS = 4
@@ -199,13 +201,13 @@ def _decode_steps(model, method, ids, steps: int, device: str):
     n_layers = model.config.num_hidden_layers
     cache = QevalCache(method, n_layers, mask) if method else DynamicCache(config=model.config)
     model.set_attn_implementation((method and method.attention_implementation("sdpa")) or "sdpa")
-    out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    out = model(ids, attention_mask=mask, **{cache_kwarg(model): cache}, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        out = model(nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(nxt, attention_mask=mask, **{cache_kwarg(model): cache}, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
     _sync(device)
     seconds = (time.perf_counter() - t0) / max(1, steps)

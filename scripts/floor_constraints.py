@@ -3,22 +3,22 @@ the floor pyproject.toml declares (``name>=X`` -> ``name==X``), for ``scripts/ve
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
-from packaging.requirements import Requirement
+# name[extras] specifiers ; marker  (only what pyproject.toml writes: >=, <, ==, !=)
+REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*(?:\[[^\]]*\])?\s*([^;]*?)\s*(?:;\s*(.*))?$")
 
 
 def floors(pyproject: Path, extras: tuple[str, ...] = ("test",)) -> list[str]:
     project = tomllib.loads(pyproject.read_text())["project"]
     lines = []
     for spec in project["dependencies"] + [d for e in extras for d in project["optional-dependencies"][e]]:
-        req = Requirement(spec.split("#")[0].strip())
-        low = [s.version for s in req.specifier if s.operator == ">="]
-        if not low:
-            continue
-        marker = f"; {req.marker}" if req.marker else ""
-        lines.append(f"{req.name}=={low[0]}{marker}")
+        name, specifiers, marker = REQUIREMENT.match(spec.split("#")[0]).groups()
+        low = [v.strip() for op, v in re.findall(r"(>=|<=|==|!=|<|>)\s*([^,\s]+)", specifiers) if op == ">="]
+        if low:
+            lines.append(f"{name}=={low[0]}" + (f"; {marker}" if marker else ""))
     return lines
 
 

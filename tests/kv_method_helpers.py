@@ -9,6 +9,7 @@ from tiny_models import tiny_model
 from transformers import DynamicCache
 
 from qeval.kv import simulated
+from qeval.kv.cache import cache_kwarg
 from qeval.model.handle import Handle
 
 
@@ -32,13 +33,13 @@ def make_handle(name: str, bits: int = 16, semantics: str = "cache", attn: str =
 def greedy_loop(model, cache, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A manual decode loop (no ``generate``): prefill, then one token at a time; (tokens, logits)."""
     mask = torch.ones_like(ids)
-    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): cache}, use_cache=True)
     logits, tokens = [out.logits[:, -1]], []
     for _ in range(steps):
         nxt = logits[-1].argmax(-1, keepdim=True)
         tokens.append(nxt)
         mask = torch.cat([mask, torch.ones_like(nxt)], -1)
-        out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=nxt, attention_mask=mask, **{cache_kwarg(model): cache}, use_cache=True)
         logits.append(out.logits[:, -1])
     return torch.cat(tokens, -1), logits
 

@@ -12,7 +12,10 @@ from omegaconf import OmegaConf
 from tolerances import network_rounding, sum_rounding
 from transformers import LogitsProcessor
 
-from qeval.kv.cache import held_bytes
+from qeval.kv.cache import (
+    cache_kwarg,  # noqa: E402
+    held_bytes,
+)
 from qeval.model import loading
 from qeval.model.handle import Handle
 
@@ -60,7 +63,7 @@ def generate(model, tok, method, n_new=18, prompts=PROMPTS, force=None, record=F
     enc = tok(prompts, return_tensors="pt", padding=True).to(DEV)
     cache = handle.new_cache(enc["attention_mask"])
     recorder = _StepRecorder(cache, force) if record or force is not None else None
-    out = model.generate(**enc, past_key_values=cache, max_new_tokens=n_new, do_sample=False,
+    out = model.generate(**enc, **{cache_kwarg(model): cache}, max_new_tokens=n_new, do_sample=False,
                          pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
                          output_logits=True, logits_processor=[recorder] if recorder else None, **gen)
     model.set_attn_implementation("sdpa")
@@ -176,6 +179,6 @@ def prefill_cache(model, tok, method, n_tokens: int):
     ids = torch.randint(3, model.config.vocab_size, (1, n_tokens), device=DEV)
     cache = Handle(model, tok, method, "cache").new_cache(torch.ones_like(ids))
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **{cache_kwarg(model): cache}, use_cache=True)
     model.set_attn_implementation("sdpa")
     return cache, cache.layers[0].k_res.shape[1], cache.layers[0].k_res.shape[3]

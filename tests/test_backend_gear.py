@@ -17,7 +17,11 @@ from packed_backend_helpers import (
 )
 
 from qeval.kernels import kv_pack
-from qeval.kv.cache import held_bytes, packed_layout_bytes
+from qeval.kv.cache import (
+    cache_kwarg,  # noqa: E402
+    held_bytes,
+    packed_layout_bytes,
+)
 from qeval.kv.sequence import SequenceState
 from qeval.methods.base import Bits, Knobs
 from qeval.methods.gear import GEAR
@@ -145,7 +149,7 @@ def test_held_bytes_fall_well_below_the_torch_cache():
         handle = Handle(model, tok, method, "cache")
         enc = tok(["x" * 100], return_tensors="pt").to(DEV)
         cache = handle.new_cache(enc["attention_mask"])
-        model.generate(**enc, past_key_values=cache, max_new_tokens=40, do_sample=False,
+        model.generate(**enc, **{cache_kwarg(model): cache}, max_new_tokens=40, do_sample=False,
                        pad_token_id=tok.pad_token_id)
         packed = packed_layout_bytes(cache, method)
         held[backend] = held_bytes(cache)

@@ -13,7 +13,11 @@ from packed_backend_helpers import (
     prefill_cache,
 )
 
-from qeval.kv.cache import held_bytes, packed_layout_bytes
+from qeval.kv.cache import (
+    cache_kwarg,  # noqa: E402
+    held_bytes,
+    packed_layout_bytes,
+)
 from qeval.methods.base import Bits, Knobs
 from qeval.methods.kivi import KIVI
 from qeval.methods.kivi_packed import PackedKIVILayer
@@ -50,7 +54,7 @@ def test_held_bytes_approach_the_packed_formula():
     handle = Handle(model, tok, method, "cache")
     enc = tok(["x" * 40], return_tensors="pt").to(DEV)
     cache = handle.new_cache(enc["attention_mask"])
-    model.generate(**enc, past_key_values=cache, max_new_tokens=12, do_sample=False,
+    model.generate(**enc, **{cache_kwarg(model): cache}, max_new_tokens=12, do_sample=False,
                    pad_token_id=tok.pad_token_id)
     packed = packed_layout_bytes(cache, method)   # settles: the last due block is packed
     held = held_bytes(cache)

@@ -211,7 +211,6 @@ def test_joined_windows_equal_gptqs_wikitext2_loader():
 def test_prefetch_writes_each_calibration_dataset_where_data_dir_reads_it(tmp_path, monkeypatch, capsys):
     """With the hub replaced by a local fake (no network in tests): each preset's split is fetched
     once, written where ``calibration.data_dir`` reads it, and validation then finds it."""
-    import sys
     from qeval import prefetch
 
     asked = []

@@ -17,6 +17,7 @@ from packed_backend_helpers import DEV, load_tiny
 from triton.runtime.jit import KernelInterface
 
 from qeval.kernels import kv_decode_attention, kv_pack
+from qeval.kv.cache import cache_kwarg
 from qeval.methods.base import Bits, Knobs
 from qeval.methods.gear import GEAR
 from qeval.methods.gear_packed import PackedGEARLayer
@@ -121,10 +122,10 @@ def test_decode_step_reads_nothing_back_from_the_device(make, layer_cls, no_devi
     mask[1, :PADDED] = 0
     cache = Handle(model, tok, method, "cache").new_cache(mask)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(ids, attention_mask=mask, **{cache_kwarg(model): cache}, use_cache=True)
         for _ in range(STEPS):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            model(ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(ids[:, -1:], attention_mask=mask, **{cache_kwarg(model): cache}, use_cache=True)
     layers = len(cache.layers)
     assert all(isinstance(layer, layer_cls) for layer in cache.layers)
     assert len(steps) == layers * STEPS and len(decoded) == layers * STEPS, (len(steps), len(decoded))

@@ -20,6 +20,7 @@ from qeval.kv.cache import (
     FP8StoredLayer,
     QevalCache,
     StoreQuantizedLayer,
+    cache_kwarg,  # noqa: E402
     held_bytes,
     packed_layout_bytes,
 )
@@ -50,8 +51,8 @@ def prefill_and_step(model, tok, method):
     cache = QevalCache(method, model.config.num_hidden_layers, enc["attention_mask"])
     mask = torch.cat([enc["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
     with torch.no_grad():
-        prefill = model(**enc, past_key_values=cache).logits
-        step = model(input_ids=torch.tensor([[5], [6]]), attention_mask=mask, past_key_values=cache).logits
+        prefill = model(**enc, **{cache_kwarg(model): cache}).logits
+        step = model(input_ids=torch.tensor([[5], [6]]), attention_mask=mask, **{cache_kwarg(model): cache}).logits
     return prefill, step, cache
 
 
@@ -92,7 +93,7 @@ def test_a_sequence_alone_and_in_a_padded_batch_decodes_the_same(fmt, wide_heads
 
     def gen(prompts):
         enc = tok(prompts, return_tensors="pt", padding=True)
-        out = model.generate(**enc, past_key_values=QevalCache(m, model.config.num_hidden_layers, enc["attention_mask"]),
+        out = model.generate(**enc, **{cache_kwarg(model): QevalCache(m, model.config.num_hidden_layers, enc["attention_mask"])},
                              max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
         return out[:, enc["input_ids"].shape[1]:]
 
@@ -103,7 +104,7 @@ def test_simulated_fp8_kv_changes_the_prefill_and_cache_semantics_does_not():
     model, tok = tiny_model("llama")
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
-        ref = model(**enc, past_key_values=DynamicCache(config=model.config)).logits
+        ref = model(**enc, **{cache_kwarg(model): DynamicCache(config=model.config)}).logits
     m = make_method("uniform", kv_format="fp8_e5m2", semantics="simulated")
     k = torch.randn(2, 2, 7, 16)
     got_k, _ = m.quantize_kv(k, k)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from kv_method_helpers import assert_equals_full_cache, make_handle, make_method
 
+from qeval.kv.cache import cache_kwarg
 from qeval.kv.sequence import SequenceState
 from qeval.methods.h2o_attention import key_scores
 
@@ -131,7 +132,7 @@ def test_ratio_budgets_follow_each_prompt_and_the_cache_stays_bounded():
     enc = h.tokenizer(["x" * 40, "y" * 20], return_tensors="pt", padding=True)
     cache = h.new_cache(enc["attention_mask"])
     with torch.no_grad():
-        h.model.generate(**enc, past_key_values=cache, max_new_tokens=10, do_sample=False,
+        h.model.generate(**enc, **{cache_kwarg(h.model): cache}, max_new_tokens=10, do_sample=False,
                          pad_token_id=h.tokenizer.pad_token_id)
     layer = cache.layers[0]
     n = layer.valid.sum(-1)                                          # (B, H) kept per row and head

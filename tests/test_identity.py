@@ -8,7 +8,10 @@ from tiny_models import tiny_model
 from transformers import DynamicCache
 
 from qeval.kv import simulated
-from qeval.kv.cache import QevalCache
+from qeval.kv.cache import (
+    QevalCache,
+    cache_kwarg,  # noqa: E402
+)
 from qeval.methods.base import Bits, Knobs
 from qeval.methods.group import Group
 from qeval.methods.uniform import Uniform
@@ -24,8 +27,8 @@ def method16(cls=Uniform):
 def run(model, tok, cache_factory):
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
-        logits = model(**enc, past_key_values=cache_factory(enc["attention_mask"])).logits
-        out = model.generate(**enc, past_key_values=cache_factory(enc["attention_mask"]),
+        logits = model(**enc, **{cache_kwarg(model): cache_factory(enc["attention_mask"])}).logits
+        out = model.generate(**enc, **{cache_kwarg(model): cache_factory(enc["attention_mask"])},
                              max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     return logits, out
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 from kv_method_helpers import greedy_loop, make_handle
 
+from qeval.kv.cache import cache_kwarg
+
 CASES = [
     ("kivi", 2, "cache"), ("kivi", 4, "simulated"),
     ("gear", 2, "cache"), ("gear", 4, "simulated"),
@@ -53,7 +55,7 @@ def test_rows_expanded_then_selected_keep_decoding_as_before(handle):
     ref, _ = greedy_loop(model, handle.new_cache(torch.ones_like(ids)), ids, 14)
     cache, mask, steps = handle.new_cache(torch.ones_like(ids)), torch.ones_like(ids), []
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): cache}, use_cache=True)
         for step in range(14):
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             steps.append(nxt[:, 0])
@@ -65,7 +67,7 @@ def test_rows_expanded_then_selected_keep_decoding_as_before(handle):
                 cache.batch_select_indices(keep)
                 nxt, mask = nxt[keep], mask[keep]
             mask = torch.cat([mask, torch.ones_like(nxt)], -1)
-            out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, attention_mask=mask, **{cache_kwarg(model): cache}, use_cache=True)
     for step, toks in enumerate(steps):
         assert (toks == ref[0, step]).all(), (step, toks, ref[0])
 

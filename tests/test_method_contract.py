@@ -21,7 +21,12 @@ from tiny_models import tiny_model
 from transformers import DynamicCache
 
 from qeval.errors import ConfigError
-from qeval.kv.cache import QevalCache, held_bytes, packed_layout_bytes
+from qeval.kv.cache import (
+    QevalCache,
+    cache_kwarg,  # noqa: E402
+    held_bytes,
+    packed_layout_bytes,
+)
 from qeval.methods import METHODS
 from qeval.model.handle import Handle
 from qeval.validate import CONFIG_DIR, options
@@ -118,6 +123,6 @@ def test_held_and_packed_bytes_are_measured_from_the_cache():
     handle = Handle(model, tok, method, "cache")
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     cache = handle.new_cache(enc["attention_mask"])
-    model(**enc, past_key_values=cache)
+    model(**enc, **{cache_kwarg(model): cache})
     assert held_bytes(cache) == sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
     assert 0 < packed_layout_bytes(cache, method) < held_bytes(cache)

@@ -15,7 +15,6 @@ import json
 import math
 import random
 import re
-import sys
 from pathlib import Path
 
 import pytest

@@ -83,7 +83,7 @@ def substituted(command: str) -> str:
             words += ["--collect-only", "-q"]
         elif words[:3] == ["python", "-m", "qeval"]:
             big = downloaded_models()
-            words = [f"model=tiny-random" if w.startswith("model=") and w[6:] in big else w for w in words]
+            words = ["model=tiny-random" if w.startswith("model=") and w[6:] in big else w for w in words]
             experiment = next((w.partition("=")[2] for w in words if w.startswith("experiment=")), None)
             if experiment and sweeps_downloaded_models(experiment) and not any(w.startswith("model=") for w in words):
                 words.append("model=tiny-random")

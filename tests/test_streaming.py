@@ -12,6 +12,7 @@ from tolerances import network_rounding
 from transformers import DynamicCache
 
 from qeval.errors import ConfigError
+from qeval.kv.cache import cache_kwarg
 from qeval.kv.sequence import SequenceState
 from qeval.methods import METHODS
 from qeval.methods.base import Bits, Knobs
@@ -50,7 +51,7 @@ def generate(model, tok, method, prompts, n_new, attn="sdpa", **gen):
         model.set_attn_implementation(method.attention_implementation(attn) or attn)
         cache = Handle(model, tok, method, "cache").new_cache(enc["attention_mask"])
     try:
-        out = model.generate(**enc, past_key_values=cache, max_new_tokens=n_new, do_sample=False,
+        out = model.generate(**enc, **{cache_kwarg(model): cache}, max_new_tokens=n_new, do_sample=False,
                              pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
                              output_logits=True, **gen)
     finally:
@@ -125,7 +126,7 @@ def feed(model, method, ids: torch.Tensor, mask: torch.Tensor, steps: list[int],
         for q in steps:
             end = start + q
             out.append(model(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
-                             position_ids=pos[:, start:end], past_key_values=cache, use_cache=True).logits)
+                             position_ids=pos[:, start:end], **{cache_kwarg(model): cache}, use_cache=True).logits)
             start = end
     finally:
         model.set_attn_implementation("sdpa")
@@ -259,7 +260,7 @@ def test_a_padded_batch_without_the_attention_function_is_refused(tiny):
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     cache = Handle(model, tok, method, "cache").new_cache(enc["attention_mask"])
     with pytest.raises(RuntimeError, match="attention_implementation"), torch.no_grad():
-        model.generate(**enc, past_key_values=cache, max_new_tokens=4, do_sample=False,
+        model.generate(**enc, **{cache_kwarg(model): cache}, max_new_tokens=4, do_sample=False,
                        pad_token_id=tok.pad_token_id)
 
 

@@ -12,7 +12,12 @@ from transformers import DynamicCache
 
 from qeval.errors import ConfigError
 from qeval.kv import simulated
-from qeval.kv.cache import QevalCache, held_bytes, packed_layout_bytes
+from qeval.kv.cache import (
+    QevalCache,
+    cache_kwarg,  # noqa: E402
+    held_bytes,
+    packed_layout_bytes,
+)
 from qeval.methods.base import Bits, Knobs
 from qeval.methods.uniform import Uniform
 from qeval.model.linear import QuantLinear, quantize_linears
@@ -30,7 +35,7 @@ def logits_of(model, tok, cache=None):
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         c = cache(enc["attention_mask"]) if cache else DynamicCache(config=model.config)
-        return model(**enc, past_key_values=c).logits, enc
+        return model(**enc, **{cache_kwarg(model): c}).logits, enc
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -70,9 +75,9 @@ def test_kv_cache_semantics(family):
     mask = torch.cat([enc["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
     ref_cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(**enc, past_key_values=ref_cache)
-        dec_ref = model(input_ids=step, attention_mask=mask, past_key_values=ref_cache).logits
-        dec_q = model(input_ids=step, attention_mask=mask, past_key_values=cache).logits
+        model(**enc, **{cache_kwarg(model): ref_cache})
+        dec_ref = model(input_ids=step, attention_mask=mask, **{cache_kwarg(model): ref_cache}).logits
+        dec_q = model(input_ids=step, attention_mask=mask, **{cache_kwarg(model): cache}).logits
     assert not torch.equal(dec_q, dec_ref)
     assert relative_error(dec_ref, dec_q) < 0.5
     # bytes: measured from the held tensors; the packed figure is smaller at 4 bits
@@ -123,7 +128,7 @@ def test_left_padding_does_not_change_a_sequence():
 
         def gen(prompts):
             enc = tok(prompts, return_tensors="pt", padding=True)
-            out = model.generate(**enc, past_key_values=QevalCache(m, n, enc["attention_mask"]),
+            out = model.generate(**enc, **{cache_kwarg(model): QevalCache(m, n, enc["attention_mask"])},
                                  max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
             return out[:, enc["input_ids"].shape[1]:]
 
