@@ -112,7 +112,7 @@ def _check_sweep_has_multirun(argv, overrides, initialize_config_dir, compose) -
         mode = compose("config", overrides=fixed, return_hydra_config=True).hydra.get("mode")
     if str(mode) != "RunMode.MULTIRUN" and str(mode) != "MULTIRUN":
         key, _, value = sweep.partition("=")
-        raise ConfigError(f"{sweep}: a sweep needs -m (python -m qeval -m {sweep}); a list is "
+        raise ConfigError(f"{sweep}: a sweep needs -m (`python -m qeval -m {sweep}`); a list is "
                           f"{key}=[{value}]")
 
 

@@ -3,6 +3,8 @@ launcher; a rerun skips what is done."""
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -189,3 +191,47 @@ def test_a_model_given_by_path_is_named_after_its_folder(tmp_path):
               f"results_dir={tmp_path / 'results'}")
     assert p.returncode == 0, p.stderr[-2000:]
     assert {r["model"] for r in rows_in(tmp_path / "results")} == {"my-model"}
+
+
+# ---------------------------------------------------------------------------- suggested commands
+SUGGESTING = [   # (overrides, what the suggested command must name when it runs)
+    (["model=llama2-7b"], "model   meta-llama/Llama-2-7b-hf"),
+    (["model.path=qeval-tests/not-a-real-model"], "model   qeval-tests/not-a-real-model"),
+    (["model=tiny-random", "task=wikitext2"], "dataset Salesforce/wikitext/wikitext-2-raw-v1"),
+    (["model=tiny-random", "method=gptq", "w_bits=4", "calibration.dataset=qeval-tests/absent"],
+     "dataset qeval-tests/absent/en/c4-train"),
+    (["kv_bits=2,4", "task.passkey.lengths=[240]", "task.passkey.depths=[0.5]"],
+     "qeval sweep: 2 cells: done 2, skipped 0, failed 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,names", SUGGESTING, ids=[" ".join(o) for o, _ in SUGGESTING])
+def test_every_suggested_command_runs(overrides, names, tmp_path):
+    """An error that suggests a command suggests one that works: the command in backticks is run
+    as given (prefetch with --dry-run: there is no network here) and does what was promised."""
+    p = qeval(*overrides, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    suggested = re.findall(r"`(python -m [^`]+)`", p.stderr)
+    assert len(suggested) == 1, p.stderr
+    args = shlex.split(suggested[0])[1:]
+    if args[:2] == ["-m", "qeval.prefetch"]:
+        args.append("--dry-run")
+    run = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert names in run.stdout, run.stdout[-2000:]
+
+
+def test_every_command_a_message_suggests_is_in_backticks():
+    """So that the test above (and a user's copy and paste) finds exactly the command: in the text
+    of every ConfigError qeval raises, each ``python -m ...`` stands right after a backtick."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "qeval"
+    loose = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ConfigError":
+                text = "".join(c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str))
+                if re.search(r"(?<!`)python -m ", text):
+                    loose.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not loose, loose

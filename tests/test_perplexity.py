@@ -280,7 +280,7 @@ def test_a_missing_dataset_is_one_line_naming_it_and_the_override(task, where, t
     label = "Salesforce/wikitext/wikitext-2-raw-v1 (split test)" if task == "wikitext2" else \
         "allenai/c4/en/c4-validation.00000-of-00008.json.gz (split validation)"
     assert str(e.value) == (f"task={task}: dataset {label} could not be loaded (ConnectionError); run "
-                            f"`python -m qeval.prefetch task={task}` where there is network, or set "
+                            f"`python -m qeval.prefetch task={task} task.{task}.corpus=dataset` where there is network, or set "
                             f"task.{task}.data_dir=<dir with {where}>")
     with pytest.raises(ConfigError, match=rf"^task.{task}.data_dir={tmp_path}: {tmp_path / where} is missing"):
         validated("model=tiny-random", f"task={task}", f"task.{task}.data_dir={tmp_path}")

@@ -83,6 +83,15 @@ class Spec:
     def label(self) -> str:
         return "/".join(str(x) for x in (self.dataset, self.dataset_name, self.data_files) if x)
 
+    def prefetch_command(self, data_dir: str | None = None) -> str:
+        """The ``python -m qeval.prefetch`` line that fetches exactly this data: the preset, plus
+        every source key that differs from it (a dataset given on the command line)."""
+        preset = yaml.safe_load((CONFIG_DIR / "calibration" / f"{self.preset}.yaml").read_text())
+        keys = [f"calibration.{k}={getattr(self, k)}" for k in ("dataset", "dataset_name", "data_files", "split")
+                if getattr(self, k) != preset.get(k)]
+        where = [f"--data-dir {data_dir}"] if data_dir else []
+        return " ".join(["python -m qeval.prefetch", f"calibration={self.preset}", *keys, *where])
+
 
 def presets() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "calibration").glob("*.yaml") if p.stem != AUTO)
@@ -143,8 +152,8 @@ def _local_path(spec: Spec) -> Path:
     path = corpus.local_file(spec.data_dir, source(spec))
     if not path.is_file():
         raise ConfigError(f"calibration.data_dir={spec.data_dir}: {path} is missing (dataset {spec.label}, "
-                          f"split {spec.split}); write it with `python -m qeval.prefetch calibration={spec.preset} "
-                          f"--data-dir {spec.data_dir}` (or as JSON lines with a text field)")
+                          f"split {spec.split}); write it with `{spec.prefetch_command(spec.data_dir)}` "
+                          f"(or as JSON lines with a text field)")
     return path
 
 
@@ -160,7 +169,7 @@ def texts(spec: Spec) -> Sequence[str]:
     except (ConnectionError, FileNotFoundError, DatasetNotFoundError) as e:   # offline and not cached
         local = corpus.local_file("<dir>", source(spec)).relative_to("<dir>")
         raise ConfigError(f"calibration: dataset {spec.label} (split {spec.split}) could not be loaded "
-                          f"({type(e).__name__}); run `python -m qeval.prefetch calibration={spec.preset}` "
+                          f"({type(e).__name__}); run `{spec.prefetch_command()}` "
                           f"(with --data-dir <dir>) where there is network, then set calibration.data_dir=<dir with "
                           f"{local}> or use its Hugging Face cache") from e
 

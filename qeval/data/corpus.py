@@ -154,7 +154,7 @@ def offline() -> bool:
 
 def missing_error(task: str, cfg, why: str) -> ConfigError:
     return ConfigError(f"task={task}: dataset {dataset_label(cfg)} (split {cfg.split}) could not be loaded ({why}); "
-                       f"run `python -m qeval.prefetch task={task}` where there is network, or set "
+                       f"run `python -m qeval.prefetch task={task} task.{task}.corpus=dataset` where there is network, or set "
                        f"task.{task}.data_dir=<dir with {local_file('<dir>', cfg).relative_to('<dir>')}>")
 
 
@@ -163,7 +163,7 @@ def require_local(task: str, cfg) -> Path:
     if not path.is_file():
         raise ConfigError(f"task.{task}.data_dir={cfg.data_dir}: {path} is missing (dataset "
                           f"{dataset_label(cfg)}, split {cfg.split}); write it with "
-                          f"`python -m qeval.prefetch task={task} --data-dir {cfg.data_dir}`")
+                          f"`python -m qeval.prefetch task={task} task.{task}.corpus=dataset --data-dir {cfg.data_dir}`")
     return path
 
 
