@@ -111,6 +111,21 @@ def test_attention_route_probe_agrees_with_a_real_forward(family):
         assert truth is False
 
 
+@pytest.mark.parametrize("family", list(FAMILIES) + list(OWN_ATTENTION))
+def test_attention_route_fallback_agrees_with_a_real_forward(family, monkeypatch):
+    """Where the meta-device run fails (older transformers), the modeling module is read instead,
+    and it gives the same answer."""
+    from qeval.kv import attention
+
+    def cannot_run(arch_config):
+        raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+
+    monkeypatch.setattr(attention, "_count_probe_calls", cannot_run)
+    monkeypatch.setattr(attention, "_routes", {})
+    model, _ = tiny_model(family)
+    assert attention.routes_registered_attention(model.config) is runs_registered_attention(model)
+
+
 def test_simulated_is_refused_where_attention_ignores_registered_functions():
     model, _ = tiny_model(next(iter(OWN_ATTENTION)))
     with pytest.raises(ConfigError, match="kv_semantics=simulated: .* does not route attention"):

@@ -10,6 +10,7 @@ modules, and a forward without such a cache finds nothing pending and runs the b
 from __future__ import annotations
 
 import copy
+import importlib
 import itertools
 import logging
 
@@ -86,11 +87,30 @@ def routes_registered_attention(arch_config) -> bool:
     selects, found by what the model does rather than by its family name: the architecture is built
     on the meta device (no memory, no weights), switched to a counting function and run on two
     tokens. Falcon, for one, ignored registered functions before transformers 5.25 and calls them
-    since; BLOOM and MPT still hard-code their attention."""
+    since; BLOOM and MPT still hard-code their attention. Where a modeling file cannot run on the
+    meta device, its module is read instead."""
     key = arch_config.to_json_string()
     if key not in _routes:
-        _routes[key] = _count_probe_calls(copy.deepcopy(arch_config)) > 0
+        try:
+            _routes[key] = _count_probe_calls(copy.deepcopy(arch_config)) > 0
+        except Exception:  # noqa: BLE001 - a modeling file that cannot run on meta tensors
+            # (older transformers: autocast on the meta device, .item() in OPT's positions); its
+            # source then says whether it looks attention functions up; the loaded model's own
+            # check (qeval.kv.simulated.install) stays the last word
+            _routes[key] = _module_reads_the_interface(arch_config)
     return _routes[key]
+
+
+def _module_reads_the_interface(arch_config) -> bool:
+    """Whether the causal-LM class's modeling module looks attention functions up (True when it
+    cannot be told: the loaded model is checked again)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(arch_config)]
+    except KeyError:
+        return True
+    return hasattr(importlib.import_module(cls.__module__), "ALL_ATTENTION_FUNCTIONS")
 
 
 def _count_probe_calls(arch_config) -> int:
