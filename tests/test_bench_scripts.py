@@ -65,3 +65,18 @@ def test_bench_decode_host_times_kivi_and_gear_steps(monkeypatch, tmp_path):
     assert [(r["method"], r["batch"]) for r in rows] == [("kivi", 2), ("gear", 2)]
     assert all(r["us_decode_warm"] > 0 and r["us_update"] > 0 and r["status"] in ("ok", "over target")
                for r in rows), rows
+
+
+def test_bench_cli_times_every_command_beside_import_torch(tmp_path):
+    """One round of scripts/bench_cli.py: every command ran (the refusal with status 2), the single
+    run's model-load line was seen, and every median is given as a ratio to import torch."""
+    import json
+    out = tmp_path / "cli.json"
+    assert load("bench_cli").main(["--rounds", "1", "--out", str(out)]) == 0
+    rows = {r["command"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(load("bench_cli").COMMANDS)
+    assert rows["import torch"]["ratio_to_import_torch"] == 1.0
+    assert rows["qeval method=unifrom (refused)"]["exit_codes"] == [2]
+    assert all(r["exit_codes"] == [0] for name, r in rows.items() if "refused" not in name)
+    run = rows["qeval single run"]
+    assert 0 < run["median_to_model_load_s"] < run["median_s"]
