@@ -9,7 +9,8 @@ The only changes made to a command are what this machine cannot do (no downloads
   through ``QEVAL_DATA_DIR``, the variable a cluster user points at ``python -m qeval.prefetch
   --data-dir`` output;
 - ``pip install`` gets ``--dry-run`` (this environment is the installed one; ``.ci/run`` installs
-  for real) and ``python -m pytest`` gets ``--collect-only`` (the suite cannot run itself);
+  for real) and ``python -m pytest`` gets ``--collect-only`` (the suite cannot run itself); as
+  they run outside the checkout, ``.`` in a pip argument and pytest's folder name the checkout;
 - ``hydra/launcher=slurm`` needs ``sbatch``: where it is missing the command must refuse in one
   line with exit status 2, which is what a user without SLURM sees.
 
@@ -77,10 +78,10 @@ def substituted(command: str) -> str:
     parts = []
     for piece in command.split(" && "):
         words = shlex.split(piece)
-        if words[:2] == ["pip", "install"]:
-            words.append("--dry-run")
+        if words[:2] == ["pip", "install"]:   # the checkout, wherever the command runs
+            words = [str(ROOT) + w[1:] if w.startswith(".") else w for w in words] + ["--dry-run"]
         elif words[:3] == ["python", "-m", "pytest"]:
-            words += ["--collect-only", "-q"]
+            words += [str(ROOT), "--collect-only", "-q"]
         elif words[:3] == ["python", "-m", "qeval"]:
             big = downloaded_models()
             words = ["model=tiny-random" if w.startswith("model=") and w[6:] in big else w for w in words]
@@ -125,9 +126,7 @@ def run_readme_command(command: str, workdir) -> subprocess.CompletedProcess:
     work, data = workdir
     env = os.environ | {"QEVAL_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    # pip and pytest act on the checkout (``pip install -e .``), everything else runs elsewhere
-    cwd = ROOT if command.startswith(("pip ", "python -m pytest")) else work
-    return subprocess.run(["bash", "-c", substituted(command)], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run(["bash", "-c", substituted(command)], cwd=work, env=env, capture_output=True,
                           text=True, timeout=900)
 
 
