@@ -6,7 +6,9 @@ model's architecture is :mod:`qeval.validate`.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 import os
 from pathlib import Path
 
@@ -87,7 +89,7 @@ def check_composes(argv: list[str]) -> None:
 
     try:
         try:
-            _check_sweep_has_multirun(argv, overrides, initialize_config_dir, compose)
+            _check_sweep_has_multirun(argv, overrides)
             cells = expand(overrides)
             configs = [composed(cell) for cell in cells]
         except HydraException as e:
@@ -99,21 +101,15 @@ def check_composes(argv: list[str]) -> None:
         raise ConfigError(_one_line(e)) from e
 
 
-def _check_sweep_has_multirun(argv, overrides, initialize_config_dir, compose) -> None:
+def _check_sweep_has_multirun(argv, overrides) -> None:
     """``kv_bits=2,4`` sweeps only under ``-m`` (or an experiment that is a sweep)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    sweep = next((o.input_line for o in parsed if o.is_sweep_override()), None)
-    if sweep is None or any(a in ("-m", "--multirun") for a in argv):
+    fixed = fixed_overrides(overrides)
+    sweep = next((o for o in overrides if o not in fixed), None)
+    if sweep is None or _multirun(argv, _composed_with_hydra(overrides)):
         return
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        mode = compose("config", overrides=fixed, return_hydra_config=True).hydra.get("mode")
-    if str(mode) != "RunMode.MULTIRUN" and str(mode) != "MULTIRUN":
-        key, _, value = sweep.partition("=")
-        raise ConfigError(f"{sweep}: a sweep needs -m (`python -m qeval -m {sweep}`); a list is "
-                          f"{key}=[{value}]")
+    key, _, value = sweep.partition("=")
+    raise ConfigError(f"{sweep}: a sweep needs -m (`python -m qeval -m {sweep}`); a list is "
+                      f"{key}=[{value}]")
 
 
 def _unknown_override(e: Exception, cell: list[str], composed) -> Exception:
@@ -187,11 +183,18 @@ def fixed_overrides(overrides: list[str]) -> list[str]:
 
 def _composed_with_hydra(overrides: list[str]):
     """The command's config with its ``hydra`` node, sweep overrides left out (each cell of a
-    sweep has the same launcher and mode)."""
+    sweep has the same launcher and mode); composed once per command line, read-only."""
+    return _compose_fixed(tuple(fixed_overrides(overrides)))
+
+
+@functools.lru_cache(maxsize=8)
+def _compose_fixed(fixed: tuple[str, ...]):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=fixed_overrides(overrides), return_hydra_config=True)
+        cfg = compose("config", overrides=list(fixed), return_hydra_config=True)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
 
 
 def _multirun(flags: list[str], cfg) -> bool:
@@ -244,6 +247,8 @@ def single_run_config(flags: list[str], overrides: list[str]):
     cfg = _composed_with_hydra(overrides)
     if _multirun(flags, cfg):
         return None
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(cfg, False)
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
