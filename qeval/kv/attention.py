@@ -71,7 +71,6 @@ class PendingLayers:
         return self._layers.pop(layer_idx, None)
 
 
-
 _PROBE = "qeval_probe_sdpa"
 _probe_calls = [0]
 _routes: dict[str, bool] = {}   # architecture config (JSON) -> answer; a sweep asks once per model
