@@ -110,13 +110,17 @@ def split_argv(args: list[str]) -> tuple[list[str], list[str]]:
 def with_defaults(overrides: list[str]) -> list[str]:
     """The overrides qeval adds: an absolute ``results_dir`` (launcher jobs may start elsewhere)
     and a user's model named after its folder or hub id, never after the default model."""
+    from qeval.overrides import model_path_given
+
     keys = {a.lstrip("+~").partition("=")[0] for a in overrides}
     added = []
     if "results_dir" not in keys:
         added.append(f"results_dir={Path.cwd() / 'results'}")
-    path = next((a.partition("=")[2] for a in overrides if a.lstrip("+").startswith("model.path=")), None)
+    path = model_path_given(overrides)
     if path and "model.name" not in keys:
-        added.append(f"model.name={Path(path.rstrip('/')).name or path}")
+        name = Path(path.rstrip("/")).name or path
+        # quoted for Hydra's grammar, so a folder named like a list or a sweep stays one string
+        added.append("model.name='" + name.replace("\\", "\\\\").replace("'", "\\'") + "'")
     return overrides + added
 
 

@@ -7,7 +7,6 @@ model's architecture is :mod:`qeval.validate`.
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import os
 from pathlib import Path
@@ -17,47 +16,86 @@ from omegaconf import OmegaConf
 
 from qeval import CONFIG_DIR
 from qeval.errors import ConfigError
-
-GROUPS = ("model", "method", "calibration", "task", "experiment")
-
-
-def _did_you_mean(value: str, options) -> str:
-    close = difflib.get_close_matches(value, list(options), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
+from qeval.schema import GROUPS, options
+from qeval.schema import check as check_schema
+from qeval.schema.check import check_hydra, did_you_mean
+from qeval.schema.types import shown
 
 
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+def _did_you_mean(value: str, choices) -> str:
+    return did_you_mean(value, choices)
 
 
-def _values(raw: str) -> list[str]:
-    raw = raw.strip()
-    if raw.startswith(("choice(", "range(", "glob(", "interval(")):
-        return []  # sweep functions are left to Hydra
-    raw = raw.strip("[]")
-    return [v.strip() for v in raw.split(",") if v.strip()]
+def _parsed(argv: list[str]):
+    """The command line's overrides as Hydra's own grammar reads them (never split by hand)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    out = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg and not arg.startswith("~"):
+            continue
+        try:
+            out.append(parser.parse_override(arg))
+        except HydraException as e:
+            raise ConfigError(f"{arg}: not an override ({_one_line(e)}); allowed: key=value, "
+                              f"+key=value, ~key, key=a,b (a sweep)") from None
+    return out
+
+
+def model_path_given(argv: list[str]) -> str | None:
+    """The ``model.path`` a command line sets, when it sets one string (None otherwise, or when the
+    line does not parse: :func:`check_overrides` then says why)."""
+    try:
+        parsed = _parsed(argv)
+    except ConfigError:
+        return None
+    for o in parsed:
+        if o.key_or_group == "model.path" and not o.is_sweep_override() and isinstance(o.value(), str):
+            return o.value()
+    return None
+
+
+def override_values(o) -> list:
+    """Every value an override sets: one, or each of a sweep's (``task=[a],[b]`` is two lists)."""
+    if not o.is_sweep_override():
+        return [o.value()]
+    try:
+        values = list(o.sweep_iterator())
+    except Exception as e:
+        raise ConfigError(f"{o.input_line}: {type(e).__name__}: {e}; allowed: a sweep with at least one value "
+                          f"(k=a,b, k=choice(a,b), k=range(start,stop,step) with step != 0)") from None
+    if not values:
+        raise ConfigError(f"{o.input_line}: a sweep of no values; allowed: at least one value")
+    return values
 
 
 def check_overrides(argv: list[str]) -> None:
+    """Each override names a known key or group option, once: unknown groups, options and keys
+    get a did-you-mean; a group option is one of the group's own files."""
     top = yaml.safe_load((CONFIG_DIR / "config.yaml").read_text())
     top_keys = set(top) - {"defaults"}
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, _, value = arg.partition("=")
-        key = key.lstrip("+~")
+    seen: dict[str, str] = {}
+    for o in _parsed(argv):
+        key = o.key_or_group + (f"@{o.package}" if o.package else "")
+        if key in seen:
+            raise ConfigError(f"{o.input_line}: {key} is given twice ({seen[key]}, {o.input_line}); allowed: once")
+        seen[key] = o.input_line
+        values = override_values(o) if not o.is_delete() else []   # a sweep's values, evaluated once
         if key.startswith("hydra"):
             continue
         head = key.split(".")[0]
         if key in GROUPS:
             allowed = options(key)
-            for v in _values(value):
-                if v not in allowed:
-                    raise ConfigError(f"{key}={v}: unknown {key}{_did_you_mean(v, allowed)} "
-                                      f"(allowed: {', '.join(allowed)})")
+            for value in values:
+                for v in value if isinstance(value, list) else [value]:
+                    if v not in allowed:
+                        raise ConfigError(f"{key}={shown(v)}: unknown {key}{_did_you_mean(str(v), allowed)} "
+                                          f"(allowed: {', '.join(allowed)})")
         elif head not in top_keys and head not in GROUPS:   # with or without +
             known = sorted(top_keys | set(GROUPS))
-            raise ConfigError(f"{key}={value}: unknown key{_did_you_mean(head, known)} "
+            raise ConfigError(f"{o.input_line.lstrip('+~')}: unknown key{_did_you_mean(head, known)} "
                               f"(top-level keys: {', '.join(known)})")
 
 
@@ -69,34 +107,38 @@ def _one_line(e: Exception) -> str:
 
 
 def check_composes(argv: list[str]) -> None:
-    """Every cell the command line asks for composes (Hydra's own errors, as one line), no node
-    holds a key its YAML does not define, and results can be written; before Hydra starts, so
-    nothing runs or is written."""
+    """Every cell the command line asks for composes (Hydra's own errors, as one line) and fits the
+    schema (:mod:`qeval.schema`), Hydra's file names stay in their folders, and results can be
+    written; before Hydra starts, so nothing runs or is written."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from qeval.sweep import expand
 
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    for arg in overrides:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+~") == "task" and value.strip() in ("[]", ""):
-            raise ConfigError(f"task={value}: at least one task (allowed: {', '.join(options('task'))})")
+    overrides = [a for a in argv if "=" in a and not a.startswith("-") or a.startswith("~")]
+    for o in _parsed(overrides):
+        if o.key_or_group == "task" and not o.is_sweep_override() and o.value() in ([], "", None):
+            raise ConfigError(f"{o.input_line}: at least one task (allowed: {', '.join(options('task'))})")
+
     def composed(cell: list[str]):
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return compose("config", overrides=cell)
 
     try:
         try:
+            check_hydra(_composed_with_hydra(overrides).hydra)
             _check_sweep_has_multirun(argv, overrides)
             cells = expand(overrides)
             configs = [composed(cell) for cell in cells]
         except HydraException as e:
             raise _unknown_override(e, overrides, composed) from e
+        checked = set()
         for cfg in configs:
-            check_results_dir(cfg.results_dir)
-            check_known_keys(cfg)
+            tree = check_schema(cfg)
+            if tree["results_dir"] not in checked:
+                check_results_dir(tree["results_dir"])
+                checked.add(tree["results_dir"])
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_one_line(e)) from e
 
@@ -123,7 +165,7 @@ def _unknown_override(e: Exception, cell: list[str], composed) -> Exception:
     try:   # the node as it composes without the unknown key
         cfg = composed([a for a in cell if a != arg])
         node = OmegaConf.select(cfg, key.rpartition(".")[0])
-    except Exception:   # noqa: BLE001 - only a nicer message is at stake; the original stands
+    except Exception:
         return e
     if node is None or not hasattr(node, "keys"):
         return e
@@ -133,45 +175,44 @@ def _unknown_override(e: Exception, cell: list[str], composed) -> Exception:
 
 
 def check_results_dir(results_dir) -> None:
-    """A directory, or a place one can be made: its nearest existing ancestor is a writable
-    directory (nothing is created here)."""
-    path = Path(str(results_dir)).expanduser().absolute()
+    """A directory, or a place one can be made: no symlink on the way loops or dangles, and the
+    nearest existing ancestor is a directory on a writable filesystem where a folder can really be
+    made (tried and removed at once: permissions alone pass root under /sys or /proc)."""
+    import tempfile
+
+    given = str(results_dir)
+    path = Path(given).expanduser().absolute()
+    for p in [path, *path.parents]:
+        if p.is_symlink() and not p.exists():   # exists() follows it: False for a loop or a dangling link
+            raise ConfigError(f"results_dir={given}: {p} is a symlink that loops or points nowhere; "
+                              f"allowed: a directory")
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"results_dir={results_dir}: exists and is not a directory; allowed: a directory")
+        raise ConfigError(f"results_dir={given}: exists and is not a directory; allowed: a directory")
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"results_dir={results_dir}: {probe} is not writable; allowed: a writable directory")
+    if not probe.is_dir():
+        raise ConfigError(f"results_dir={given}: {probe} is not a directory; allowed: a writable directory")
+    try:
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:
+            raise OSError("read-only filesystem")
+        os.rmdir(tempfile.mkdtemp(prefix=".qeval-write-check-", dir=probe))
+    except OSError as e:
+        raise ConfigError(f"results_dir={given}: {probe} is not writable ({e.strerror or e}); "
+                          f"allowed: a writable directory") from None
 
 
 def option_node(group: str, option: str) -> dict:
-    """An option's YAML as written (``qeval/configs/<group>/<option>.yaml``)."""
+    """An option's YAML as written (``qeval/configs/<group>/<option>.yaml``); only the group's own
+    files are read."""
+    if option not in options(group):
+        raise ConfigError(f"{group}={shown(option)}: unknown {group} (allowed: {', '.join(options(group))})")
     return yaml.safe_load((CONFIG_DIR / group / f"{option}.yaml").read_text()) or {}
 
 
 def yaml_keys(group: str, option: str) -> set[str]:
     """The keys an option's YAML defines."""
     return set(option_node(group, option)) - {"defaults"}
-
-
-MODEL_KEYS = ("name", "path", "revision", "trust_remote_code", "random_config")
-
-
-def check_known_keys(cfg) -> None:
-    """Every key of the method's and the tasks' nodes is one its YAML defines, so a key added with
-    ``+`` (a typo Hydra would otherwise accept) is refused like any unknown key."""
-    nodes = [("method", cfg.method, yaml_keys("method", cfg.method.name)),
-             ("model", cfg.model, set(MODEL_KEYS))]
-    if "calibration" in cfg and cfg.calibration.name in options("calibration"):
-        nodes.append(("calibration", cfg.calibration, yaml_keys("calibration", cfg.calibration.name)))
-    nodes += [(f"task.{name}", node, yaml_keys("task", name)) for name, node in cfg.task.items()
-              if name in options("task")]
-    for prefix, node, known in nodes:
-        for key in node:
-            if key not in known:
-                raise ConfigError(f"{prefix}.{key}={node[key]}: unknown key{_did_you_mean(key, known)} "
-                                  f"({prefix} has: {', '.join(sorted(known))})")
 
 
 def fixed_overrides(overrides: list[str]) -> list[str]:

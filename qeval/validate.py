@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from qeval import CONFIG_DIR  # noqa: F401  (re-exported: tests and scripts read it from here)
+from qeval import CONFIG_DIR
 from qeval.calibration import stage as calibration
 from qeval.errors import ConfigError
 from qeval.kv.attention import routes_registered_attention
@@ -21,10 +21,17 @@ from qeval.methods import METHODS
 from qeval.methods.base import Bits
 from qeval.methods.build import build_method
 from qeval.model import loading
+from qeval.overrides import (
+    _did_you_mean,
+    check_composes,
+    check_overrides,
+    check_results_dir,
+    option_node,
+    options,
+)
 from qeval.quant import formats as F
 from qeval.quant.primitives import FULL_PRECISION_BITS
-from qeval.overrides import (  # noqa: F401  (check_composes, check_overrides re-exported)
-    _did_you_mean, check_composes, check_known_keys, check_overrides, check_results_dir, option_node, options)
+from qeval.schema import check as check_schema
 from qeval.tasks import CHECKS, TASKS
 
 
@@ -95,32 +102,12 @@ def check_config(cfg, method_cls) -> None:
     if cfg.kv_semantics not in method_cls.semantics:
         raise ConfigError(f"kv_semantics={cfg.kv_semantics}: method {method_cls.name} supports "
                           f"{', '.join(method_cls.semantics)}")
-    for key in ("w_group_size", "a_group_size", "kv_group_size"):
-        g = cfg.get(key)
-        if g is not None and (not isinstance(g, int) or g <= 0):
-            raise ConfigError(f"{key}={g}: must be a positive integer or null")
-    if cfg.device not in ("auto", "cpu") and not str(cfg.device).startswith("cuda"):
-        raise ConfigError(f"device={cfg.device}: allowed: auto, cpu, cuda, cuda:N")
+    # the types and plain choices of every key are the schema's (qeval.schema), checked first
     if str(cfg.device).startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
             raise ConfigError(f"device={cfg.device}: no CUDA device is visible; use device=cpu or device=auto")
-    if cfg.dtype not in ("auto", "float32", "float16", "bfloat16"):
-        raise ConfigError(f"dtype={cfg.dtype}: allowed: auto, float32, float16, bfloat16")
-    if cfg.attn not in ("sdpa", "eager"):
-        raise ConfigError(f"attn={cfg.attn}: allowed: sdpa, eager")
-    if cfg.backend not in ("auto", "torch", "triton"):
-        raise ConfigError(f"backend={cfg.backend}: allowed: auto, torch, triton")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        raise ConfigError(f"seed={cfg.seed}: allowed: an integer")
-    if not isinstance(cfg.force, bool):
-        raise ConfigError(f"force={cfg.force}: allowed: true, false")
-    if cfg.get("resume", "skip") not in ("skip", "strict"):
-        raise ConfigError(f"resume={cfg.resume}: allowed: skip, strict")
-    if not cfg.task:
-        raise ConfigError(f"task=[]: at least one task (allowed: {', '.join(options('task'))})")
     check_results_dir(cfg.results_dir)
-    check_known_keys(cfg)
     method_cls.check(cfg)
 
 
@@ -238,6 +225,7 @@ def check_fused_decode(cfg, arch_cfg) -> None:
 
 def validate(cfg):
     """Every check that needs no weights; returns the architecture config."""
+    check_schema(cfg)
     if cfg.method.name not in METHODS:
         raise ConfigError(f"method={cfg.method.name}: no implementation is registered for this method yet "
                           f"(available: {', '.join(sorted(METHODS))})")
@@ -249,9 +237,15 @@ def validate(cfg):
     check_model_available(cfg.model)
     try:
         arch = loading.model_config(cfg.model)
-    except (OSError, ValueError) as e:   # a local folder whose config.json transformers cannot read
-        raise ConfigError(f"model.path={cfg.model.path}: not a readable model config "
-                          f"({str(e).splitlines()[0][:200]})") from e
+    # a config.json that is not a config (null, a list, garbage) or a random_config that
+    # transformers cannot build: whatever transformers raises on it is one line here
+    except Exception as e:
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        if cfg.model.get("random_config"):
+            raise ConfigError(f"model.random_config.model_type={cfg.model.random_config.model_type}: transformers "
+                              f"cannot build this config ({why}); allowed: an architecture transformers knows, "
+                              f"with keys its config takes") from e
+        raise ConfigError(f"model.path={cfg.model.path}: not a readable model config ({why})") from e
     check_against_model(cfg, arch, METHODS[cfg.method.name])
     calibration.check(cfg, METHODS[cfg.method.name], arch)   # before the tasks: their data may be large
     facts = loading.ModelFacts(arch, cfg.model)

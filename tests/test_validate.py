@@ -3,13 +3,13 @@ loads. The table below is the README's table of bad inputs."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from qeval.methods.base import Method
-from qeval.run import validate
-from qeval.validate import CONFIG_DIR, ConfigError, check_composes, check_config, check_overrides
+from qeval.validate import CONFIG_DIR, ConfigError, check_config
 
 # (command-line overrides, text the one-line error must contain)
 BAD_INPUTS = [
@@ -21,7 +21,8 @@ BAD_INPUTS = [
     (["method=group", "kv_bits=1"], "kv_bits=1: method group supports 2, 3, 4, 5, 6, 7, 8, 16 bits"),
     (["method=group", "w_bits=4", "w_group_size=96"], "w_group_size=96: does not divide the Linear input width"),
     (["method=group", "kv_bits=4", "kv_group_size=24"], "kv_group_size=24: does not divide head_dim=32"),
-    (["kv_semantics=serving"], "kv_semantics=serving: method uniform supports cache, simulated"),
+    (["kv_semantics=serving"], "kv_semantics=serving: allowed: cache, simulated"),
+    (["method=h2o", "kv_semantics=simulated"], "kv_semantics=simulated: method h2o supports cache"),
     (["method.kv_granularity=per_channel", "kv_bits=2"], "method.kv_granularity=per_channel: with kv_semantics=cache"),
     (["method.w_granularity=per_row", "w_bits=4"], "method.w_granularity=per_row: allowed: per_tensor, per_channel"),
     (["dtype=fp8"], "dtype=fp8: allowed: auto, float32, float16, bfloat16"),
@@ -104,33 +105,145 @@ BAD_INPUTS = [
     # tiny-random names no calibration preset: K/V scales fall back to SmoothQuant's pile-val, absent offline
     (["kv_format=fp8_e4m3", "kv_scale=static"],
      "calibration: dataset mit-han-lab/pile-val-backup (split validation) could not be loaded"),
+    # --- the typed schema: wrong types, nulls, deletions, unknown names (qeval/schema) ---
+    (["kv_bits=true"], "kv_bits=true: allowed: an integer"),          # not 1 bit
+    (["kv_bits=1e400"], "kv_bits=inf: allowed: an integer"),
+    (["w_group_size=0"], "w_group_size=0: allowed: null or an integer >= 1"),
+    (["method.symmetric=maybe"], "method.symmetric=maybe: allowed: true, false"),   # not bool("maybe")
+    (["method=gear", "method.rank_ratio=abc"], "method.rank_ratio=abc: allowed: null or a number"),
+    (["method=gear", "method.outlier_ratio=nan"], "method.outlier_ratio=nan: allowed: a number"),
+    (["method=gptq", "method.calibration=../model/toy"], "method.calibration=../model/toy: allowed: awq_pile, "),
+    (["task.passkey.depths=0.5"], "task.passkey.depths=0.5: allowed: a non-empty list of numbers"),
+    (["task.passkey.lengths=256"], "task.passkey.lengths=256: allowed: a non-empty list of integers"),
+    (["task.passkey=null"], "task.passkey=null: allowed: task passkey's keys (lengths, depths"),
+    (["task=toy_mc", "task.toy_mc.seed=[1]"], "task.toy_mc.seed=[1]: allowed: an integer"),
+    (["~model"], "model: missing; allowed: model=<one of falcon-7b"),
+    (["~task"], "~task: at least one task (allowed: "),
+    (["~w_bits"], "w_bits: missing; allowed: an integer"),
+    (["~method.symmetric"], "method.symmetric: missing; allowed: true, false"),
+    (["method.name=no_such_method"], "method.name=no_such_method: unknown method (allowed: awq, gear"),
+    (["method.name=../model/toy"], "method.name=../model/toy: unknown method (allowed: "),
+    (["method=uniform", "method.name=group"], "method.w_granularity=per_channel: unknown key (method has: name"),
+    (["model.path=[a,b]"], "model.path=[a, b]: allowed: null or a hub id (org/name) or a local model directory"),
+    (["model.name=../x"], "model.name=../x: allowed: a model name of 1 to 100 printable characters"),
+    (["model.path=NULL_CONFIG"], "model.path=NULL_CONFIG: not a readable model config (TypeError"),
+    (["model.random_config.num_hidden_layers=0"], "model.random_config.num_hidden_layers=0: allowed: null or an integer >= 1"),
+    (["model.random_config.model_type=nonsense"], "model.random_config.model_type=nonsense: transformers cannot build"),
+    (["seed=99999999999999999999999"], "seed=99999999999999999999999: allowed: an integer from 0 to 4294967295"),
+    (["seed=-1"], "seed=-1: allowed: an integer from 0 to 4294967295"),
+    (["device=tpu"], "device=tpu: allowed: auto, cpu, cuda, cuda:N"),
+    (["kv_bits=${kv_bits}"], "kv_bits=${kv_bits}: Recursive interpolation detected"),
+    (["kv_bits=${nope}"], "kv_bits=${nope}: Interpolation key 'nope' not found"),
+    (["kv_bits=["], "kv_bits=[: not an override"),
+    (["kv_bits=2", "kv_bits=4"], "kv_bits=4: kv_bits is given twice (kv_bits=2, kv_bits=4); allowed: once"),
+    (["-m", "kv_bits=range(16,0,0)"], "kv_bits=range(16,0,0): ValueError: range() arg 3 must not be zero"),
+    (["-m", "kv_bits=range(0,16,-1)"], "kv_bits=range(0,16,-1): a sweep of no values"),
+    (["-m", "task=[passkey],[nope]"], "task=nope: unknown task"),
+    (["method=h2o", "method.heavy_ratio=0.6", "method.recent_ratio=0.6"],
+     "method.heavy_ratio=0.6: with method.recent_ratio=0.6 the budget is 1.2 of the prompt"),
+    # --- names that become paths, and trust_remote_code (security) ---
+    (["model.trust_remote_code=no"], "model.trust_remote_code=no: allowed: true, false"),
+    (["model.trust_remote_code='false'"], "model.trust_remote_code=false: allowed: true, false"),
+    (["model.trust_remote_code=off"], "model.trust_remote_code=off: allowed: true, false"),
+    (["model.trust_remote_code=null"], "model.trust_remote_code=null: allowed: true, false"),
+    (["model.trust_remote_code=1"], "model.trust_remote_code=1: allowed: true, false"),
+    (["model.path=REMOTE_CODE"], "contains custom code"),              # false: its code never runs
+    (["hydra.job.name=../../.."], "hydra.job.name=../../..: allowed: a name"),
+    (["hydra.sweep.dir="], "hydra.sweep.dir=: allowed: a folder (a non-empty path)"),
+    (["hydra.run.dir="], "hydra.run.dir=: allowed: a folder (a non-empty path)"),
+    (["hydra.sweep.subdir=../x"], "hydra.sweep.subdir=../x: allowed: a relative folder inside the sweep folder"),
+    (["model=../method/kivi"], "model=../method/kivi: unknown model"),
+    (["results_dir=LOOP/x"], "is a symlink that loops or points nowhere"),
+    (["results_dir=/proc/qeval-results"], "results_dir=/proc/qeval-results: /proc is not writable"),
 ]
 
 
-def error_for(overrides: list[str], tmp_path) -> str:
-    """What ``python -m qeval <overrides>`` reports, run in-process up to validation."""
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "a_file").write_text("x")
-    overrides = [o.replace("EMPTY_DIR", str(tmp_path / "empty")).replace("A_FILE", str(tmp_path / "a_file"))
-                 for o in overrides]
+def fixtures(tmp_path) -> dict[str, str]:
+    """The paths the table's placeholders stand for, outside the folder the command runs in."""
+    d = tmp_path / "fixtures"
+    (d / "empty").mkdir(parents=True)
+    (d / "a_file").write_text("x")
+    (d / "null_config").mkdir()
+    (d / "null_config" / "config.json").write_text("null")
+    (d / "loop").symlink_to(d / "loop")
+    remote = d / "remote_code"
+    remote.mkdir()
+    # a model folder whose config names its own code: running it leaves a mark beside it
+    (remote / "config.json").write_text('{"model_type": "qeval_remote", "auto_map": '
+                                        '{"AutoConfig": "configuration_remote.RemoteConfig"}}')
+    # (transformers runs a copy of the file from its modules cache, so the mark's path is absolute)
+    (remote / "configuration_remote.py").write_text(
+        f"import pathlib\npathlib.Path({str(remote / 'CODE_RAN')!r}).write_text('ran')\n"
+        "from transformers import PretrainedConfig\n"
+        "class RemoteConfig(PretrainedConfig):\n    model_type = 'qeval_remote'\n")
+    return {"EMPTY_DIR": str(d / "empty"), "A_FILE": str(d / "a_file"), "NULL_CONFIG": str(d / "null_config"),
+            "LOOP": str(d / "loop"), "REMOTE_CODE": str(remote)}
+
+
+def refusal(args: list[str], tmp_path, monkeypatch, capsys) -> str:
+    """``python -m qeval <args>`` run in-process from an empty folder: it must exit 2 with one
+    line, load no model and leave the folder empty (no results, no Hydra run folder, no log).
+    Returns the line."""
+    from qeval.__main__ import entry
+    from qeval.model import loading
+
+    places = fixtures(tmp_path)
+    args = [next((a.replace(k, v) for k, v in places.items() if k in a), a) for a in args]
     # the tiny random model, unless the case is about a model's path (the default toy model's then)
-    base = [] if any(o.startswith("model.path=") for o in overrides) else ["model=tiny-random"]
-    try:
-        check_overrides(overrides)
-        check_composes([*base, f"results_dir={tmp_path}", *overrides])
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=[*base, f"results_dir={tmp_path}", *overrides])
-        validate(cfg)
-    except ConfigError as e:
-        return str(e)
-    return ""
+    base = [] if any(a.startswith(("model.path=", "~model", "model=")) for a in args) else ["model=tiny-random"]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", ["qeval", *base, *args])
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the refusal")
+    monkeypatch.setattr(loading, "load", no_load)
+    with pytest.raises(SystemExit) as exit_:
+        entry()
+    out = capsys.readouterr()
+    lines = [line for line in out.err.splitlines() if line.strip()]
+    assert exit_.value.code == 2, out
+    assert len(lines) == 1 and lines[0].startswith("qeval: error: "), out.err
+    assert "Traceback" not in out.err + out.out
+    assert sorted(p.name for p in work.iterdir()) == [], "the refusal wrote files"
+    assert not (tmp_path / "fixtures" / "remote_code" / "CODE_RAN").exists(), "a model folder's code ran"
+    return lines[0].removeprefix("qeval: error: ")
 
 
 @pytest.mark.parametrize("overrides,expected", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_naming_key_and_value(overrides, expected, tmp_path):
-    msg = error_for(overrides, tmp_path)
-    assert expected in msg, msg
-    assert "\n" not in msg
+def test_bad_input_is_one_line_naming_key_and_value(overrides, expected, tmp_path, monkeypatch, capsys):
+    msg = refusal(overrides, tmp_path, monkeypatch, capsys)
+    places = fixtures(tmp_path / "again")
+    assert expected in msg or any(expected.replace(k, v) in msg for k, v in places.items()) or \
+        expected.replace("NULL_CONFIG", str(tmp_path / "fixtures" / "null_config")) in msg, msg
+
+
+def test_remote_code_runs_only_with_exactly_true(tmp_path):
+    # the other half of the REMOTE_CODE case: the flag means what it says
+    from omegaconf import OmegaConf
+
+    from qeval.model import loading
+    remote = Path(fixtures(tmp_path)["REMOTE_CODE"])
+    node = OmegaConf.create({"path": str(remote), "revision": None, "trust_remote_code": "false"})
+    assert not loading.trusts_remote_code(node)    # a truthy string is not true
+    with pytest.raises(ValueError, match="custom code"):
+        loading.model_config(node)
+    assert not (remote / "CODE_RAN").exists()
+    node.trust_remote_code = True
+    assert type(loading.model_config(node)).__name__ == "RemoteConfig"
+    assert (remote / "CODE_RAN").exists()
+
+
+def test_a_sweep_of_lists_is_parsed_by_hydras_grammar(tmp_path, monkeypatch, capsys):
+    # task=[passkey],[toy_mc] is two cells of one task each, not the values "[passkey" and "toy_mc]"
+    from qeval.__main__ import entry
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["qeval", "-m", "task=[passkey],[toy_mc]", "--cfg", "job"])
+    entry()
+    out = capsys.readouterr().out
+    assert "# cell 0: task=[passkey]" in out and "# cell 1: task=[toy_mc]" in out
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_kv_only_methods_refuse_weights():

@@ -274,6 +274,11 @@ class H2O(EvictionMethod):
         for key in ("heavy_budget", "recent_budget"):
             if m[key] is not None and (not isinstance(m[key], int) or m[key] < 0):
                 raise ConfigError(f"method.{key}={m[key]}: must be null (use the ratio) or a token count >= 0")
+        if m.heavy_budget is None and m.recent_budget is None and m.heavy_ratio + m.recent_ratio > 1:
+            # the two windows are parts of one prompt: more than all of it is a typo, not a budget
+            raise ConfigError(f"method.heavy_ratio={m.heavy_ratio}: with method.recent_ratio={m.recent_ratio} "
+                              f"the budget is {m.heavy_ratio + m.recent_ratio:g} of the prompt; allowed: "
+                              f"heavy_ratio + recent_ratio <= 1")
 
     def __init__(self, params, knobs):
         super().__init__(params, knobs)

@@ -7,11 +7,16 @@ hub model runs through.
 from __future__ import annotations
 
 import os
-from functools import cached_property
 import string
+from functools import cached_property
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+)
 
 from qeval.kernels import _env
 
@@ -53,6 +58,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def trusts_remote_code(model_cfg) -> bool:
+    """A model folder's own Python code (transformers' ``auto_map``) runs only for exactly ``true``:
+    the schema refuses anything else, and a string such as ``"false"`` must never count as truthy."""
+    return model_cfg.get("trust_remote_code", False) is True
+
+
 def model_config(model_cfg, vocab_size: int | None = None):
     """The architecture config, without weights: what validation reads before anything loads."""
     if model_cfg.get("random_config"):
@@ -61,7 +72,7 @@ def model_config(model_cfg, vocab_size: int | None = None):
         kw.setdefault("vocab_size", vocab_size or len(char_tokenizer()))
         return AutoConfig.for_model(model_type, **kw)
     return AutoConfig.from_pretrained(resolve_path(model_cfg.path), revision=model_cfg.get("revision"),
-                                      trust_remote_code=model_cfg.get("trust_remote_code", False))
+                                      trust_remote_code=trusts_remote_code(model_cfg))
 
 
 def load_tokenizer(model_cfg):
@@ -71,7 +82,7 @@ def load_tokenizer(model_cfg):
     else:
         tokenizer = AutoTokenizer.from_pretrained(
             resolve_path(model_cfg.path), revision=model_cfg.get("revision"),
-            trust_remote_code=model_cfg.get("trust_remote_code", False))
+            trust_remote_code=trusts_remote_code(model_cfg))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -103,7 +114,7 @@ def load(model_cfg, device: str = "auto", dtype: str = "auto", attn: str = "sdpa
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dt, attn_implementation=attn).to(dev)
     else:
-        kw = dict(revision=model_cfg.get("revision"), trust_remote_code=model_cfg.get("trust_remote_code", False))
+        kw = dict(revision=model_cfg.get("revision"), trust_remote_code=trusts_remote_code(model_cfg))
         many_gpus = dev.type == "cuda" and torch.cuda.device_count() > 1 and device == "auto"
         model = AutoModelForCausalLM.from_pretrained(
             resolve_path(model_cfg.path), dtype=dt, attn_implementation=attn,

@@ -1,0 +1,12 @@
+"""The options of each config group: the YAML files of ``qeval/configs/<group>/``, and nothing a
+name could reach outside that folder."""
+
+from __future__ import annotations
+
+from qeval import CONFIG_DIR
+
+GROUPS = ("model", "method", "calibration", "task", "experiment")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
