@@ -38,7 +38,7 @@ def leaf_configs(manager, names) -> dict[str, dict]:
     def visit(name: str) -> None:
         entry = manager.task_index.get(name)
         if entry is None:
-            raise ConfigError(f"lm_eval_tasks: '{name}' is not an lm-eval task, group or tag")
+            raise ConfigError(f"lm_eval_tasks={list(names)}: '{name}' is not an lm-eval task, group or tag")
         yaml_path = entry_field(entry, "yaml_path")
         if name in tags:
             for t in sorted(entry_field(entry, "tags") or ()):
@@ -102,7 +102,11 @@ def load_tasks(name: str, cfg, tmp: Path):
     root = Path(lm_eval.tasks.__file__).parent
     dirs = [str(root / d) for d in cfg.lm_eval_dirs] if cfg.get("lm_eval_dirs") else []
     manager = TaskManager(include_defaults=not dirs, include_path=dirs or None)
-    leaves = leaf_configs(manager, names)
+    try:
+        leaves = leaf_configs(manager, names)
+    except ConfigError as e:
+        where = f" under lm_eval_dirs={list(cfg.lm_eval_dirs)}" if dirs else ""
+        raise ConfigError(f"task.{name}.{e}{where}") from None
     if cfg.get("data_dir"):
         data_dir = Path(cfg.data_dir).expanduser().resolve()
         write_local_overrides(leaves, data_dir, tmp, f"task.{name}.data_dir", cfg.get("num_fewshot"))
@@ -269,6 +273,28 @@ def check(name: str, cfg, model) -> None:
         raise ConfigError(f"task.{name}.seed={seed}: allowed: an integer >= 0 (all four of lm-eval's seeds) or "
                           f"four of them [random, numpy, torch, fewshot] (lm-eval's default: "
                           f"[{', '.join(map(str, LM_EVAL_SEEDS))}])")
+    check_tasks_and_data(name, cfg)
+
+
+def check_tasks_and_data(name: str, cfg) -> None:
+    """The lm-eval names exist and their data is at hand, before any weights load: the local
+    files under ``data_dir``, or offline (``HF_HUB_OFFLINE``), the datasets cache. Online, lm-eval
+    downloads what is missing when it builds the tasks."""
+    from qeval.data import corpus
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"qeval-check-{name}-"))
+    try:
+        _, leaves = load_tasks(name, cfg, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.get("data_dir") or not corpus.offline():
+        return
+    from datasets import load_dataset_builder
+    for path, dataset_name in datasets_of(leaves):
+        try:   # offline, this reads only the cache
+            load_dataset_builder(path, dataset_name)
+        except Exception as e:   # noqa: BLE001 - whatever datasets raises, the data is not at hand
+            raise missing_data_error(name, leaves, e) from None
 
 
 def task(name: str):
