@@ -139,6 +139,10 @@ BAD_INPUTS = [
     (["-m", "kv_bits=range(16,0,0)"], "kv_bits=range(16,0,0): ValueError: range() arg 3 must not be zero"),
     (["-m", "kv_bits=range(0,16,-1)"], "kv_bits=range(0,16,-1): a sweep of no values"),
     (["-m", "task=[passkey],[nope]"], "task=nope: unknown task"),
+    # lm-eval's task names and (offline: the tests run with HF_HUB_OFFLINE=1) its data, before loading
+    (["task=gsm8k"], "task=gsm8k: dataset openai/gsm8k/main could not be loaded"),
+    (["task=mmlu", "task.mmlu.lm_eval_tasks=[nope]"],
+     "task.mmlu.lm_eval_tasks=['nope']: 'nope' is not an lm-eval task, group or tag under lm_eval_dirs=['mmlu']"),
     (["method=h2o", "method.heavy_ratio=0.6", "method.recent_ratio=0.6"],
      "method.heavy_ratio=0.6: with method.recent_ratio=0.6 the budget is 1.2 of the prompt"),
     # --- names that become paths, and trust_remote_code (security) ---
