@@ -35,21 +35,42 @@ VERSIONED = ("torch", "transformers", "triton", "lm-eval", "datasets", "accelera
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    """One cell. Returns what it did (``ok``/``skipped``/``failed``, the run directory, the
-    error), which the sweep callback records; in a sweep it never raises, so the sweep goes on."""
+    """One cell. Returns what it did (``ok``/``skipped``/``failed``/``interrupted``, the run
+    directory, the error), which the sweep callback records; in a sweep it never raises, so the
+    sweep goes on (or, stopped by a signal, summarises and ends). A single run ends with one line
+    on stderr, not a traceback, for bad input (exit 2), a full disk (exit 1) and SIGINT or SIGTERM
+    (130 or 143, its cell recorded as ``interrupted``)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from qeval import results
     from qeval.report.console import rows_table
     from qeval.run import run
+    from qeval.sweep import signals
 
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+    signals.noting()   # a signal after the run (or before it) is noted, never a traceback
     try:
-        result = run(cfg)
+        with signals.raising():
+            result = run(cfg)
+    except signals.Interrupted as e:
+        where = (f"{e.run_dir} records the cell as interrupted; running it again computes it" if e.run_dir
+                 else "the cell was not computed and nothing was recorded")
+        if sweeping:
+            log.info(f"qeval: interrupted by {e}: {where}")
+            return {"status": "interrupted", "error": f"interrupted: {e}", "run_dir": e.run_dir}
+        log.error(f"qeval: interrupted by {e}: {where}")
+        sys.exit(signals.exit_status(e.signum))
     except ConfigError as e:
         log.error(f"qeval: error: {e}")
         sys.exit(2)
     except Exception as e:
+        if results.disk_full(e):
+            logging.raiseExceptions = False   # the job's log file is on that disk too: no traceback for it
+            log.error(f"qeval: error: {e}")
+            if not sweeping:
+                sys.exit(1)
+            return {"status": "failed", "error": f"DiskFull: {e}", "run_dir": None}
         if not sweeping:
             raise
         # run() writes a failed row for every failure it can see; this is one it could not

@@ -4,21 +4,46 @@ A row is one measured number with every knob that produced it flattened beside i
 identity is the hash of its resolved config minus launcher and output keys, so a rerun can skip
 what is done; tables are then one ``pivot_table`` away and no config is ever parsed back out of a
 directory name.
+
+Every file of a finished run is checked when read (:func:`read_finished`), never trusted: a file
+of the wrong kind, a changed byte, a truncated write is named in one line and the cell is redone.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
+import stat
 import subprocess
-import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import lru_cache
 from pathlib import Path
+
+# the file primitives a run's files are built on; callers name them as results.* too
+from qeval.files.atomic import (  # noqa: F401
+    DiskFull,
+    disk_full,
+    make_directory,
+    move_aside,
+    replacing,
+    temporaries,
+    write_atomic,
+    write_files,
+)
+from qeval.files.checked import (  # noqa: F401
+    NotAFile,
+    problem_reading,
+    read_bytes,
+    seal_matches,
+    sealed,
+)
+
+log = logging.getLogger(__name__)
 
 # per-task breakdown columns: a row with any of them set is a detail (a passkey cell, one layer of
 # quant_error, one kind of toy question), not a headline number
@@ -79,31 +104,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-@contextmanager
-def replacing(path: Path, binary: bool = False):
-    """A file to write ``path``'s new contents into: a temporary in the same directory, synced and
-    renamed onto ``path`` when the block ends, removed if it raises, so readers never see half.
-    Its name is what :func:`temporaries` finds, so a killed writer's leftover is cleaned up."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a shared results directory must stay readable
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through :func:`replacing`: readers never see half."""
-    with replacing(path) as f:
-        f.write(text)
-
-
 def rows_text(rows: list[dict]) -> str:
     return "".join(json.dumps(r, default=str) + "\n" for r in rows)
 
@@ -112,32 +112,43 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _lock_descriptor(path: Path, exclusive: bool) -> int | None:
+    """A descriptor of the lock file ``path``, opened without blocking (a FIFO there is never
+    waited on). What is not a regular file there is moved aside by a writer (``exclusive``); a
+    reader goes without the lock (None), as it does where it may not write."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if not exclusive:
+                return None
+            if e.errno != errno.EISDIR:
+                raise
+            move_aside(path)
+            continue
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)
+        if not exclusive:
+            return None
+        move_aside(path)
+    raise OSError(errno.EEXIST, f"{path} keeps being replaced by something that is not a file")
+
+
 @contextmanager
 def run_lock(run_dir: Path, exclusive: bool):
     """An advisory lock on ``<run_dir>/.lock``: writers of a run's files hold it exclusively and
     readers shared, so two processes finishing the same cell at once never leave (or read) rows of
     one beside the result.json of the other."""
     if exclusive:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        f = open(run_dir / ".lock", "a")
-    except OSError:
-        if exclusive:
-            raise
-        yield   # a results directory this reader may not write: read it as it is
+        make_directory(run_dir)
+    fd = _lock_descriptor(run_dir / ".lock", exclusive)
+    if fd is None:
+        yield
         return
-    with f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def temporaries(directory: Path) -> list[Path]:
-    """The temporary files :func:`write_atomic` leaves in ``directory`` when its process is killed
-    between writing and renaming (only a process that owns the directory may delete them)."""
-    return sorted(directory.glob(".*.tmp")) if directory.is_dir() else []
+    with open(fd, "rb"):   # closing the descriptor releases the lock
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 @contextmanager
@@ -153,44 +164,43 @@ def cell_lock(run_dir: Path, block: bool = True):
     killed writer of this cell left behind are removed: every writer of a run directory holds
     this lock.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".computing", "a+") as f:
+    make_directory(run_dir)
+    fd = _lock_descriptor(run_dir / ".computing", exclusive=True)
+    with open(fd, "r+") as f:
         waited = False
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not block:
                 yield None
                 return
-            f.seek(0)
             holder = f.read().strip() or "another process"
-            logging.getLogger(__name__).info(f"qeval: {run_dir.name} is being computed by {holder}; waiting for it")
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            log.info(f"qeval: {run_dir.name} is being computed by {holder}; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
             waited = True
-        try:
+        with suppress(OSError):   # a note for a waiting process; a full disk must not stop the cell
             f.seek(0)
             f.truncate()
             f.write(f"pid {os.getpid()} on {platform.node()}\n")
             f.flush()
-            for leftover in temporaries(run_dir):
-                leftover.unlink(missing_ok=True)
-            yield waited
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        for leftover in temporaries(run_dir):
+            leftover.unlink(missing_ok=True)
+        yield waited
 
 
 def write_run(run_dir: Path, result: dict, rows: list[dict], config_yaml: str) -> None:
-    """config.yaml, rows.jsonl, then result.json, each atomically and all under the run's lock.
-    result.json records how many rows there are, their checksum and the code that wrote them, so
-    a finished cell is checked when read rather than trusted."""
+    """config.yaml, rows.jsonl, then result.json, under the run's lock, every temporary written
+    before any is renamed (a full disk changes nothing). result.json records the rows' count and
+    checksum, config.yaml's checksum, the code that wrote them and, sealed in, its own checksum,
+    so a finished cell is checked when read rather than trusted."""
     text = rows_text(rows)
-    result = result | {"rows_count": len(rows), "rows_sha256": digest(text), "git_commit": git_commit(),
-                       "qeval_version": library_versions()["qeval"]}
+    result = sealed(result | {"rows_count": len(rows), "rows_sha256": digest(text),
+                              "config_sha256": digest(config_yaml), "git_commit": git_commit(),
+                              "qeval_version": library_versions()["qeval"]})
     with run_lock(run_dir, exclusive=True):
-        write_atomic(run_dir / "config.yaml", config_yaml)
-        write_atomic(run_dir / "rows.jsonl", text)
         # result.json last: its presence with status "ok" marks the run as finished
-        write_atomic(run_dir / "result.json", json.dumps(result, indent=2, default=str))
+        write_files([(run_dir / "config.yaml", config_yaml), (run_dir / "rows.jsonl", text),
+                     (run_dir / "result.json", json.dumps(result, indent=2))])
 
 
 class UnreadableRun(ValueError):
@@ -198,50 +208,75 @@ class UnreadableRun(ValueError):
 
 
 def read_finished(run_dir: Path) -> tuple[dict | None, str | None]:
-    """(result.json, problem): (None, None) while the run has not finished; a problem when
-    result.json is unreadable or rows.jsonl is missing, truncated or not the rows it recorded."""
-    if not (run_dir / "result.json").exists():
+    """(result.json, problem): (None, None) while the run has not finished; a problem when a file
+    is not a file, result.json is unreadable, not an object or changed, or rows.jsonl or
+    config.yaml is missing, truncated or not what result.json recorded."""
+    if not os.path.lexists(run_dir / "result.json"):
         return None, None
     with run_lock(run_dir, exclusive=False):
         return _read_finished(run_dir)
 
 
 def _read_finished(run_dir: Path) -> tuple[dict | None, str | None]:
+    path = run_dir / "result.json"
+    data, problem = problem_reading(path)
+    if data is None:
+        return None, None if problem == f"{path} is missing" else problem
     try:
-        result = json.loads((run_dir / "result.json").read_text())
-    except FileNotFoundError:
-        return None, None
-    except (OSError, ValueError) as e:
-        return None, f"{run_dir / 'result.json'} is unreadable ({type(e).__name__})"
-    try:
-        text = (run_dir / "rows.jsonl").read_text()
-    except OSError:
-        return result, f"{run_dir / 'rows.jsonl'} is missing"
+        result = json.loads(data)
+    except ValueError as e:   # truncated, garbled, not UTF-8
+        return None, f"{path} is not JSON ({type(e).__name__})"
+    if not isinstance(result, dict):
+        return None, f"{path} holds a JSON {type(result).__name__}, not an object"
+    if not seal_matches(result):
+        return None, f"{path} does not match the checksum it was written with (changed or damaged)"
+    rows_path = run_dir / "rows.jsonl"
+    data, problem = problem_reading(rows_path)
+    if problem:
+        return result, problem
     if "rows_sha256" in result:
-        if digest(text) != result["rows_sha256"] or text.count("\n") != result.get("rows_count"):
-            return result, (f"{run_dir / 'rows.jsonl'} does not hold the {result.get('rows_count')} rows "
+        if hashlib.sha256(data).hexdigest() != result["rows_sha256"] or data.count(b"\n") != result.get("rows_count"):
+            return result, (f"{rows_path} does not hold the {result.get('rows_count')} rows "
                             f"result.json recorded (changed or truncated)")
-    else:   # written before checksums: every line must at least parse
-        try:
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-        except ValueError:
-            return result, f"{run_dir / 'rows.jsonl'} has a line that is not JSON"
+    elif problem := _unchecked_rows_problem(result, data, rows_path):
+        return result, problem
+    if "config_sha256" in result:
+        data, problem = problem_reading(run_dir / "config.yaml")
+        if problem or hashlib.sha256(data).hexdigest() != result["config_sha256"]:
+            return result, problem or (f"{run_dir / 'config.yaml'} is not the config result.json recorded "
+                                       f"(changed or truncated)")
     return result, None
+
+
+def _unchecked_rows_problem(result: dict, data: bytes, path: Path) -> str | None:
+    """Rows written before checksums: every line must parse, and there must be some (an empty
+    file beside such a result.json may be a write that never finished)."""
+    try:
+        n = len([json.loads(line) for line in data.decode().splitlines() if line.strip()])
+    except ValueError:
+        return f"{path} has a line that is not JSON"
+    if n == 0:
+        return f"{path} holds no rows (written before checksums, so nothing says that is complete)"
+    if isinstance(result.get("rows"), list) and len(result["rows"]) != n:
+        return f"{path} holds {n} rows, result.json lists {len(result['rows'])}"
+    return None
 
 
 def read_rows(run_dir: Path) -> list[dict]:
     """The rows of a finished run, checked against result.json; [] while it is unfinished."""
-    if not (run_dir / "result.json").exists():
+    if not os.path.lexists(run_dir / "result.json"):
         return []
     with run_lock(run_dir, exclusive=False):   # result.json and rows.jsonl of the same writer
         result, problem = _read_finished(run_dir)
         if problem:
             raise UnreadableRun(problem)
-        text = (run_dir / "rows.jsonl").read_text()
+        if result is None:
+            return []
+        text = read_bytes(run_dir / "rows.jsonl").decode()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def read_status(run_dir: Path) -> str | None:
-    """``ok`` / ``failed`` of a finished run whose files agree; None otherwise."""
+    """``ok`` / ``failed`` / ``interrupted`` of a finished run whose files agree; None otherwise."""
     result, problem = read_finished(run_dir)
     return None if result is None or problem else result.get("status")

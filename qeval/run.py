@@ -20,6 +20,7 @@ from qeval.model import loading
 from qeval.model.handle import Handle
 from qeval.model.linear import quantize_linears
 from qeval.model.memory import PeakMemory
+from qeval.sweep.signals import Interrupted
 from qeval.tasks import TASKS
 from qeval.validate import validate
 
@@ -61,7 +62,7 @@ def base_row(cfg, method, run_id: str) -> dict:
         "w_group_size": cfg.w_group_size, "a_group_size": cfg.a_group_size,
         "kv_group_size": cfg.kv_group_size, "kv_semantics": cfg.kv_semantics,
         "dtype": str(loading.resolve_dtype(cfg.dtype, loading.resolve_device(cfg.device))).removeprefix("torch."),
-        "attn": cfg.attn, "seed": cfg.seed,
+        "attn": cfg.attn, "seed": cfg.seed, "trust_remote_code": cfg.model.get("trust_remote_code", False),
         "config_hash": run_id, "git_commit": results.git_commit(),
         **{f"version.{k}": v for k, v in results.library_versions().items()},
         "config": c,
@@ -74,11 +75,13 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def record_failure(cfg, run_dir: Path, error: str) -> dict:
+def record_failure(cfg, run_dir: Path, error: str, status: str = "failed", say: bool = True) -> dict:
     """Write a failed row for a cell whose method was never built (a bad config in a sweep, a cell
-    killed from outside), labelled as its bits would label it."""
+    killed from outside), labelled as its bits would label it; ``status="interrupted"`` for a cell
+    stopped by a signal. ``say=False`` where the caller says what happened in its own line."""
     run_id = run_dir.name
-    log.error(f"qeval: failed: {error}")
+    if say:
+        log.error(f"qeval: {status}: {error}")
     formats = Formats.from_config(cfg)
     try:   # labels as the method would give them, where the bits themselves are valid
         b = Bits.from_config(cfg)
@@ -89,9 +92,10 @@ def record_failure(cfg, run_dir: Path, error: str) -> dict:
            "target": target, "setting": setting,
            "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits,
            "w_format": formats.w, "a_format": formats.a, "kv_format": formats.kv,
-           "kv_semantics": cfg.kv_semantics, "task": ",".join(cfg.task), "metric": None, "value": None,
-           "status": "failed", "error": error, "config": OmegaConf.to_container(cfg, resolve=True)}
-    result = {"run_id": run_id, "status": "failed", "error": error, "seconds": 0.0, "rows": [row]}
+           "kv_semantics": cfg.kv_semantics, "trust_remote_code": cfg.model.get("trust_remote_code", False),
+           "task": ",".join(cfg.task), "metric": None, "value": None,
+           "status": status, "error": error, "config": OmegaConf.to_container(cfg, resolve=True)}
+    result = {"run_id": run_id, "status": status, "error": error, "seconds": 0.0, "rows": [row]}
     results.write_run(run_dir, result, [row], OmegaConf.to_yaml(cfg, resolve=True))
     return result | {"run_dir": str(run_dir)}
 
@@ -101,7 +105,7 @@ def _finished(cfg, run_id: str, run_dir: Path, say: bool = True) -> dict | None:
     result, problem = results.read_finished(run_dir)
     if problem and say:
         log.warning(f"qeval: {run_id}: {problem}; recomputing")
-    if problem or result is None or result.get("status") != "ok":
+    if problem or result is None or result.get("status") != "ok":   # failed, interrupted: computed again
         return None
     then, now = result.get("git_commit"), results.git_commit()
     if then != now:
@@ -117,7 +121,9 @@ def _finished(cfg, run_id: str, run_dir: Path, say: bool = True) -> dict | None:
 
 
 def run(cfg) -> dict:
-    """Run every task of one configuration; always writes result.json, ``ok`` or ``failed``.
+    """Run every task of one configuration; always writes result.json, ``ok`` or ``failed``, or
+    ``interrupted`` when a signal stops it (:class:`Interrupted` is raised on after that row is
+    written, its ``run_dir`` set).
 
     The cell is computed under :func:`qeval.results.cell_lock`: a second process asking for the
     same cell (another sweep on the same results directory) waits and then finds it finished."""
@@ -139,9 +145,15 @@ def run(cfg) -> dict:
         # finished while this process validated or waited for the lock: do not compute it twice
         if not cfg.force and (skip := _finished(cfg, run_id, run_dir, say=False)):
             return skip
-        if invalid:
-            return record_failure(cfg, run_dir, invalid)
-        return _compute(cfg, run_id, run_dir)
+        try:
+            return record_failure(cfg, run_dir, invalid) if invalid else _compute(cfg, run_id, run_dir)
+        except Interrupted as e:
+            try:
+                record_failure(cfg, run_dir, f"interrupted: {e}", status="interrupted", say=False)
+                e.run_dir = str(run_dir)
+            except OSError:   # a full disk: the cell stays unfinished, which a rerun redoes too
+                pass
+            raise
 
 
 def _compute(cfg, run_id: str, run_dir: Path) -> dict:
@@ -151,7 +163,7 @@ def _compute(cfg, run_id: str, run_dir: Path) -> dict:
     except Exception as e:  # validated, so unexpected: still a failed row, never a lost cell
         log.exception("qeval: building the method failed")
         return record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
-    rows, status, error, bad_input = [], "ok", None, None
+    rows, status, error, raised = [], "ok", None, None
     device = loading.resolve_device(cfg.device)
     start = time.perf_counter()
     try:
@@ -177,7 +189,9 @@ def _compute(cfg, run_id: str, run_dir: Path) -> dict:
     except Exception as e:  # a failing cell is recorded as a row, never lost
         status, error = "failed", f"{type(e).__name__}: {e}"
         if isinstance(e, ConfigError) and not _in_sweep():
-            bad_input = e  # found only once the model is loaded (e.g. its attention code)
+            raised = e  # found only once the model is loaded (e.g. its attention code)
+        elif isinstance(e, results.DiskFull):
+            raised = e  # said in one line by whoever called the run, not as a traceback
         else:
             log.exception(f"qeval: {run_id} failed")
         rows.append(base_row(cfg, method, run_id) | {"device": str(device), "task": ",".join(cfg.task),
@@ -185,7 +199,24 @@ def _compute(cfg, run_id: str, run_dir: Path) -> dict:
                                                       "error": error})
     result = {"run_id": run_id, "status": status, "error": error,
               "seconds": time.perf_counter() - start, "rows": rows}
-    results.write_run(run_dir, result, rows, OmegaConf.to_yaml(cfg, resolve=True))
-    if bad_input is not None:
-        raise bad_input
+    try:
+        results.write_run(run_dir, result, rows, OmegaConf.to_yaml(cfg, resolve=True))
+    except results.DiskFull as e:
+        raise _unsaved(cfg, run_dir, e, len(rows)) from None
+    if isinstance(raised, results.DiskFull):
+        raised.note = f": {run_id} stopped; a failed row records it (free space and run it again)"
+    if raised is not None:
+        raise raised
     return result | {"run_dir": str(run_dir)}
+
+
+def _unsaved(cfg, run_dir: Path, full: results.DiskFull, n_rows: int) -> results.DiskFull:
+    """The disk filled while the cell's rows were written: a failed row is much smaller, so it
+    may still fit; ``full`` comes back saying what was kept."""
+    try:
+        record_failure(cfg, run_dir, f"DiskFull: {full}", say=False)
+        kept = "a failed row records the cell"
+    except OSError:
+        kept = "nothing was recorded"
+    full.note = f": the cell's {n_rows} rows were not saved; {kept} (free space and run it again)"
+    return full

@@ -66,8 +66,9 @@ def test_a_damaged_cell_is_recomputed_and_other_code_is_named(tmp_path):
     assert p.returncode == 0 and "recomputing" in p.stderr and "rows.jsonl" in p.stderr, p.stderr[-2000:]
     assert len(rows.read_text().splitlines()) == n and results.read_finished(run_dir)[1] is None
 
+    # written by other code (sealed as qeval seals it), not damaged: kept and named
     result = json.loads((run_dir / "result.json").read_text())
-    (run_dir / "result.json").write_text(json.dumps(result | {"git_commit": "0ther"}))
+    (run_dir / "result.json").write_text(json.dumps(results.sealed(result | {"git_commit": "0ther"})))
     p = qeval(tmp_path)
     assert "finished by qeval at commit 0ther" in p.stderr and "kept" in p.stderr, p.stderr[-2000:]
     assert json.loads((run_dir / "result.json").read_text())["git_commit"] == "0ther"      # skipped

@@ -23,11 +23,17 @@ ENV = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THRE
                     "TRANSFORMERS_VERBOSITY": "error"}
 
 
+def cell_with(*overrides: str) -> list[str]:
+    """CELL with ``overrides`` in place of its own values (a key given twice is refused)."""
+    keys = {o.partition("=")[0] for o in overrides}
+    return [c for c in CELL if c.partition("=")[0] not in keys] + list(overrides)
+
+
 def sweep(results: Path, name: str, *overrides: str, launcher: str = "local") -> dict:
     """Run one multirun sweep in a fresh process; returns its sweep_summary.json."""
     sweep_dir = results / "sweeps" / name
     cmd = [sys.executable, "-m", "qeval", "-m", f"hydra/launcher={launcher}", f"results_dir={results}",
-           f"hydra.sweep.dir={sweep_dir}", *CELL, *overrides]
+           f"hydra.sweep.dir={sweep_dir}", *cell_with(*overrides)]
     p = subprocess.run(cmd, cwd=results, env=ENV, capture_output=True, text=True, timeout=500)
     summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
     # exit status 1 exactly when a cell failed or is missing
@@ -201,7 +207,7 @@ def test_a_reused_sweep_folder_counts_only_this_sweeps_cells(tmp_path):
 def test_two_processes_asking_for_one_cell_compute_it_once(tmp_path):
     # two single runs of the same cell at once (two sweeps sharing a results directory): the
     # second waits on the cell's lock, then finds the first one's result
-    cmd = [sys.executable, "-m", "qeval", f"results_dir={tmp_path}", *CELL, "task.passkey.samples_per_cell=4"]
+    cmd = [sys.executable, "-m", "qeval", f"results_dir={tmp_path}", *cell_with("task.passkey.samples_per_cell=4")]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=500)[0] for p in procs]

@@ -10,12 +10,15 @@ nothing is saved; the rows name the file and its sha256.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from qeval import results
 from qeval.calibration import data, kv_scales, published, store
 from qeval.model import loading
 from qeval.quant.primitives import FULL_PRECISION_BITS
+
+log = logging.getLogger(__name__)
 
 
 def _dtype(cfg) -> str:
@@ -40,13 +43,16 @@ def check(cfg, method_cls, arch) -> None:
     spec = data.resolve(cfg)
     text = arch.get_text_config()
     data.check(spec, getattr(text, "max_position_embeddings", None))
-    if not store.saved(store.directory(cfg, store.identity(cfg, method_cls, spec, _dtype(cfg)))):
+    ident = store.identity(cfg, method_cls, spec, _dtype(cfg))
+    if store.unusable(store.directory(cfg, ident), ident):
         data.check_available(spec)
 
 
 class Stage:
-    """Built before the model loads (reads the samples unless a saved result exists); :meth:`run`
-    then calibrates or reuses and returns the row columns (``calibration.*``, ``calibration_reused``)."""
+    """Built before the model loads (reads the samples unless a usable saved result exists);
+    :meth:`run` then calibrates or reuses and returns the row columns (``calibration.*``,
+    ``calibration_reused``). A saved result that fails its checks is computed again, with one
+    line saying why."""
 
     def __init__(self, cfg, method):
         self.method = method
@@ -58,7 +64,8 @@ class Stage:
         self.ident = store.identity(cfg, type(method), self.spec, _dtype(cfg))
         self.where = store.directory(cfg, self.ident)
         self.tokenizer = loading.load_tokenizer(cfg.model)
-        self.samples = None if store.saved(self.where) else data.load_samples(self.spec, self.tokenizer)
+        usable = store.unusable(self.where, self.ident) is None
+        self.samples = None if usable else data.load_samples(self.spec, self.tokenizer)
 
     def run(self, model) -> dict:
         start = time.perf_counter()
@@ -70,9 +77,15 @@ class Stage:
                        "calibration.samples": None, "calibration.tokens": None, "calibration_reused": False,
                        "calibration_seconds": time.perf_counter() - start})
         with results.cell_lock(self.where):
-            reused = store.saved(self.where)   # perhaps finished by another run meanwhile
+            try:   # perhaps finished by another run meanwhile
+                result, meta = store.read(self.where, self.ident)
+                reused = True
+            except store.Unusable as e:
+                if str(e) != store.NOT_SAVED:
+                    log.warning(f"qeval: the calibration result saved in {self.where} is not used: {e}; "
+                                f"calibrating again")
+                reused = False
             if reused:
-                result, meta = store.read(self.where)
                 self.method.apply_calibration(model, result)
             else:
                 samples = self.samples or data.load_samples(self.spec, self.tokenizer)
