@@ -81,7 +81,8 @@ def fixed_text(tokenizer, n_tokens: int, text: str | None) -> torch.Tensor:
         text = "".join(FILLER[i % len(FILLER)] for i in range(4 * n_tokens))
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][:, :n_tokens]
     if ids.shape[1] < n_tokens:
-        raise ConfigError(f"task.quant_error.n_tokens={n_tokens}: the text has only {ids.shape[1]} tokens")
+        raise ConfigError(f"task.quant_error.n_tokens={n_tokens}: the text has only {ids.shape[1]} tokens; "
+                          f"allowed: n_tokens <= {ids.shape[1]} or a longer task.quant_error.text")
     return ids
 
 
@@ -97,6 +98,8 @@ def check(name: str, cfg, model) -> None:
     longest = keys.max_positions(model.arch)
     keys.integer(name, cfg, "n_tokens", 2, longest)
     keys.integer(name, cfg, "context_tokens", 1, cfg.n_tokens - 1)
+    if cfg.get("text") is not None:   # a given text must be long enough: asked of the tokenizer, no weights
+        fixed_text(model.tokenizer, cfg.n_tokens, cfg.text)
 
 
 def evaluate(handle, cfg) -> list[dict]:
