@@ -200,17 +200,25 @@ def entry() -> None:
         return
     if not args:  # no arguments: the demo (qeval/configs/experiment/demo.yaml)
         args = ["experiment=demo"]
+    from qeval.sweep import signals
+
     flags, overrides = split_argv(args)
     overrides = with_defaults(overrides)
     try:
-        check(flags, overrides)
-        shown = for_showing(flags, overrides)
-        if shown is None:
-            show_cells(flags, overrides)
-            return
+        # validation imports torch and may read a tokenizer: seconds in which a Ctrl-C or a
+        # SIGTERM ends the command with one line, not a traceback (nothing is written yet)
+        with signals.raising():
+            check(flags, overrides)
+            shown = for_showing(flags, overrides)
+            if shown is None:
+                show_cells(flags, overrides)
+                return
     except ConfigError as e:
         print(f"qeval: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except signals.Interrupted as e:
+        print(f"qeval: interrupted by {e} before the run started; nothing was written", file=sys.stderr)
+        sys.exit(signals.exit_status(e.signum))
     sys.argv[1:] = shown[0] + shown[1]
     main()
 

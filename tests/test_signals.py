@@ -177,3 +177,32 @@ def test_a_sweep_folder_held_by_a_running_sweep_is_refused_in_one_line(tmp_path)
          f"give this one its own hydra.sweep.dir=...")]
     assert marker.exists(), "the running sweep's markers are left alone"
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_command_is_checked_is_one_line(signum, tmp_path, monkeypatch, capsys):
+    # validation imports torch and may read a tokenizer (seconds): stopped then, nothing is written
+    import qeval.__main__ as entry_point
+    from qeval.sweep import signals
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(signals, "received", None)
+
+    def check_stopped(flags, overrides):
+        os.kill(os.getpid(), signum)
+        time.sleep(10)   # the signal raises here, long before this ends
+        raise AssertionError("the signal did not stop the check")
+
+    monkeypatch.setattr(entry_point, "check", check_stopped)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["qeval", "task=toy_mc"])
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            entry_point.entry()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 128 + signum
+    assert len(err) == 1 and "before the run started; nothing was written" in err[0], err
+    assert list(tmp_path.iterdir()) == []
