@@ -8,7 +8,12 @@ did (rule and exceptions in :mod:`qeval.report.cells`).
 
 * :mod:`qeval.report.gather`: rows of every run -> one DataFrame (+ Parquet and CSV), with the
   run's flattened config as ``config.<key>`` columns and the derived labels (target, setting,
-  bits, budget).
+  bits, budget). Runs are read defensively (:mod:`~qeval.report.runs`,
+  :mod:`~qeval.report.safe_read`: regular files, size caps, a YAML alias budget) and each row is
+  checked against :mod:`~qeval.report.schema`; what does not fit is named and skipped
+  (:mod:`~qeval.report.skips`), never fatal.
+* :mod:`qeval.report.escape`: every name is escaped for the format it lands in (Markdown, LaTeX,
+  CSV cells against formula injection, file names, figure labels), long names cut.
 * :mod:`qeval.report.cells`: which runs share a cell; its value, run count and baseline.
 * :mod:`qeval.report.tables`: Markdown and LaTeX tables, model x (method, setting, knobs) per
   task, with the difference to full precision; ``cells.csv``; :mod:`qeval.report.failed` lists

@@ -3,20 +3,22 @@ JSON files ``scripts/bench_*.py`` write under ``results/bench/`` (one file per d
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
+
+from qeval.report.escape import LABEL_CHARS, cut, figure_text
+from qeval.report.safe_read import SMALL_BYTES, Refused, read_json
 
 
 def read_bench(bench_dir: Path) -> pd.DataFrame:
     """Rows with a batch size from every ``bench/*.json`` (one file per device, sections of rows)."""
     rows = []
     for path in sorted(Path(bench_dir).glob("*.json")):
-        try:
-            report = json.loads(path.read_text())
-        except (OSError, ValueError):
+        try:   # a regular file of at most SMALL_BYTES: a FIFO or a huge file is not read
+            report = read_json(path, SMALL_BYTES)
+        except Refused:
             continue
         device = report.get("device", path.stem) if isinstance(report, dict) else path.stem
         sections = report.items() if isinstance(report, dict) else [("rows", report)]
@@ -35,13 +37,17 @@ def bench_figure(bench: pd.DataFrame) -> tuple[Figure, int] | None:
     tput = next((c for c in ("decode_tokens_per_s", "tokens_per_s") if c in bench), None)
     if tput is None or "peak_memory_bytes" not in bench:
         return None
+    name = "config" if "config" in bench else "section"
+    # a hand-edited file may hold anything: names as text, numbers as numbers or missing
+    bench = bench.assign(device=bench["device"].map(str), **{name: bench[name].map(str)},
+                         **{c: pd.to_numeric(bench[c], errors="coerce") for c in ("batch", tput, "peak_memory_bytes")})
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_t, ax_m = fig.subplots(1, 2)
-    name = "config" if "config" in bench else "section"
     for (device, label), g in bench.groupby(["device", name]):
         g = g.groupby("batch")[[tput, "peak_memory_bytes"]].mean().sort_index()
-        ax_t.plot(g.index, g[tput], marker="o", label=f"{label} ({device})")
-        ax_m.plot(g.index, g["peak_memory_bytes"] / 2**30, marker="o", label=f"{label} ({device})")
+        name_shown = figure_text(f"{cut(label)} ({cut(device)})", 3 * LABEL_CHARS)
+        ax_t.plot(g.index, g[tput], marker="o", label=name_shown)
+        ax_m.plot(g.index, g["peak_memory_bytes"] / 2**30, marker="o", label=name_shown)
     ax_t.set_xlabel("batch size (sequences)")
     ax_t.set_ylabel("throughput (tokens/s)")
     ax_t.set_title("Decode throughput against batch size")

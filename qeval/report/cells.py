@@ -40,6 +40,7 @@ import math
 
 import pandas as pd
 
+from qeval.report.escape import cut
 from qeval.report.gather import CONFIG_PREFIX
 from qeval.report.style import knob_suffix, missing, precision_label
 
@@ -133,8 +134,8 @@ def column_label(method, setting, extra: tuple, dtype) -> str:
     """A table column / legend label: ``uniform KV2 [kv_semantics=simulated]``; a baseline is
     named by its dtype (``fp32``), which is then not repeated among its knobs."""
     if missing(method):
-        return precision_label(dtype) + knob_suffix(tuple((k, v) for k, v in extra if k != "dtype"))
-    return f"{method} {setting}" + knob_suffix(extra)
+        return cut(precision_label(dtype)) + knob_suffix(tuple((k, v) for k, v in extra if k != "dtype"))
+    return f"{cut(method)} {cut(setting)}" + knob_suffix(extra)
 
 
 def shown_knobs(families: list, extras: list[tuple]) -> list[tuple]:
@@ -186,10 +187,22 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
     cells = pd.DataFrame(out)
     if cells.empty:
         return cells
-    cells["label"] = cell_labels(cells["method"], cells["setting"], cells["extra"], cells["dtype"])
+    cells["label"] = distinct(cells, cell_labels(cells["method"], cells["setting"], cells["extra"], cells["dtype"]))
     # a line of a figure runs over one method's settings of one target: labelled by what differs there
     cells["line_extra"] = shown_knobs(list(zip(cells["method"].fillna(""), cells["target"])), list(cells["extra"]))
     return with_baselines(cells)
+
+
+def distinct(cells: pd.DataFrame, labels: list[str]) -> list[str]:
+    """``labels`` with ``#2``, ``#3`` ... after a label that two cells of one model share (names
+    cut to a label's length, or knob values that print alike: ``1`` and ``"1"``), so that no two
+    cells ever share a table cell."""
+    seen: dict[tuple, int] = {}
+    out = []
+    for model, label in zip(cells["model"], labels):
+        seen[(model, label)] = n = seen.get((model, label), 0) + 1
+        out.append(label if n == 1 else f"{label} #{n}")
+    return out
 
 
 def with_baselines(cells: pd.DataFrame) -> pd.DataFrame:

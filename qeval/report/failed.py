@@ -1,4 +1,5 @@
-"""Failed runs: one line per run whose status is ``failed``, never a crash of the report.
+"""Failed runs: one line per run whose status is ``failed`` (or ``interrupted``: stopped by a
+signal), never a crash of the report.
 
 A failed run is named by its model, method, setting and task(s), by the knobs that tell it apart
 from the other runs of the same (model, method, setting) (the rule of :mod:`qeval.report.cells`),
@@ -10,9 +11,12 @@ from __future__ import annotations
 import pandas as pd
 
 from qeval.report.cells import knob_columns, row_knobs
+from qeval.report.escape import cut, md
 from qeval.report.style import missing
 
 COLUMNS = ["model", "method", "setting", "task", "knobs", "error", "run_dir"]
+ERROR_CHARS = 300
+NOT_OK = ("failed", "interrupted")   # a cell stopped by a signal is listed too; its error says so
 
 
 def _text(x) -> str:
@@ -20,8 +24,9 @@ def _text(x) -> str:
 
 
 def first_line(error) -> str:
-    text = _text(error).strip()
-    return text.splitlines()[0] if text else "–"
+    """The first line of an error, cut to :data:`ERROR_CHARS` (an error may hold a whole log)."""
+    text = _text(error)[:100 * ERROR_CHARS].strip()
+    return cut(text.splitlines()[0], ERROR_CHARS) if text else "–"
 
 
 def one_per_run(df: pd.DataFrame) -> pd.DataFrame:
@@ -42,7 +47,7 @@ def identifying_knobs(run: pd.Series, runs: pd.DataFrame) -> str:
         for k, v in row_knobs(peer, columns):
             seen.setdefault(k, set()).add(repr(v))
     varying = [k for k, vs in seen.items() if len(vs) > 1]
-    return ", ".join(f"{k}={mine.get(k)}" for k in varying) or "–"
+    return ", ".join(f"{k}={cut(mine.get(k))}" for k in varying) or "–"
 
 
 def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
@@ -50,7 +55,7 @@ def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty or "status" not in df:
         return pd.DataFrame(columns=COLUMNS)
     runs = one_per_run(df)
-    failed = runs[runs["status"] == "failed"]
+    failed = runs[runs["status"].isin(NOT_OK)]
     lines = [{"model": _text(r["model"]), "method": _text(r["method"]), "setting": _text(r["setting"]),
               "task": _text(r["task"]), "knobs": identifying_knobs(r, runs),
               "error": first_line(r.get("error")), "run_dir": _text(r.get("run_dir"))}
@@ -58,14 +63,11 @@ def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(lines, columns=COLUMNS)
 
 
-def _escape(s) -> str:
-    return str(s).replace("|", "\\|")   # an error message may hold a pipe
-
-
 def failed_markdown(failed: pd.DataFrame) -> str:
     if failed.empty:
         return "### Failed runs\n\nNone.\n"
     lines = [f"### Failed runs ({len(failed)})", "", "| " + " | ".join(COLUMNS) + " |",
              "|" + "|".join(["---"] * len(COLUMNS)) + "|"]
-    lines += ["| " + " | ".join(_escape(r[c]) for c in COLUMNS) + " |" for _, r in failed.iterrows()]
+    # an error message may hold a pipe, a name anything (:func:`qeval.report.escape.md`)
+    lines += ["| " + " | ".join(md(r[c]) for c in COLUMNS) + " |" for _, r in failed.iterrows()]
     return "\n".join(lines) + "\n"

@@ -21,6 +21,8 @@ axis labels name the metric actually plotted (a reconstruction error is not an a
 
 from __future__ import annotations
 
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +31,12 @@ from matplotlib.figure import Figure
 
 from qeval.report.bench import bench_figure, read_bench
 from qeval.report.cells import task_cells
+from qeval.report.escape import LABEL_CHARS, cut, file_name, printable
+from qeval.report.escape import figure_text as label
 from qeval.report.gather import headline
 from qeval.report.heatmap import passkey_heatmap
 from qeval.report.memory import kv_memory_figure
+from qeval.report.safe_read import one_line_error
 from qeval.report.style import (
     Style,
     baseline_label,
@@ -41,6 +46,8 @@ from qeval.report.style import (
     missing,
 )
 
+# a text made of several names (each cut to LABEL_CHARS) is cut again at this length
+WIDE = 4 * LABEL_CHARS
 TARGET_AXIS = {"W": "weight bit width (bits)", "WA": "weights / activations (bits)",
                "KV": "KV-cache bit width (bits)"}
 
@@ -58,7 +65,7 @@ def x_label(target: str, c) -> str:
     if target == "WA":
         return f"W{int(c['bits'])}A{int(c['a_bits'])}"
     if target == "KV":
-        return str(c["setting"]).removeprefix("KV")
+        return label(str(c["setting"]).removeprefix("KV"))
     return str(int(c["bits"]))
 
 
@@ -85,7 +92,9 @@ def unique_baseline(line: pd.DataFrame):
 
 
 def line_label(model, method, extra) -> str:
-    return f"{model} · {method}{knob_suffix(extra)}"
+    """``model · method [knobs]``; a long one wrapped, so that its legend leaves the panel room."""
+    text = label(f"{cut(model)} · {cut(method)}{knob_suffix(extra)}", WIDE)
+    return text if len(text) <= LABEL_CHARS else "\n".join(textwrap.wrap(text, LABEL_CHARS // 2))
 
 
 def plot_target(ax, rel, target: str, g: pd.DataFrame, base: str, style: Style) -> bool:
@@ -131,20 +140,21 @@ def bits_figure(cells: pd.DataFrame, task: str, split: list[str], style: Style) 
     for j, target in enumerate(targets):
         ax, rel = axes[0, j], axes[1, j]
         normalised = plot_target(ax, rel, target, quant[quant["target"] == target], base, style)
-        ax.set_title(f"{target}: {metric}")
-        ax.set_ylabel(metric_label(metric))
-        rel.set_title(f"{target}: {metric} relative to {base}")
-        rel.set_ylabel(f"{metric} / {base} {metric} (ratio)")
+        ax.set_title(label(f"{target}: {cut(metric)}", WIDE))
+        ax.set_ylabel(label(metric_label(metric), WIDE))
+        rel.set_title(label(f"{target}: {cut(metric)} relative to {base}", WIDE))
+        rel.set_ylabel(label(f"{cut(metric)} / {base} {cut(metric)} (ratio)", WIDE))
         rel.axhline(1.0, color="grey", lw=0.8, ls="--")
         if not normalised:
             rel.text(0.5, 0.3, f"no nonzero {base} value to normalise by", ha="center",
                      va="center", transform=rel.transAxes, color="grey")
-    fig.suptitle(f"{task}: {metric} against bit width{direction(metric)}" + split_note(split))
+    fig.suptitle(label(f"{cut(task)}: {cut(metric)} against bit width{direction(metric)}", WIDE)
+                 + split_note(split))
     return fig, 2 * len(targets)
 
 
 def split_note(split: list[str]) -> str:
-    return "\nlines also differ in: " + ", ".join(split) if split else ""
+    return "\n" + label("lines also differ in: " + ", ".join(map(cut, split)), WIDE) if split else ""
 
 
 def budget_figure(cells: pd.DataFrame, task: str, split: list[str], style: Style) -> tuple[Figure, int] | None:
@@ -162,11 +172,12 @@ def budget_figure(cells: pd.DataFrame, task: str, split: list[str], style: Style
             xs, ys = xs + [100.0], ys + [b]   # the full cache is the full-precision run
         ax.plot(xs, ys, **style.line(model, method, extra), label=line_label(model, method, extra))
     ax.set_xlabel("KV budget (% of the prompt kept)")
-    ax.set_ylabel(metric_label(metric))
-    ax.set_title(f"{task}: {metric}")
+    ax.set_ylabel(label(metric_label(metric), WIDE))
+    ax.set_title(label(f"{cut(task)}: {cut(metric)}", WIDE))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small", handlelength=3.5)
-    fig.suptitle(f"{task}: {metric} against KV budget (eviction){direction(metric)}" + split_note(split))
+    fig.suptitle(label(f"{cut(task)}: {cut(metric)} against KV budget (eviction){direction(metric)}", WIDE)
+                 + split_note(split))
     return fig, 1
 
 
@@ -176,7 +187,7 @@ def task_figures(h: pd.DataFrame, style: Style) -> list[tuple[str, Figure, int]]
     style.register_variants(e for cells, _ in per_task.values() for e in cells["line_extra"])
     built = []
     for task, (cells, split) in per_task.items():
-        safe = task.replace("/", "_").replace(",", "_")
+        safe = file_name(task)
         built += [(f"bits_{safe}", *f)] if (f := bits_figure(cells, task, split, style)) else []
         built += [(f"budget_{safe}", *f)] if (f := budget_figure(cells, task, split, style)) else []
     return built
@@ -197,5 +208,14 @@ def build_figures(df: pd.DataFrame, bench_dir: Path | None = None) -> list[tuple
 
 
 def write_figures(df: pd.DataFrame, out_dir: Path, bench_dir: Path | None = None) -> list[dict]:
-    """Write every figure as PNG and PDF; returns one record per figure (name, files, panels)."""
-    return [save(fig, out_dir, name, panels) for name, fig, panels in build_figures(df, bench_dir)]
+    """Write every figure as PNG and PDF; returns one record per figure (name, files, panels).
+    A figure matplotlib cannot draw (too many panels for an image, say) is named on stderr and
+    left out; the other figures and the tables are still written."""
+    written = []
+    for name, fig, panels in build_figures(df, bench_dir):
+        try:
+            written.append(save(fig, out_dir, name, panels))
+        except (ValueError, OverflowError) as e:   # what drawing raises; OSError (writing) is not caught
+            print(f"qeval.report: warning: figure {name} not drawn ({printable(one_line_error(e))})",
+                  file=sys.stderr)
+    return written

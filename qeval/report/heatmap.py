@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from qeval.report.cells import assign, cell_labels
+from qeval.report.escape import LABEL_CHARS, cut, figure_text
 from qeval.report.style import Style
 
 TASK = "passkey"
@@ -32,7 +33,7 @@ def passkey_cells(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     groups = [rows[rows["cell"].map(lambda c, cell=cell: c == cell)] for cell in cells]
     models, methods, settings, extras = zip(*cells)
     labels = cell_labels(methods, settings, extras, [g["dtype"].iloc[0] for g in groups])
-    return [(f"{model} · {label}", g) for model, label, g in zip(models, labels, groups)]
+    return [(figure_text(f"{cut(model)} · {label}", 4 * LABEL_CHARS), g) for model, label, g in zip(models, labels, groups)]
 
 
 def _samples_label(g: pd.DataFrame) -> str:

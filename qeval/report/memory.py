@@ -13,10 +13,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from qeval.report.cells import assign, cell_labels
+from qeval.report.escape import LABEL_CHARS, cut, figure_text
 from qeval.report.gather import BREAKDOWN_COLUMNS
 from qeval.report.style import Style, missing
 
 MIB = 2**20
+WIDE = 4 * LABEL_CHARS   # a label made of several names, each cut to LABEL_CHARS
 BYTES = ["kv_bytes_held", "kv_bytes_packed", "peak_memory_bytes"]
 
 
@@ -38,7 +40,7 @@ def bars_of(m: pd.DataFrame, task: str) -> pd.DataFrame:
     groups = [rows[rows["cell"].map(lambda c, cell=cell: c == cell)] for cell in cells]
     _, methods, settings, extras = zip(*cells)
     labels = cell_labels(methods, settings, extras, [g["dtype"].iloc[0] for g in groups])
-    return pd.DataFrame([{"label": tick(label), "method": method,
+    return pd.DataFrame([{"label": tick(figure_text(label, WIDE)), "method": method,
                           **{b: pd.to_numeric(g[b], errors="coerce").mean() if b in g else np.nan for b in BYTES}}
                          for label, method, g in zip(labels, methods, groups)])
 
@@ -56,7 +58,7 @@ def figure_width(bars) -> float:
 
 
 def legend(ax, per: pd.DataFrame, style: Style, hatched: bool) -> None:
-    handles = [Patch(color=style.colour(m), label="full precision" if missing(m) else str(m))
+    handles = [Patch(color=style.colour(m), label="full precision" if missing(m) else figure_text(m))
                for m in dict.fromkeys(per["method"])]
     if hatched:
         handles += [Patch(facecolor="white", edgecolor="black", label="solid: held (measured)"),
@@ -86,16 +88,16 @@ def kv_memory_figure(df: pd.DataFrame, style: Style) -> tuple[Figure, int] | Non
         ax.set_xticks(x, per["label"], fontsize=7)
         ax.set_ylabel("KV cache (MiB)")
         ax.set_xlabel("method and setting")
-        ax.set_title(f"{model} on {task}: KV bytes held vs packed")
+        ax.set_title(figure_text(f"{cut(model)} on {cut(task)}: KV bytes held vs packed", WIDE))
         legend(ax, per, style, hatched=True)
         ax = axes[2 * i + 1]
         kinds = m["peak_memory_kind"].dropna() if "peak_memory_kind" in m else pd.Series(dtype=object)
         kind = kinds.iloc[0] if not kinds.empty else "peak"
         ax.bar(x, per["peak_memory_bytes"] / MIB, 0.5, color=colours)
         ax.set_xticks(x, per["label"], fontsize=7)
-        ax.set_ylabel(f"peak memory (MiB, {kind})")
+        ax.set_ylabel(figure_text(f"peak memory (MiB, {cut(kind)})", WIDE))
         ax.set_xlabel("method and setting")
-        ax.set_title(f"{model} on {task}: peak memory")
+        ax.set_title(figure_text(f"{cut(model)} on {cut(task)}: peak memory", WIDE))
         legend(ax, per, style, hatched=False)
     fig.suptitle("KV-cache bytes and memory per method")
     return fig, 2 * len(models)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qeval.report.escape import LABEL_CHARS, md
 from qeval.report.style import FRACTION_METRICS, num, signed
 
 PUBLISHED_CSV = "published.csv"
@@ -78,12 +79,12 @@ def beside_paper(cells: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
 
 def to_markdown(matched: pd.DataFrame, task: str) -> str:
     metric = matched["metric"].iloc[0]
-    lines = [f"### {task} ({metric}): qeval beside published numbers", "",
+    lines = [f"### {md(task)} ({md(metric)}): qeval beside published numbers", "",
              (f"Published values are percentages as printed; shown here divided by {PERCENT:g} to "
               "compare with qeval's fractions."), "",
              "| model | qeval cell | qeval | paper | qeval − paper | runs | source |",
              "|---|---|---:|---:|---:|---:|---|"]
     for _, r in matched.iterrows():
-        lines.append(f"| {r['model']} | {r['label']} | {num(r['value'])} | {num(r['paper'])} "
-                     f"({r['published']:g} %) | {signed(r['difference'])} | {r['runs']} | {r['source']} |")
+        lines.append(f"| {md(r['model'], LABEL_CHARS)} | {md(r['label'])} | {num(r['value'])} | {num(r['paper'])} "
+                     f"({r['published']:g} %) | {signed(r['difference'])} | {r['runs']} | {md(r['source'])} |")
     return "\n".join(lines) + "\n"

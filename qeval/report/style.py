@@ -17,6 +17,8 @@ import math
 
 import pandas as pd
 
+from qeval.report.escape import cut
+
 # the dtype a full-precision run ran in -> its label in tables, legends and axis ticks
 PRECISION_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 BASELINE_COLOUR = "dimgray"
@@ -98,7 +100,7 @@ def metric_label(metric: str) -> str:
 def knob_suffix(extra) -> str:
     """`` [kv_semantics=simulated, seed=1]`` for a cell's distinguishing knobs; empty without any.
     Knobs a run does not have (another method's parameter) are left out."""
-    shown = [f"{k}={v}" for k, v in extra if v is not None]
+    shown = [f"{cut(k)}={cut(v)}" for k, v in extra if v is not None]   # a knob's value may be huge
     return f" [{', '.join(shown)}]" if shown else ""
 
 

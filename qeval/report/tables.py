@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from qeval.report import published
+from qeval.report import escape, published
 from qeval.report.cells import task_cells
+from qeval.report.escape import LABEL_CHARS
 from qeval.report.failed import failed_markdown, failed_runs
-from qeval.report.gather import headline
+from qeval.report.gather import headline, neutralised
 from qeval.report.style import baseline_label, direction, missing, num, signed
 
 TARGET_ORDER = {"fp16": 0, "W": 1, "WA": 2, "KV": 3, "KV-evict": 4, "mixed": 5}
@@ -89,30 +90,35 @@ def title_of(task: str, cells: pd.DataFrame) -> str:
 
 
 def to_markdown(t: pd.DataFrame, title: str, lines: list[str] = ()) -> str:
-    header = ["model", *t.columns]
-    out = [f"### {title}", ""] + [f"{line}  " for line in lines] + ([""] if lines else [])
+    """A Markdown table; every name is escaped (:func:`qeval.report.escape.md`) and a model name
+    cut to a label's length, so no value can add a cell, a row or HTML."""
+    header = ["model", *map(escape.md, t.columns)]
+    out = [f"### {escape.md(title)}", ""] + [f"{escape.md(line)}  " for line in lines] + ([""] if lines else [])
     out += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(t.columns)) + "|"]
     for model, row in t.iterrows():
-        out.append("| " + " | ".join([str(model), *row.tolist()]) + " |")
+        out.append("| " + " | ".join([escape.md(model, LABEL_CHARS), *map(escape.md, row.tolist())]) + " |")
     return "\n".join(out) + "\n"
 
 
-def _tex(s: str) -> str:
-    return (str(s).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%")
-            .replace("&", r"\&").replace("#", r"\#").replace("–", "--"))
-
-
 def to_latex(t: pd.DataFrame, caption: str, label: str) -> str:
+    """A LaTeX table; every name escaped (:func:`qeval.report.escape.tex`)."""
     cols = "l" + "r" * len(t.columns)
-    head = " & ".join(["model", *map(_tex, t.columns)]) + r" \\"
-    body = [" & ".join([_tex(m), *map(_tex, row.tolist())]) + r" \\" for m, row in t.iterrows()]
+    head = " & ".join(["model", *map(escape.tex, t.columns)]) + r" \\"
+    body = [" & ".join([escape.tex(m, LABEL_CHARS), *map(escape.tex, row.tolist())]) + r" \\"
+            for m, row in t.iterrows()]
     return "\n".join([r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{cols}}}",
                       r"\toprule", head, r"\midrule", *body, r"\bottomrule", r"\end{tabular}",
-                      rf"\caption{{{_tex(caption)}}}", rf"\label{{{label}}}", r"\end{table}"]) + "\n"
+                      rf"\caption{{{escape.tex(caption)}}}", rf"\label{{{label}}}", r"\end{table}"]) + "\n"
 
 
 def safe_name(task: str) -> str:
-    return task.replace("/", "_").replace(",", "_")
+    """The file stem of a task's tables (:func:`qeval.report.escape.file_name`)."""
+    return escape.file_name(task)
+
+
+def tex_label(stem: str) -> str:
+    """A ``\\label`` key: letters, digits and ``_.:-`` only."""
+    return "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_.:-") else "-" for ch in stem)
 
 
 def write_task(task: str, cells: pd.DataFrame, split: list[str], out_dir: Path) -> tuple[str, list[Path]]:
@@ -123,7 +129,7 @@ def write_task(task: str, cells: pd.DataFrame, split: list[str], out_dir: Path) 
     safe = safe_name(task)
     (out_dir / f"{safe}.md").write_text(md)
     caption = ". ".join([title.replace("; in brackets:", ". In brackets:"), *(x[0].upper() + x[1:] for x in lines)]) + "."
-    (out_dir / f"{safe}.tex").write_text(to_latex(t, caption, f"tab:{safe}"))
+    (out_dir / f"{safe}.tex").write_text(to_latex(t, caption, f"tab:{tex_label(safe)}"))
     return md, [out_dir / f"{safe}.md", out_dir / f"{safe}.tex"]
 
 
@@ -131,7 +137,7 @@ def write_cells_csv(every_cell: list[pd.DataFrame], path: Path) -> Path:
     """Every cell of every task in long form: knobs, value, runs, samples, run directories."""
     cells = pd.concat(every_cell) if every_cell else pd.DataFrame(columns=["task", "extra", "base_knobs"])
     cells = cells.assign(extra=cells["extra"].map(lambda e: "; ".join(f"{k}={v}" for k, v in e)))
-    cells.drop(columns=["base_knobs"]).to_csv(path, index=False)
+    neutralised(cells.drop(columns=["base_knobs"])).to_csv(path, index=False)
     return path
 
 

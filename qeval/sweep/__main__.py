@@ -5,7 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from qeval.report.escape import cut, printable
 from qeval.sweep.summary import MARKER_DIR, read_total, summarize, summary_line
+
+ERROR_CHARS = 300   # a failed cell's error as printed here; sweep_summary.json keeps it whole
 
 
 def main(argv=None) -> int:
@@ -15,12 +18,17 @@ def main(argv=None) -> int:
         return 2
     sweep_dir = Path(argv[0])
     if not (sweep_dir / MARKER_DIR).is_dir():
-        print(f"qeval.sweep: {sweep_dir} is not a qeval sweep directory (no {MARKER_DIR}/)", file=sys.stderr)
+        print(f"qeval.sweep: {printable(sweep_dir)} is not a qeval sweep directory (no {MARKER_DIR}/)",
+              file=sys.stderr)
         return 2
     s = summarize(sweep_dir, read_total(sweep_dir))
     print(summary_line(s).replace("no report", "not finished or killed"))
     for cell in s["failed_cells"]:
-        print(f"  failed cell {cell['job']} ({' '.join(cell['overrides'])}): {cell['error']}")
+        # names and errors come from files anyone may write: one line each, no control characters
+        print(f"  failed cell {cell['job']} ({cut(' '.join(cell['overrides']), ERROR_CHARS)}): "
+              f"{cut(cell['error'], ERROR_CHARS)}")
+    for skipped in s["skipped_markers"]:
+        print(f"  skipped marker {skipped}")
     return 0
 
 
