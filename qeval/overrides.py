@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,9 @@ from qeval.schema import GROUPS, options
 from qeval.schema import check as check_schema
 from qeval.schema.check import check_hydra, did_you_mean
 from qeval.schema.types import shown
+
+
+HYDRA_OPTION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 
 
 def _did_you_mean(value: str, choices) -> str:
@@ -83,6 +87,11 @@ def check_overrides(argv: list[str]) -> None:
             raise ConfigError(f"{o.input_line}: {key} is given twice ({seen[key]}, {o.input_line}); allowed: once")
         seen[key] = o.input_line
         values = override_values(o) if not o.is_delete() else []   # a sweep's values, evaluated once
+        if key.startswith("hydra/"):   # Hydra's own groups: an option is a name, not a path to any YAML
+            for value in values:
+                if not isinstance(value, str) or not HYDRA_OPTION.fullmatch(value):
+                    raise ConfigError(f"{key}={shown(value)}: allowed: the name of one of {key}'s options "
+                                      f"(letters, digits, '_' and '-'; no '/' or '..')")
         if key.startswith("hydra"):
             continue
         head = key.split(".")[0]
@@ -103,7 +112,10 @@ def _one_line(e: Exception) -> str:
     """Hydra's and OmegaConf's multi-line messages as one line, without their internal details."""
     skip = ("full_key", "object_type", "reference_type", "To append", "Set the environment")
     lines = [l.strip() for l in str(e).splitlines() if l.strip() and not l.strip().startswith(skip)]
-    return "; ".join(lines) or type(e).__name__
+    # "Error merging override k=v" says what failed; its cause says why (``not a valid bool``)
+    why = e.__cause__   # (a re-raised exception can be its own cause)
+    cause = _one_line(why) if why is not None and why is not e and str(e).startswith("Error merging") else ""
+    return "; ".join(lines + ([cause] if cause else [])) or type(e).__name__
 
 
 def check_composes(argv: list[str]) -> None:
@@ -132,7 +144,10 @@ def check_composes(argv: list[str]) -> None:
             cells = expand(overrides)
             configs = [composed(cell) for cell in cells]
         except HydraException as e:
-            raise _unknown_override(e, overrides, composed) from e
+            better = _unknown_override(e, overrides, composed)
+            if better is e:
+                raise   # (``raise e from e`` would make it its own cause and lose Hydra's reason)
+            raise better from e
         checked = set()
         for cfg in configs:
             tree = check_schema(cfg)

@@ -157,8 +157,11 @@ BAD_INPUTS = [
     (["hydra.job.name=../../.."], "hydra.job.name=../../..: allowed: a name"),
     (["hydra.sweep.dir="], "hydra.sweep.dir=: allowed: a folder (a non-empty path)"),
     (["hydra.run.dir="], "hydra.run.dir=: allowed: a folder (a non-empty path)"),
-    (["hydra.sweep.subdir=../x"], "hydra.sweep.subdir=../x: allowed: a relative folder inside the sweep folder"),
+    (["hydra.sweep.subdir=../x"], "hydra.sweep.subdir=../x: allowed: a relative folder inside the run's folder"),
     (["model=../method/kivi"], "model=../method/kivi: unknown model"),
+    (["hydra/launcher=../../model/toy"], "hydra/launcher=../../model/toy: allowed: the name of one of"),
+    (["hydra.output_subdir=../../x"], "hydra.output_subdir=../../x: allowed: a relative folder inside the run's"),
+    (["hydra.job.chdir=maybe"], "hydra.job.chdir=maybe; Value 'maybe' is not a valid bool"),
     (["results_dir=LOOP/x"], "is a symlink that loops or points nowhere"),
     (["results_dir=/proc/qeval-results"], "results_dir=/proc/qeval-results: /proc is not writable"),
 ]

@@ -115,7 +115,11 @@ def check_hydra(hydra_node) -> None:
         value = node.get(group, {}).get(leaf)
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"hydra.{key}={shown(value)}: allowed: a folder (a non-empty path)")
-    subdir = PurePath(node["sweep"]["subdir"])
-    if subdir.is_absolute() or ".." in subdir.parts:
-        raise ConfigError(f"hydra.sweep.subdir={shown(str(subdir))}: allowed: a relative folder inside the "
-                          f"sweep folder (no '..', not absolute)")
+    # a cell's folder and the .hydra folder of saved configs stay inside their run's folder
+    for key, value in (("sweep.subdir", node["sweep"]["subdir"]), ("output_subdir", node.get("output_subdir"))):
+        if value is None and key == "output_subdir":   # null: Hydra saves no configs
+            continue
+        path = PurePath(str(value))
+        if path.is_absolute() or ".." in path.parts:
+            raise ConfigError(f"hydra.{key}={shown(value)}: allowed: a relative folder inside the run's "
+                              f"folder (no '..', not absolute)")
