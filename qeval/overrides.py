@@ -137,17 +137,21 @@ def check_composes(argv: list[str]) -> None:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return compose("config", overrides=cell)
 
-    try:
+    def composed_cell(compose_it, cell: list[str], of_many: bool):
         try:
-            check_hydra(_composed_with_hydra(overrides).hydra)
-            _check_sweep_has_multirun(argv, overrides)
-            cells = expand(overrides)
-            configs = [composed(cell) for cell in cells]
+            return compose_it(cell)
         except HydraException as e:
-            better = _unknown_override(e, overrides, composed)
+            better = _unknown_override(e, cell, composed, of_many)
             if better is e:
                 raise   # (``raise e from e`` would make it its own cause and lose Hydra's reason)
             raise better from e
+
+    try:
+        head = composed_cell(lambda _: _composed_with_hydra(overrides), fixed_overrides(overrides), False)
+        check_hydra(head.hydra)
+        _check_sweep_has_multirun(argv, overrides)
+        cells = expand(overrides)
+        configs = [composed_cell(composed, cell, len(cells) > 1) for cell in cells]
         checked = set()
         for cfg in configs:
             tree = check_schema(cfg)
@@ -169,7 +173,7 @@ def _check_sweep_has_multirun(argv, overrides) -> None:
                       f"{key}=[{value}]")
 
 
-def _unknown_override(e: Exception, cell: list[str], composed) -> Exception:
+def _unknown_override(e: Exception, cell: list[str], composed, of_many: bool = False) -> Exception:
     """Hydra's "Could not override 'method.foo'" as qeval's unknown-key line, naming the keys the
     node has; any other composition error unchanged."""
     first = str(e).splitlines()[0] if str(e) else ""
@@ -182,6 +186,15 @@ def _unknown_override(e: Exception, cell: list[str], composed) -> Exception:
         node = OmegaConf.select(cfg, key.rpartition(".")[0])
     except Exception:
         return e
+    parent = key.rpartition(".")[0]
+    if node is None and parent:   # no such node: name the nearest one there is and its keys
+        above = parent
+        while above and OmegaConf.select(cfg, above) is None:
+            above = above.rpartition(".")[0]
+        there = OmegaConf.select(cfg, above) if above else cfg
+        where = f"the cell {' '.join(cell)}" if of_many else "the config"
+        return ConfigError(f"{key}={arg.partition('=')[2]}: {where} has no {parent} ({above or 'the top level'} "
+                           f"has: {', '.join(sorted(map(str, there.keys())))})")
     if node is None or not hasattr(node, "keys"):
         return e
     leaf, known = key.rpartition(".")[2], set(node.keys())

@@ -139,6 +139,9 @@ BAD_INPUTS = [
     (["-m", "kv_bits=range(16,0,0)"], "kv_bits=range(16,0,0): ValueError: range() arg 3 must not be zero"),
     (["-m", "kv_bits=range(0,16,-1)"], "kv_bits=range(0,16,-1): a sweep of no values"),
     (["-m", "task=[passkey],[nope]"], "task=nope: unknown task"),
+    (["-m", "task=[passkey],[toy_mc]", "task.passkey.lengths=[256]"],
+     "task.passkey.lengths=[256]: the cell model=tiny-random task=[toy_mc] task.passkey.lengths=[256]"),
+    (["task.nope.x=1"], "task.nope.x=1: the config has no task.nope (task has: passkey)"),
     (["task=quant_error", "task.quant_error.text=abc"],
      "task.quant_error.n_tokens=256: the text has only 3 tokens; allowed: n_tokens <= 3"),
     # lm-eval's task names and (offline: the tests run with HF_HUB_OFFLINE=1) its data, before loading
