@@ -20,6 +20,7 @@ import os
 import platform
 import stat
 import subprocess
+import time
 from contextlib import contextmanager, suppress
 from functools import lru_cache
 from pathlib import Path
@@ -147,8 +148,33 @@ def run_lock(run_dir: Path, exclusive: bool):
         yield
         return
     with open(fd, "rb"):   # closing the descriptor releases the lock
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if exclusive:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            _wait_shared(fd, run_dir)
         yield
+
+
+# a writer holds a run's lock while it renames its files into place (milliseconds; seconds for
+# very many rows); a reader that waits longer is facing a stuck or hostile process, not a writer
+READ_WAIT_S = 60.0
+
+
+class LockHeld(OSError):
+    """A run's files stayed locked by a writer for longer than :data:`READ_WAIT_S`."""
+
+
+def _wait_shared(fd: int, run_dir: Path) -> None:
+    deadline = time.monotonic() + READ_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise LockHeld(errno.EWOULDBLOCK, f"{run_dir / '.lock'} held by a writer for more than "
+                                                  f"{READ_WAIT_S:.0f} s") from None
+            time.sleep(0.05)
 
 
 @contextmanager
@@ -213,8 +239,11 @@ def read_finished(run_dir: Path) -> tuple[dict | None, str | None]:
     config.yaml is missing, truncated or not what result.json recorded."""
     if not os.path.lexists(run_dir / "result.json"):
         return None, None
-    with run_lock(run_dir, exclusive=False):
-        return _read_finished(run_dir)
+    try:
+        with run_lock(run_dir, exclusive=False):
+            return _read_finished(run_dir)
+    except LockHeld as e:
+        return None, str(e.strerror)
 
 
 def _read_finished(run_dir: Path) -> tuple[dict | None, str | None]:

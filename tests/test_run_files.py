@@ -274,3 +274,17 @@ def test_a_damaged_saved_calibration_is_computed_again_with_one_line(tmp_path, c
     assert [(r.get("layer"), r["metric"], r["value"]) for r in second] == \
         [(r.get("layer"), r["metric"], r["value"]) for r in first]
     assert store.read(where, json.loads((where / store.META).read_text())["identity"])
+
+
+def test_a_reader_does_not_wait_forever_on_a_held_lock(finished, tmp_path, monkeypatch):
+    # a writer holds <run>/.lock only while it renames its files into place; one that never lets
+    # go (stuck or hostile) is named after READ_WAIT_S, and neither a rerun nor the report hangs
+    import fcntl
+    run_dir = tmp_path / finished[0].name
+    shutil.copytree(finished[0], run_dir)
+    monkeypatch.setattr(results, "READ_WAIT_S", 0.2)
+    with open(run_dir / ".lock", "a+b") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        result, problem = results.read_finished(run_dir)
+    assert result is None and "held by a writer for more than" in problem
+    assert results.read_finished(run_dir)[0]["status"] == "ok"   # released: read as before
