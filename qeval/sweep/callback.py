@@ -36,6 +36,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qeval import results
+from qeval.report.escape import cut
 from qeval.sweep import signals
 from qeval.sweep.cells import count_cells, run_dir_of
 from qeval.sweep.summary import (
@@ -112,9 +113,9 @@ def close(sweep_dir: Path, stopped_by: int | None = None) -> None:
     if table:
         print(table, flush=True)
     print(summary_line(s), flush=True)
-    for cell in s["failed_cells"]:
-        print(f"qeval sweep:   failed cell {cell['job']} ({' '.join(cell['overrides'])}): {cell['error']}",
-              flush=True)
+    for cell in s["failed_cells"]:   # an error may quote anything a user typed: one clean, short line
+        print(f"qeval sweep:   failed cell {cell['job']} ({cut(' '.join(cell['overrides']), 300)}): "
+              f"{cut(cell['error'], 500)}", flush=True)
     if stopped_by:
         print(f"qeval sweep: stopped by {signals.name(stopped_by)}; running the sweep again finishes it",
               flush=True)
