@@ -89,6 +89,8 @@ BAD_INPUTS = [
       "kivi, uniform)")),
     (["method=awq", "w_bits=4", "method.scales_file=/no/such/awq.pt"],
      "method.scales_file=/no/such/awq.pt: no such file; allowed: an llm-awq cache"),
+    (["method=awq", "method.scales_file=A_FILE"],
+     "method.scales_file=A_FILE: method awq applies it only when it quantizes (w_bits=16, a_bits=16)"),
     (["method=smoothquant", "w_bits=8", "a_bits=8", "method.scales_file=A_FILE"],
      "a_file: not loadable with torch.load(weights_only=True)"),
     (["method=gptq", "w_bits=4", "backend=triton", "method.act_order=true"],

@@ -15,6 +15,7 @@ import time
 
 from qeval import results
 from qeval.calibration import data, kv_scales, published, store
+from qeval.errors import ConfigError
 from qeval.model import loading
 from qeval.quant.primitives import FULL_PRECISION_BITS
 
@@ -38,6 +39,11 @@ def scales_file(cfg) -> str | None:
 def check(cfg, method_cls, arch) -> None:
     """The calibration keys, and the dataset's availability unless a saved result makes it moot."""
     kv_scales.check(cfg, arch)   # kv_scale=static calibrates too, whatever the method
+    if scales_file(cfg) and not calibrates(cfg, method_cls):
+        # nothing is quantized, so nothing would read the file: a row would name a file it never used
+        raise ConfigError(f"method.scales_file={scales_file(cfg)}: method {method_cls.name} applies it only when "
+                          f"it quantizes (w_bits={cfg.w_bits}, a_bits={cfg.a_bits}); allowed: null, or bits "
+                          f"below {FULL_PRECISION_BITS}")
     if not calibrates(cfg, method_cls) or scales_file(cfg):
         return
     spec = data.resolve(cfg)
