@@ -151,8 +151,9 @@ def run(cfg) -> dict:
             try:
                 record_failure(cfg, run_dir, f"interrupted: {e}", status="interrupted", say=False)
                 e.run_dir = str(run_dir)
-            except OSError:   # a full disk: the cell stays unfinished, which a rerun redoes too
-                pass
+            except OSError as full:   # a full disk: the cell stays unfinished, which a rerun redoes too
+                log.error(f"qeval: {run_id}: its interrupted row could not be written ({full}); "
+                          f"the cell is unfinished and a rerun computes it")
             raise
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 # shown values are cut: a 10 MB value must not become a 10 MB error line
@@ -40,13 +41,14 @@ def is_number(v) -> bool:
     return is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
-class Type:
+class Type(ABC):
     """A value's type: ``fits(v)`` and ``allowed`` (the words after "allowed:" in an error)."""
 
     allowed = "a value"
 
+    @abstractmethod
     def fits(self, v) -> bool:
-        raise NotImplementedError
+        """Whether ``v`` (as Hydra's grammar or YAML parsed it) is a value of this type."""
 
     def problem(self, key: str, v) -> str | None:
         """The one-line error for ``key=v``, or None when it fits."""
