@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
 
 import yaml
 
-from qeval.files.checked import kind
+from qeval.files.checked import NotAFile, open_regular
 
 ROWS_BYTES = 64 * 2**20    # rows.jsonl and result.json (which repeats the rows)
 SMALL_BYTES = 2**20        # config.yaml, a sweep's markers, a benchmark's JSON
@@ -38,31 +37,20 @@ class Refused(ValueError):
 
 def read_bytes(path: Path, limit: int) -> bytes:
     """The contents of the regular file ``path``, at most ``limit`` bytes, else :class:`Refused`.
-    Never blocks: a FIFO or device is refused without being read."""
+    Never blocks: a FIFO or device is refused without being read (:func:`open_regular`)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise Refused(f"{path}: cannot be opened ({e.strerror or type(e).__name__})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise Refused(f"{path} is {kind(st.st_mode)}, not a file")
-        if st.st_size > limit:
-            raise Refused(f"{path}: {st.st_size} bytes, more than the {limit} read")
-        chunks, size = [], 0
-        while size <= limit:   # a file that grows while read still stops at the cap
-            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > limit:
-            raise Refused(f"{path}: more than the {limit} bytes read")
-        return b"".join(chunks)
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise Refused(f"{path}: {size} bytes, more than the {limit} read")
+            data = f.read(limit + 1)   # a file that grows while read still stops at the cap
+    except NotAFile as e:
+        raise Refused(str(e)) from None
     except OSError as e:
         raise Refused(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
-    finally:
-        os.close(fd)
+    if len(data) > limit:
+        raise Refused(f"{path}: more than the {limit} bytes read")
+    return data
 
 
 def read_text(path: Path, limit: int) -> str:
