@@ -60,17 +60,30 @@ def write_bbh(root: Path, subtasks, n: int = 2, seed: int = 0) -> None:
 
 
 def write_longbench(root: Path, subsets, n: int = 2, context_chars: int = 900, seed: int = 0) -> None:
-    """Xnhyacinth/LongBench: {question, context, answers, length, dataset, language, all_classes, _id}."""
+    """Xnhyacinth/LongBench: {question, context, answers, length, dataset, language, all_classes, _id},
+    each answer in its subset's own form, as LongBench's metrics parse it: ``Paragraph N`` (``段落N``)
+    for passage retrieval, a count for passage_count, one of ``all_classes`` for classification."""
     rng = random.Random(seed)
     words = ["river", "stone", "lantern", "meadow", "harbor", "violet", "copper", "summit"]
+    classes = ["river", "stone"]
     for sub in subsets:
         rows = []
         for i in range(n):
             ctx = " ".join(rng.choice(words) for _ in range(context_chars // 6))
+            answer = ctx.split()[0]
+            if sub.startswith("passage_retrieval"):
+                label = "段落" if sub.endswith("_zh") else "Paragraph "
+                paragraphs = [ctx[j::3] for j in range(3)]
+                ctx = "\n\n".join(f"{label}{j + 1}: {p}" for j, p in enumerate(paragraphs))
+                answer = f"{label}{rng.randrange(3) + 1}"
+            elif sub == "passage_count":
+                answer = str(rng.randrange(1, 4))
+            elif sub in ("trec", "lsht"):
+                answer = rng.choice(classes)
             rows.append({"question": f"Which word comes first in passage {i}?", "context": ctx,
-                         "answers": [ctx.split()[0]], "length": len(ctx.split()), "dataset": sub,
-                         "language": "en", "all_classes": ["river", "stone"] if sub in ("trec", "lsht") else None,
-                         "_id": f"{sub}-{i}"})
+                         "answers": [answer], "length": len(ctx.split()), "dataset": sub,
+                         "language": "zh" if sub.endswith("_zh") or sub in ("lsht", "dureader") else "en",
+                         "all_classes": classes if sub in ("trec", "lsht") else None, "_id": f"{sub}-{i}"})
         _write(root, "Xnhyacinth/LongBench", sub, "test", rows)
 
 
