@@ -22,7 +22,7 @@ from qeval.model.linear import quantize_linears
 from qeval.model.memory import PeakMemory
 from qeval.sweep.signals import Interrupted
 from qeval.tasks import TASKS
-from qeval.validate import validate
+from qeval.validate import validate, validated
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ def run(cfg) -> dict:
     if not cfg.force and (skip := _finished(cfg, run_id, run_dir)):
         return skip
     try:
-        validate(cfg)
+        if not validated(cfg):   # a single run was validated whole before Hydra started
+            validate(cfg)
         invalid = None
     except ConfigError as e:
         if not _in_sweep():

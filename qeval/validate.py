@@ -8,12 +8,15 @@ architecture config (bits, group sizes, targets, semantics, availability offline
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from qeval import CONFIG_DIR
+from omegaconf import OmegaConf
+
+from qeval import CONFIG_DIR  # noqa: F401  (re-exported: tests and scripts read it from here)
 from qeval.calibration import stage as calibration
 from qeval.errors import ConfigError
 from qeval.kv.attention import routes_registered_attention
@@ -23,8 +26,8 @@ from qeval.methods.build import build_method
 from qeval.model import loading
 from qeval.overrides import (
     _did_you_mean,
-    check_composes,
-    check_overrides,
+    check_composes,  # noqa: F401  (re-exported)
+    check_overrides,  # noqa: F401  (re-exported)
     check_results_dir,
     option_node,
     options,
@@ -251,4 +254,21 @@ def validate(cfg):
     facts = loading.ModelFacts(arch, cfg.model)
     for name, node in cfg.task.items():
         CHECKS[name](name, node, facts)
+    _passed.add(_fingerprint(cfg))
     return arch
+
+
+# the configs this process validated whole: a single run is validated before Hydra starts
+# (python -m qeval), and its run must not pay again for the checks that read a tokenizer or index
+# lm-eval's tasks; a sweep's cells are validated in their run, once each
+_passed: set[str] = set()
+
+
+def _fingerprint(cfg) -> str:
+    """The whole resolved config (results_dir and force included: validation reads them)."""
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
+
+
+def validated(cfg) -> bool:
+    """Whether this exact config passed :func:`validate` in this process."""
+    return _fingerprint(cfg) in _passed

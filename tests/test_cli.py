@@ -2,6 +2,7 @@
 launcher; a rerun skips what is done."""
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -235,3 +236,40 @@ def test_every_command_a_message_suggests_is_in_backticks():
                 if re.search(r"(?<!`)python -m ", text):
                     loose.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not loose, loose
+
+
+def test_a_single_run_is_validated_once(tmp_path, monkeypatch):
+    # python -m qeval validates a single run whole before Hydra starts; its run must not repeat the
+    # checks that read a tokenizer or index lm-eval's tasks (a sweep's cells validate in their run)
+    import qeval.__main__ as entry_point
+    import qeval.run
+    from qeval import validate as validation
+
+    calls = []
+    checked = validation.validate
+
+    def counting(cfg):
+        calls.append(cfg)
+        return checked(cfg)
+
+    monkeypatch.setattr(qeval.run, "validate", counting)
+    monkeypatch.setattr(validation, "_passed", set())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["qeval", "task=toy_mc", "task.toy_mc.n_samples=4", "task.toy_mc.batch_size=4"])
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        entry_point.entry()
+    finally:   # Hydra configured logging for its job: the next test in this process gets it back as it was
+        for h in root.handlers[:]:
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        root.setLevel(level)
+    (run_dir,) = (tmp_path / "results" / "runs").iterdir()
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
+    assert calls == []   # validated before Hydra, trusted in the run
+    validation._passed.clear()   # a config this process never validated is validated in its run
+    cfg = qeval.run.OmegaConf.load(run_dir / "config.yaml")
+    cfg.force = True
+    assert qeval.run.run(cfg)["status"] == "ok" and len(calls) == 1
