@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 from qeval.errors import ConfigError
 from qeval.schema import nodes
 from qeval.schema.groups import options
-from qeval.schema.types import LABEL, Choice, Optional, Pattern, shown
+from qeval.schema.types import Choice, Label, Optional, shown
 
 
 def did_you_mean(value: str, choices) -> str:
@@ -100,7 +100,7 @@ def check_tasks(task) -> None:
         check_node(f"task.{name}", node, schemas[name], f"task {name}")
 
 
-JOB_NAME = Pattern(LABEL, "a name of 1 to 100 printable characters, without '/' or '\\' or a leading '.'")
+JOB_NAME = Label("a name")   # the job's log file is named after it
 
 
 def check_hydra(hydra_node) -> None:
