@@ -15,11 +15,11 @@ from qeval.calibration import stage as calibration
 from qeval.errors import ConfigError
 from qeval.kv import simulated
 from qeval.methods.base import Bits, Formats, bit_labels
-from qeval.methods.build import build_method
 from qeval.model import loading
 from qeval.model.handle import Handle
 from qeval.model.linear import quantize_linears
 from qeval.model.memory import PeakMemory
+from qeval.recipe.build import build_recipe
 from qeval.sweep.signals import Interrupted
 from qeval.tasks import TASKS
 from qeval.validate import validate, validated
@@ -28,13 +28,13 @@ log = logging.getLogger(__name__)
 
 
 def prepare(cfg):
-    """Load the model, calibrate where the method asks for it, and apply every target; returns
-    (handle, facts about the quantized model)."""
-    method = build_method(cfg)
-    # a calibrated method reads its data (or finds a saved result) before any weights load
-    stage = calibration.Stage(cfg, method) if method.needs_calibration else None
+    """Load the model, calibrate where the recipe's parts ask for it, and apply every target;
+    returns (handle, facts about the quantized model)."""
+    method = build_recipe(cfg)
+    # calibrated parts read their data (or find a saved result) before any weights load
+    stage = calibration.Stage(method.calibration_view(), method.calibrator()) if method.needs_calibration else None
     # kv_scale=static: K/V scales from the same kind of stage, on the model before anything changes it
-    kv_stage = (calibration.Stage(kv_scales.data_config(cfg), kv_scales.Calibration(method, kv_scales.mode(cfg)))
+    kv_stage = (calibration.Stage(kv_scales.data_config(cfg), kv_scales.Calibration(method.kv, kv_scales.mode(cfg)))
                 if kv_scales.is_static(cfg) else None)
     started = time.perf_counter()
     model, tokenizer = loading.load(cfg.model, cfg.device, cfg.dtype, cfg.attn, cfg.seed)
@@ -54,7 +54,7 @@ def base_row(cfg, method, run_id: str) -> dict:
     b = method.bits
     return {
         "run_id": run_id, "model": cfg.model.name, "model_path": cfg.model.get("path"),
-        "method": cfg.method.name, **method.describe(),
+        "method": method.name, **method.describe(),
         # bits per element; a non-int kv_format's own width stands for kv_bits (16 there means
         # "the format decides")
         "w_bits": b.w, "a_bits": b.a, "kv_bits": cfg.kv_bits if method.formats.kv == "int" else b.k,
@@ -88,7 +88,11 @@ def record_failure(cfg, run_dir: Path, error: str, status: str = "failed", say: 
         target, setting = bit_labels(b.w, b.a, b.k, b.v, formats)
     except TypeError:
         target = setting = None
-    row = {"run_id": run_id, "config_hash": run_id, "model": cfg.model.name, "method": cfg.method.name,
+    try:   # the recipe's name where its parts can be built (a refused combination cannot)
+        name = build_recipe(cfg, registered_attention=True).name
+    except Exception:
+        name = cfg.method.name
+    row = {"run_id": run_id, "config_hash": run_id, "model": cfg.model.name, "method": name,
            "target": target, "setting": setting,
            "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits,
            "w_format": formats.w, "a_format": formats.a, "kv_format": formats.kv,
@@ -161,9 +165,9 @@ def run(cfg) -> dict:
 def _compute(cfg, run_id: str, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     try:
-        method = build_method(cfg)
+        method = build_recipe(cfg)
     except Exception as e:  # validated, so unexpected: still a failed row, never a lost cell
-        log.exception("qeval: building the method failed")
+        log.exception("qeval: building the recipe failed")
         return record_failure(cfg, run_dir, f"{type(e).__name__}: {e}")
     rows, status, error, raised = [], "ok", None, None
     device = loading.resolve_device(cfg.device)

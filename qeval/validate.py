@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
 from qeval import CONFIG_DIR  # noqa: F401  (re-exported: tests and scripts read it from here)
+from qeval.calibration import kv_scales
 from qeval.calibration import stage as calibration
 from qeval.errors import ConfigError
 from qeval.kv.attention import routes_registered_attention
@@ -34,6 +37,8 @@ from qeval.overrides import (
 )
 from qeval.quant import formats as F
 from qeval.quant.primitives import FULL_PRECISION_BITS
+from qeval.recipe.build import build_recipe, part_views
+from qeval.recipe.check import check as check_recipe
 from qeval.schema import check as check_schema
 from qeval.tasks import CHECKS, TASKS
 
@@ -226,6 +231,18 @@ def check_fused_decode(cfg, arch_cfg) -> None:
                       f"allowed: backend=torch or auto")
 
 
+@contextmanager
+def speaking_as(part):
+    """A part's method checks its view, where its node is ``method``: a refusal names the key the
+    user wrote (``kv.group_size``, ``transform.smoothquant.alpha``), not ``method.``."""
+    try:
+        yield
+    except ConfigError as e:
+        if part.key == "method":
+            raise
+        raise ConfigError(re.sub(r"(?<![\w.])method\.", f"{part.key}.", str(e))) from e
+
+
 def validate(cfg):
     """Every check that needs no weights; returns the architecture config."""
     check_schema(cfg)
@@ -236,7 +253,11 @@ def validate(cfg):
         if name not in TASKS:
             raise ConfigError(f"task={name}: no implementation is registered for this task yet "
                               f"(available: {', '.join(sorted(TASKS))})")
-    check_config(cfg, METHODS[cfg.method.name])
+    views = part_views(cfg)   # each part's method checks its own view: its node, its bits
+    for part, view in views:
+        with speaking_as(part):
+            check_config(view, METHODS[part.name])
+    check_recipe(cfg, [(part, build_method(view, registered_attention=True)) for part, view in views])
     check_model_available(cfg.model)
     try:
         arch = loading.model_config(cfg.model)
@@ -249,8 +270,17 @@ def validate(cfg):
                               f"cannot build this config ({why}); allowed: an architecture transformers knows, "
                               f"with keys its config takes") from e
         raise ConfigError(f"model.path={cfg.model.path}: not a readable model config ({why})") from e
-    check_against_model(cfg, arch, METHODS[cfg.method.name])
-    calibration.check(cfg, METHODS[cfg.method.name], arch)   # before the tasks: their data may be large
+    for part, view in views:
+        with speaking_as(part):
+            check_against_model(view, arch, METHODS[part.name])
+    # before the tasks: their data may be large
+    kv_scales.check(cfg, arch)   # kv_scale=static calibrates too, whatever the parts
+    for part, view in views:
+        with speaking_as(part):
+            calibration.check_published(view, METHODS[part.name])
+    recipe = build_recipe(cfg, arch)
+    if recipe.needs_calibration:
+        calibration.check(recipe.calibration_view(), recipe.calibrator(), arch)
     facts = loading.ModelFacts(arch, cfg.model)
     for name, node in cfg.task.items():
         CHECKS[name](name, node, facts)

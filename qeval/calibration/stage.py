@@ -14,7 +14,7 @@ import logging
 import time
 
 from qeval import results
-from qeval.calibration import data, kv_scales, published, store
+from qeval.calibration import data, published, store
 from qeval.errors import ConfigError
 from qeval.model import loading
 from qeval.quant.primitives import FULL_PRECISION_BITS
@@ -36,20 +36,25 @@ def scales_file(cfg) -> str | None:
     return cfg.method.get("scales_file")
 
 
-def check(cfg, method_cls, arch) -> None:
-    """The calibration keys, and the dataset's availability unless a saved result makes it moot."""
-    kv_scales.check(cfg, arch)   # kv_scale=static calibrates too, whatever the method
+def check_published(cfg, method_cls) -> None:
+    """A published file (``method.scales_file``) is refused where nothing would read it."""
     if scales_file(cfg) and not calibrates(cfg, method_cls):
         # nothing is quantized, so nothing would read the file: a row would name a file it never used
         raise ConfigError(f"method.scales_file={scales_file(cfg)}: method {method_cls.name} applies it only when "
                           f"it quantizes (w_bits={cfg.w_bits}, a_bits={cfg.a_bits}); allowed: null, or bits "
                           f"below {FULL_PRECISION_BITS}")
-    if not calibrates(cfg, method_cls) or scales_file(cfg):
+
+
+def check(cfg, calibrator, arch) -> None:
+    """The calibration keys, and the dataset's availability unless a saved result makes it moot.
+    ``cfg``: the config the stage reads (the calibrated part's view); ``calibrator``: the part,
+    or the chain of parts (:class:`qeval.recipe.calibration.Chain`)."""
+    if not calibrates(cfg, calibrator) or scales_file(cfg):
         return
     spec = data.resolve(cfg)
     text = arch.get_text_config()
     data.check(spec, getattr(text, "max_position_embeddings", None))
-    ident = store.identity(cfg, method_cls, spec, _dtype(cfg))
+    ident = store.identity(cfg, calibrator, spec, _dtype(cfg))
     if store.unusable(store.directory(cfg, ident), ident):
         data.check_available(spec)
 
@@ -64,10 +69,10 @@ class Stage:
         self.method = method
         self.file = scales_file(cfg)
         if self.file:
-            self.result = type(method).read_scales_file(self.file)
+            self.result = method.read_scales_file(self.file)
             return
         self.spec = data.resolve(cfg)
-        self.ident = store.identity(cfg, type(method), self.spec, _dtype(cfg))
+        self.ident = store.identity(cfg, method, self.spec, _dtype(cfg))
         self.where = store.directory(cfg, self.ident)
         self.tokenizer = loading.load_tokenizer(cfg.model)
         usable = store.unusable(self.where, self.ident) is None

@@ -271,6 +271,25 @@ class Method:
         return (self._packed_bytes(keys.shape, "kv", self.bits.k, self.k_gran)
                 + self._packed_bytes(values.shape, "kv", self.bits.v, self.v_gran))
 
+    def aging_rules(self):
+        """How an evicting cache quantizes the tokens it keeps with this method
+        (:mod:`qeval.kv.aging`): per token, when stored, as this method's own cache does."""
+        from qeval.kv.aging import Aging, Rule
+
+        def rule(bits, gran):
+            return Rule(0, 1, lambda x, exclude: self._quantize(x, "kv", bits, gran, exclude),
+                        lambda shape: self._packed_bytes(shape, "kv", bits, gran))
+        return Aging(rule(self.bits.k, self.k_gran), rule(self.bits.v, self.v_gran))
+
+    def aging_problem(self) -> str | None:
+        """Why an evicting cache cannot quantize its kept tokens with this method, or None: only
+        statistics of one token survive the eviction of others."""
+        if self.formats.kv in F.BLOCKS:
+            return None
+        if self.k_gran.per_sequence or self.k_gran.axis != -1 or self.v_gran.per_sequence or self.v_gran.axis != -1:
+            return f"its {self.scale_granularity('kv')} statistics span tokens the cache may evict"
+        return None
+
     def attention_implementation(self, base: str) -> str | None:
         """Name of a registered attention function this method's ``cache`` semantics needs on top
         of ``base`` (sdpa | eager), or None to keep the model's own. H2O uses it to see the

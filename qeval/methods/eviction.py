@@ -21,6 +21,9 @@ class EvictionMethod(Method, ABC):
     allowed_bits = (16,)
     semantics: ClassVar[tuple[str, ...]] = ("cache",)
     evicts = True
+    # whether its cache can hold a recipe's quantized K/V (qeval.kv.aging): a layer that keeps
+    # per-slot bookkeeping for it
+    quantizes_kept: ClassVar[bool] = False
 
     @abstractmethod
     def budget(self) -> tuple[float | None, int | None]:

@@ -178,3 +178,6 @@ class GEAR(Method):
 
     def describe(self) -> dict:
         return super().describe() | {"kv_backend": self.kv_backend}
+
+    def aging_problem(self) -> str | None:
+        return "it compresses streaming blocks (outliers and a low-rank fit over each block's tokens) that eviction would break"

@@ -53,6 +53,10 @@ class H2OLayer(RowSelectable, DynamicLayer):
         self.heavy: list[int] = []       # per row budgets
         self.recent: list[int] = []
         self.compacted = False
+        # a recipe's KV part quantizes what this layer keeps (qeval.kv.aging): (B, H, W) bool per
+        # stream, True while a slot's token is still full precision
+        self.aging = method.aging
+        self.raw_keys = self.raw_values = None
 
     @property
     def valid(self) -> torch.Tensor:
@@ -70,6 +74,8 @@ class H2OLayer(RowSelectable, DynamicLayer):
                 # (B, 1, T, 1) -> (B, H, T)
                 real &= ~pad[:, :, :, 0].expand(b, h, t)
             self.score = torch.zeros(b, h, 0, device=key_states.device)
+            if self.aging is not None:
+                self.raw_keys = self.raw_values = torch.zeros(b, h, 0, dtype=torch.bool, device=key_states.device)
             self.heavy, self.recent = self.method.budgets(real[:, 0].sum(-1).tolist())
             self._budget_tensors()
             # dense: every (row, head) then keeps the same number of slots, all real, so the
@@ -92,6 +98,10 @@ class H2OLayer(RowSelectable, DynamicLayer):
             else:
                 self._valid = torch.cat([self._valid, real], dim=-1)
             self.score = torch.nn.functional.pad(self.score, (0, t))        # new slots: no score yet
+            if self.aging is not None:                                     # new slots: full precision
+                fresh = torch.ones(b, h, t, dtype=torch.bool, device=key_states.device)
+                self.raw_keys = torch.cat([self.raw_keys, fresh], dim=-1)
+                self.raw_values = torch.cat([self.raw_values, fresh], dim=-1)
         self.length += t
         if self.method.pending.take(self.layer_idx) is not None:
             raise RuntimeError("method=h2o: the previous step's attention never reported its scores; the model "
@@ -141,6 +151,20 @@ class H2OLayer(RowSelectable, DynamicLayer):
         else:
             self.score += scores * self._valid
             self.evict()
+        if self.aging is not None:
+            self._age()
+
+    def _age(self) -> None:
+        """Quantize the kept tokens that aged out of the KV part's full-precision window."""
+        if self.dense:
+            valid = torch.ones_like(self.raw_keys)
+            if self.free is not None:   # the slot evicted this step is not a kept token
+                valid.scatter_(2, self.free, False)
+            self.aging.step(self, self.pos, valid)
+        else:
+            w = self._valid.shape[-1]
+            # slots are in position order on this path
+            self.aging.step(self, torch.arange(w, device=self._valid.device).expand_as(self._valid), self._valid)
 
     def _evict_dense(self) -> None:
         """``evict`` when every slot is valid and budgets are equal: the same kept set, with the
@@ -176,6 +200,9 @@ class H2OLayer(RowSelectable, DynamicLayer):
         self.values.scatter_(2, slot, value_states)
         self.pos.scatter_(2, self.free, self.length)
         self.score.scatter_(2, self.free, 0.0)
+        if self.aging is not None:
+            self.raw_keys.scatter_(2, self.free, True)
+            self.raw_values.scatter_(2, self.free, True)
         self.free = None
 
     def _drop_free(self) -> None:
@@ -232,12 +259,19 @@ class H2OLayer(RowSelectable, DynamicLayer):
         else:
             self.pos = self.pos.gather(-1, idx)
         self.score = self.score.gather(-1, idx)
+        if self.aging is not None:
+            self.raw_keys, self.raw_values = self.raw_keys.gather(-1, idx), self.raw_values.gather(-1, idx)
         self.compacted = True
 
     def packed_bytes(self) -> int:
         """fp16 K and V of the kept tokens."""
         if not self.is_initialized or self.keys.numel() == 0:
             return 0
+        if self.aging is not None:
+            kept = self.valid.clone()
+            if self.free is not None:
+                kept.scatter_(2, self.free, False)
+            return self.aging.packed_bytes(self, kept)
         kept = int(self.valid.sum()) - (0 if self.free is None else self.free.numel())
         return kept * self.keys.shape[-1] * 2 * FP16_BYTES
 
@@ -248,6 +282,8 @@ class H2OLayer(RowSelectable, DynamicLayer):
         idx = idx.to(self.keys.device)
         self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
         self.score = self.score.index_select(0, idx)
+        if self.aging is not None:
+            self.raw_keys, self.raw_values = self.raw_keys.index_select(0, idx), self.raw_values.index_select(0, idx)
         if not self.dense:
             self._valid = self._valid.index_select(0, idx)
         else:
@@ -264,6 +300,9 @@ class H2OLayer(RowSelectable, DynamicLayer):
 
 class H2O(EvictionMethod):
     name = "h2o"
+    quantizes_kept = True
+    # set by a recipe whose KV part quantizes the kept tokens (qeval.kv.aging); None: fp16 cache
+    aging = None
 
     @classmethod
     def check(cls, cfg) -> None:

@@ -148,6 +148,21 @@ class KIVI(Method):
     def describe(self) -> dict:
         return super().describe() | {"kv_backend": self.kv_backend}
 
+    def aging_rules(self):
+        """Under an evicting cache (:mod:`qeval.kv.aging`): keys flushed in whole blocks of R once R
+        kept tokens wait, per channel in groups of G; values per token once older than the newest
+        R kept tokens, in groups of G channels."""
+        from qeval.kv.aging import Aging, Rule
+        g, r, b = self.group_size, self.residual_length, self.bits
+        return Aging(
+            Rule(0, r, lambda x, exclude: fake_quantize(x, b.k, -2, g, exclude=exclude),
+                 lambda shape: key_packed_bytes(shape.numel(), b.k, g)),
+            Rule(r, 1, lambda x, exclude: fake_quantize(x, b.v, -1, g, exclude=exclude),
+                 lambda shape: packed_bytes(shape.numel(), b.v, g)))
+
+    def aging_problem(self) -> str | None:
+        return None
+
     def kv_packed_bytes(self, keys, values) -> int:
         return (packed_bytes(keys.numel(), self.bits.k, self.group_size)
                 + packed_bytes(values.numel(), self.bits.v, self.group_size))

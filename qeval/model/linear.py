@@ -138,6 +138,20 @@ def reproduces(p, w: torch.Tensor, method: Method) -> bool:
     return bool(((got.float() - want.float()).abs() <= integer_zero_gap(p)).all())
 
 
+def _packing_part(quantizer, quantize_input: bool) -> Method:
+    """The method whose layout the kernels hold: a recipe's weight part (which must also be its
+    act part when activations are quantized: the int8 GEMMs quantize them by the weight part's
+    convention), or a method itself."""
+    from qeval.recipe.recipe import Recipe
+    if not isinstance(quantizer, Recipe):
+        return quantizer
+    part = quantizer.weight
+    if quantize_input and quantizer.act is not part:
+        raise UnsupportedLayout(f"weight={part.name} and act={quantizer.act.name} are different parts: the int8 GEMMs "
+                                "quantize activations by the weight part's convention")
+    return part
+
+
 class PackedQuantLinear(nn.Module):
     """A Linear held packed and run by the Triton kernels (W: weight-only GEMM, WA: int8 GEMMs)."""
 
@@ -148,6 +162,7 @@ class PackedQuantLinear(nn.Module):
         from qeval.kernels.w8a8_gemm import Int8Weight
         w = linear.weight.data
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        method = _packing_part(method, quantize_input)
         layout = packed_layout(method, quantize_input)
         # a method holding its own codes (GPTQ) packs those; otherwise round-to-nearest of the weight
         own = getattr(method, "pack_weight", None)

@@ -41,13 +41,17 @@ def cells(overrides: list[str]) -> list:
 def calibration_spec(cfg):
     """The calibration data a cell reads (a :class:`qeval.calibration.data.Spec`), or None."""
     from qeval.calibration import data, stage
-    from qeval.methods import METHODS
+    from qeval.recipe.build import build_recipe
 
     asked = cfg.calibration.name != data.AUTO
-    cls = METHODS.get(cfg.method.name)
-    if not asked and (cls is None or not stage.calibrates(cfg, cls) or stage.scales_file(cfg)):
+    try:   # the recipe's calibrated parts (a combination validation refuses reads nothing)
+        recipe = build_recipe(cfg, registered_attention=True)
+        view = recipe.calibration_view() if recipe.needs_calibration else None
+    except Exception:
+        view = None
+    if not asked and (view is None or stage.scales_file(view)):
         return None
-    spec = data.resolve(cfg)
+    spec = data.resolve(view if view is not None else cfg)
     return None if spec.sampling == "toy_documents" else spec
 
 

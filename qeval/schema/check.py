@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qeval.errors import ConfigError
 from qeval.schema import nodes
-from qeval.schema.groups import options
+from qeval.schema.groups import PART_GROUPS, options
 from qeval.schema.types import Choice, Label, Optional, shown
 
 
@@ -74,7 +74,8 @@ def check(cfg: DictConfig) -> dict:
     for group in ("model", "method", "calibration", "task"):
         if tree.get(group) is None:
             raise ConfigError(f"{group}: missing; allowed: {group}=<one of {', '.join(options(group))}>")
-    top = {k: v for k, v in tree.items() if k not in ("model", "method", "calibration", "task")}
+    top = {k: v for k, v in tree.items() if k not in ("model", "method", "calibration", "task", *PART_GROUPS,
+                                                      "transform")}
     check_node("", top, nodes.TOP, "the config")
     check_node("model", tree["model"], nodes.MODEL, "a model")
     methods = nodes.methods()
@@ -84,9 +85,27 @@ def check(cfg: DictConfig) -> dict:
         raise ConfigError(f"method.name={shown(name)}: unknown method{did_you_mean(name, methods)} "
                           f"(allowed: {', '.join(sorted(methods))})")
     check_node("method", method, {"name": Choice((name,))} | methods[name], f"method {name}")
+    for slot in PART_GROUPS:
+        if tree.get(slot) is not None:
+            check_part(slot, slot, tree[slot], methods)
+    transforms = tree.get("transform") or {}
+    if not isinstance(transforms, dict):
+        raise ConfigError(f"transform={shown(transforms)}: allowed: a list of {', '.join(options('transform'))}")
+    for key, node in transforms.items():
+        check_part("transform", f"transform.{key}", node, methods)
     check_node("calibration", tree["calibration"], nodes.CALIBRATION, "a calibration")
     check_tasks(tree["task"])
     return tree
+
+
+def check_part(group: str, key: str, node, methods: dict) -> None:
+    """A recipe part's node: a method that group offers (its files), with that method's keys."""
+    name = node.get("name") if isinstance(node, dict) else None
+    allowed = options(group)
+    if name not in allowed or name not in methods:
+        raise ConfigError(f"{key}.name={shown(name)}: unknown {group} part{did_you_mean(name, allowed)} "
+                          f"(allowed: {', '.join(allowed)})")
+    check_node(key, node, {"name": Choice((name,))} | methods[name], f"{group} part {name}")
 
 
 def check_tasks(task) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from qeval import CONFIG_DIR
 
-GROUPS = ("model", "method", "calibration", "task", "experiment")
+GROUPS = ("model", "method", "calibration", "task", "experiment", "weight", "act", "kv", "evict", "transform")
+PART_GROUPS = ("weight", "act", "kv", "evict")   # one part each (qeval.recipe.slots); transform is a list
 
 
 def options(group: str) -> list[str]:
