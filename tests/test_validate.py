@@ -13,6 +13,24 @@ from qeval.validate import CONFIG_DIR, ConfigError, check_config
 
 # (command-line overrides, text the one-line error must contain)
 BAD_INPUTS = [
+    # recipes: combinations refused in one line naming both parts
+    (["method=kivi", "kv=gear", "kv_bits=2"], "method=kivi: kv=gear takes every target it quantizes; allowed: one of them"),
+    (["method=kivi", "weight=gptq", "w_bits=4", "a_bits=8"],
+     "a_bits=8: no part of this recipe quantizes activations (weight=gptq, method=kivi); allowed: act=<group|uniform>, "
+     "or a_bits=16"),
+    (["evict=streaming", "kv=kivi", "kv_bits=2"],
+     "evict=streaming: with kv=kivi: its cache does not hold quantized tokens yet; allowed: evict=h2o, or kv_bits=16"),
+    (["evict=h2o", "kv=gear", "kv_bits=2"], "kv=gear: with evict=h2o: it compresses streaming blocks"),
+    (["evict=h2o", "kv=uniform", "kv_bits=4", "kv.kv_granularity=per_tensor"],
+     "kv=uniform: with evict=h2o: its per_tensor statistics span tokens the cache may evict"),
+    (["evict=h2o", "kv=kivi", "kv_bits=2", "kv_format=fp8_e4m3"], "kv_format=fp8_e4m3: method kivi supports int"),
+    (["weight=kivi"], "weight=kivi: unknown weight (allowed: awq, gptq, group, uniform)"),
+    (["transform=[rotate]"], "transform=rotate: unknown transform (allowed: smoothquant)"),
+    (["kv=kivi", "kv_bits=2", "kv.group_size=24", "kv.residual_length=48"],
+     "kv.group_size=24: does not divide head_dim=32 of model tiny-random"),
+    (["weight=gptq", "w_bits=4", "weight.damp=abc"], "weight.damp=abc"),
+    (["weight=gptq", "w_bits=4", "weight.dampp=0.1"], "weight.dampp=0.1: unknown key; did you mean 'damp'?"),
+    (["kv=kivi", "kv_bits=2", "evict.heavy_ratio=0.1"], "evict.heavy_ratio=0.1: the config has no evict"),
     (["method=unifrom"], "method=unifrom: unknown method; did you mean 'uniform'?"),
     (["model=llama-7b"], "model=llama-7b: unknown model; did you mean 'llama2-7b'?"),
     (["task=paskey"], "task=paskey: unknown task; did you mean 'passkey'?"),

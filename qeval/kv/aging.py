@@ -23,7 +23,7 @@ caches hold them; ``packed_bytes`` counts quantized tokens by the part's formula
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -47,10 +47,13 @@ from qeval.report.style import knob_suffix, missing, precision_label
 # what names a cell already: not repeated as an extra knob
 # (a setting's label names its number formats too: ``W mxfp4``, ``KV fp8_e4m3``)
 IDENTITY_KNOBS = frozenset({"model.name", "method.name", "w_bits", "a_bits", "kv_bits", "k_bits", "v_bits",
-                            "w_format", "a_format", "kv_format"})
+                            "w_format", "a_format", "kv_format",
+                            # a recipe's parts: the row's method names them (``gptq+kivi``)
+                            "weight.name", "act.name", "kv.name", "evict.name"})
 # knobs that change nothing at 16 bits (a method at full precision is an exact identity)
 QUANT_KNOBS = frozenset({"kv_semantics", "w_group_size", "a_group_size", "kv_group_size", "backend"})
-QUANT_PREFIX = "method."
+# a method's and a recipe part's knobs (qeval.recipe.slots: weight.damp, kv.group_size, transform.smoothquant.alpha)
+QUANT_PREFIX = ("method.", "weight.", "act.", "kv.", "evict.", "transform.")
 # row columns that say what a config's "auto" resolved to
 RESOLVED_KNOBS = ("dtype",)
 BASELINE = "fp16"   # the internal target of a full-precision row

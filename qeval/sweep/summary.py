@@ -169,8 +169,9 @@ def headline_rows(run_dir: Path) -> list[dict]:
 
 # the row columns that say how a cell ran (shown when every cell shares them)
 KNOBS = ("model", "method", "w_bits", "a_bits", "kv_bits", "k_bits", "v_bits", "w_format", "a_format",
-         "kv_format", "kv_semantics", "dtype", "device", "kv_backend")
+         "kv_format", "kv_semantics", "dtype", "device", "kv_backend",
+         "weight_method", "act_method", "kv_method", "evict_method", "transforms")
 
 
 def _is_knob(key: str) -> bool:
-    return key in KNOBS or key.startswith("method.")
+    return key in KNOBS or key.startswith(("method.", "weight.", "act.", "kv.", "evict.", "transform."))
