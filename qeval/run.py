@@ -57,7 +57,7 @@ def base_row(cfg, method, run_id: str) -> dict:
         "method": method.name, **method.describe(),
         # bits per element; a non-int kv_format's own width stands for kv_bits (16 there means
         # "the format decides")
-        "w_bits": b.w, "a_bits": b.a, "kv_bits": cfg.kv_bits if method.formats.kv == "int" else b.k,
+        "w_bits": b.w, "a_bits": b.a, "kv_bits": cfg.kv_bits if method.formats.kv.is_integer else b.k,
         "k_bits": b.k, "v_bits": b.v,
         "w_group_size": cfg.w_group_size, "a_group_size": cfg.a_group_size,
         "kv_group_size": cfg.kv_group_size, "kv_semantics": cfg.kv_semantics,
@@ -95,7 +95,7 @@ def record_failure(cfg, run_dir: Path, error: str, status: str = "failed", say: 
     row = {"run_id": run_id, "config_hash": run_id, "model": cfg.model.name, "method": name,
            "target": target, "setting": setting,
            "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "kv_bits": cfg.kv_bits,
-           "w_format": formats.w, "a_format": formats.a, "kv_format": formats.kv,
+           **{f"{t}_format": name for t, name in formats.names().items()},
            "kv_semantics": cfg.kv_semantics, "trust_remote_code": cfg.model.get("trust_remote_code", False),
            "task": ",".join(cfg.task), "metric": None, "value": None,
            "status": status, "error": error, "config": OmegaConf.to_container(cfg, resolve=True)}

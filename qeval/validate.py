@@ -56,18 +56,20 @@ def check_formats(cfg, method_cls) -> None:
     non-integer format fixes its element width, so those bits are 16 ("the format decides") or
     that width."""
     for key, bit_keys in FORMAT_KEYS.items():
-        fmt = cfg.get(key, F.INT)
-        if fmt not in F.FORMATS:
-            raise ConfigError(f"{key}={fmt}: unknown format{_did_you_mean(str(fmt), F.FORMATS)} "
-                              f"(allowed: {', '.join(F.FORMATS)})")
-        if fmt == F.INT:
+        name = cfg.get(key) or F.INT.name
+        if name not in F.FORMATS:
+            raise ConfigError(f"{key}={name}: unknown format{_did_you_mean(str(name), F.NAMES)} "
+                              f"(allowed: {', '.join(F.NAMES)})")
+        fmt = F.FORMATS[name]
+        if fmt.is_integer:
             continue
         if fmt not in method_cls.allowed_formats:
-            runs = [name for name, cls in METHODS.items() if fmt in cls.allowed_formats]
-            why = (f"{fmt}'s {F.BLOCKS[fmt]}-element blocks are its own grouping; " if fmt in F.BLOCKS else "")
-            raise ConfigError(f"{key}={fmt}: method {method_cls.name} supports {', '.join(method_cls.allowed_formats)} "
+            runs = [m for m, cls in METHODS.items() if fmt in cls.allowed_formats]
+            why = f"{fmt}'s {fmt.block}-element blocks are its own grouping; " if fmt.block else ""
+            raise ConfigError(f"{key}={fmt}: method {method_cls.name} supports "
+                              f"{', '.join(f.name for f in method_cls.allowed_formats)} "
                               f"({why}{fmt} runs with method={' or method='.join(runs)})")
-        width = F.ELEMENT_BITS[fmt]
+        width = fmt.element_bits
         for bit_key in bit_keys:
             b = cfg.get(bit_key)
             if b is not None and b not in (16, width):
@@ -75,7 +77,7 @@ def check_formats(cfg, method_cls) -> None:
                                   f"(the format decides) or {width}")
     if cfg.backend == "triton":
         for key in ("w_format", "a_format"):
-            if cfg.get(key, F.INT) != F.INT:
+            if not F.lookup(cfg.get(key) or F.INT).is_integer:
                 raise ConfigError(f"backend=triton: {key}={cfg[key]}: the Triton kernels hold integer codes; "
                                   f"allowed: backend=torch or backend=auto")
 
@@ -86,11 +88,12 @@ def check_format_blocks(cfg, linear_widths: set[int], head_dim: int) -> None:
     for key, quantized, dims, what in (("w_format", bits.w < 16, linear_widths, "the Linear input width"),
                                        ("a_format", bits.a < 16, linear_widths, "the Linear input width"),
                                        ("kv_format", min(bits.k, bits.v) < 16, {head_dim}, "head_dim")):
-        fmt = cfg.get(key, F.INT)
-        bad = sorted(d for d in dims if fmt in F.BLOCKS and d % F.BLOCKS[fmt])
+        fmt = F.lookup(cfg.get(key) or F.INT)
+        bad = sorted(d for d in dims if fmt.block and d % fmt.block)
         if quantized and bad:
-            raise ConfigError(f"{key}={fmt}: its {F.BLOCKS[fmt]}-element blocks do not divide {what}={bad[0]} "
-                              f"of model {cfg.model.name}; allowed: {', '.join(f for f in F.FORMATS if f not in F.BLOCKS)}")
+            raise ConfigError(f"{key}={fmt}: its {fmt.block}-element blocks do not divide {what}={bad[0]} "
+                              f"of model {cfg.model.name}; allowed: "
+                              f"{', '.join(f.name for f in F.FORMATS.values() if not f.block)}")
 
 
 def check_config(cfg, method_cls) -> None:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from qeval.methods import METHODS
 from qeval.methods.base import Bits, Formats, Knobs
-from qeval.quant.formats import ELEMENT_BITS
+from qeval.quant.formats import lookup
 from qeval.validate import CONFIG_DIR
 
 # name -> (overrides for tiny models, KV bits it is tested at, the semantics it supports)
@@ -62,7 +62,7 @@ def make_method(name: str, kv_bits: int = 16, semantics: str = "cache", backend:
     """A method instance from its YAML and the run's knobs (``k_bits``/``v_bits`` override
     ``kv_bits``, and a non-int ``*_format`` sets its own bits, as on the command line)."""
     k, v = kv_bits if k_bits is None else k_bits, kv_bits if v_bits is None else v_bits
-    bits = Bits(*(ELEMENT_BITS.get(f, b) for b, f in ((w_bits, w_format), (a_bits, a_format), (k, kv_format),
+    bits = Bits(*(lookup(f).width(b) for b, f in ((w_bits, w_format), (a_bits, a_format), (k, kv_format),
                                                       (v, kv_format))))
     knobs = Knobs(bits, w_group_size, a_group_size, kv_group_size, semantics, backend,
                   Formats(w_format, a_format, kv_format))

@@ -234,3 +234,15 @@ def test_the_new_syntax_runs_from_the_command_line(tmp_path):
 def test_eviction_and_quantization_build_one_cache(tmp_path, overrides):
     recipe = build_recipe(cfg_of(tmp_path, *overrides))
     assert recipe.evict.aging is not None and recipe.needs_cache
+
+
+def test_every_part_option_is_a_method_serving_that_slot_and_every_method_has_a_line():
+    from qeval.methods import METHODS
+    from qeval.schema import options
+    assert set(slots.SERVES) == set(METHODS)          # one table line per method
+    for slot in slots.SLOTS:
+        for name in options(slot):
+            assert slot in slots.SERVES[name], (slot, name)
+            # the option reuses the method's own YAML: its knobs are written once
+            text = (CONFIG_DIR / slot / f"{name}.yaml").read_text()
+            assert f"/method@_here_: {name}" in text

@@ -42,7 +42,7 @@ from qeval.errors import ConfigError
 from qeval.kv.attention import register_attention
 from qeval.kv.cache import cache_kwarg
 from qeval.model import loading
-from qeval.quant.formats import STORED, fp8
+from qeval.quant.formats import INT, STORED, fp8, lookup
 
 DYNAMIC = "dynamic"
 MODES = (DYNAMIC, "static", "static_per_head")
@@ -71,15 +71,15 @@ def data_config(cfg):
 def check(cfg, arch) -> None:
     """``kv_scale`` is known, meets an FP8 ``kv_format`` and no K/V grouping of its own; the data
     is valid and readable unless a saved result makes it moot (before any weights load)."""
-    kind, fmt = mode(cfg), cfg.get("kv_format", "int")
+    kind, fmt = mode(cfg), lookup(cfg.get("kv_format") or INT)
     if kind not in MODES:
         raise ConfigError(f"kv_scale={kind}: allowed: {', '.join(MODES)}")
     if kind == DYNAMIC:
         return
-    if fmt not in STORED:
+    if not fmt.stored:
         raise ConfigError(f"kv_scale={kind}: kv_format={fmt} has no fixed scale to calibrate (int keeps a "
                           f"min-max scale per group, mx/nvfp4 their block scales); allowed: kv_format="
-                          f"{' or kv_format='.join(STORED)}, or kv_scale=dynamic")
+                          f"{' or kv_format='.join(f.name for f in STORED)}, or kv_scale=dynamic")
     if cfg.get("kv_group_size") is not None:
         raise ConfigError(f"kv_group_size={cfg.kv_group_size}: kv_scale={kind} holds one scale per layer "
                           f"({GRANULARITY[kind]}), not per group; allowed: null")
@@ -165,7 +165,7 @@ class Calibration:
         self.method, self.kind = method, kind
 
     def _apply(self, k_amax, v_amax) -> None:
-        self.method.kv_scales = KVScales.from_amax(k_amax, v_amax, self.method.formats.kv, self.kind)
+        self.method.kv_scales = KVScales.from_amax(k_amax, v_amax, self.method.formats.kv.name, self.kind)
 
     def calibrate(self, model, samples: list[torch.Tensor]) -> dict:
         k_amax, v_amax = kv_amax(model, samples)

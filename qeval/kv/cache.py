@@ -135,7 +135,7 @@ class StaticFP8Layer(FP8StoredLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        fmt = self.method.formats.kv
+        fmt = self.method.formats.kv.name
         kc, vc = fp8.encode(key_states, self.k_scale, fmt), fp8.encode(value_states, self.v_scale, fmt)
         if self.keys is None:
             self.keys, self.values = kc, vc

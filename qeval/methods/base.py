@@ -36,15 +36,22 @@ from qeval.quant.primitives import FULL_PRECISION_BITS, packed_bytes
 
 @dataclass(frozen=True)
 class Formats:
-    """The number format per target (``int``: integers of ``*_bits``)."""
+    """The number format per target (:class:`qeval.quant.formats.Format`; a name is looked up)."""
 
-    w: str = F.INT
-    a: str = F.INT
-    kv: str = F.INT
+    w: F.Format = F.INT
+    a: F.Format = F.INT
+    kv: F.Format = F.INT
+
+    def __post_init__(self):
+        for target in ("w", "a", "kv"):
+            object.__setattr__(self, target, F.lookup(getattr(self, target)))
 
     @classmethod
     def from_config(cls, cfg) -> Formats:
-        return cls(cfg.get("w_format", F.INT), cfg.get("a_format", F.INT), cfg.get("kv_format", F.INT))
+        return cls(*(cfg.get(key) or F.INT for key in ("w_format", "a_format", "kv_format")))
+
+    def names(self) -> dict[str, str]:
+        return {"w": self.w.name, "a": self.a.name, "kv": self.kv.name}
 
 
 @dataclass
@@ -63,8 +70,7 @@ class Bits:
         v = cfg.get("v_bits")
         f = Formats.from_config(cfg)
         k, v = cfg.kv_bits if k is None else k, cfg.kv_bits if v is None else v
-        return cls(*(F.ELEMENT_BITS.get(fmt, b)
-                     for b, fmt in ((cfg.w_bits, f.w), (cfg.a_bits, f.a), (k, f.kv), (v, f.kv))))
+        return cls(*(fmt.width(b) for b, fmt in ((cfg.w_bits, f.w), (cfg.a_bits, f.a), (k, f.kv), (v, f.kv))))
 
 
 def bit_labels(w, a, k, v, formats: Formats | None = None) -> tuple[str, str]:
@@ -79,11 +85,11 @@ def bit_labels(w, a, k, v, formats: Formats | None = None) -> tuple[str, str]:
     f = formats or Formats()
     target = ("W" if set(q) == {"W"} else "WA" if set(q) <= {"W", "A"} else "KV" if set(q) <= {"K", "V"}
               else "mixed")
-    if F.INT == f.w == f.a == f.kv:
+    if f.w.is_integer and f.a.is_integer and f.kv.is_integer:
         return target, {"W": f"W{w}", "WA": f"W{w}A{a}", "KV": f"KV{k}" if k == v else f"K{k}V{v}",
                         "mixed": f"W{w}A{a}K{k}V{v}"}[target]
-    parts = {"W": f"W{w}" if f.w == F.INT else f"W {f.w}", "A": f"A{a}" if f.a == F.INT else f"A {f.a}",
-             "KV": f"KV {f.kv}" if f.kv != F.INT else f"KV{k}" if k == v else f"K{k}V{v}"}
+    parts = {"W": f.w.setting("W", w), "A": f.a.setting("A", a),
+             "KV": f.kv.setting("KV", k) if not f.kv.is_integer or k == v else f"K{k}V{v}"}
     # a mixed setting names only its quantized targets: ``W4 KV fp8_e4m3``
     quantized = {"W": "W" in q, "A": "A" in q, "KV": bool(q.keys() & {"K", "V"})}
     wanted = {"W": ["W"], "WA": ["W", "A"], "KV": ["KV"],
@@ -116,7 +122,7 @@ class Method:
     allowed_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8, 16)
     semantics: ClassVar[tuple[str, ...]] = ("cache", "simulated")
     # number formats it runs (qeval.quant.formats); a method with its own quantizer is integer
-    allowed_formats: ClassVar[tuple[str, ...]] = (F.INT,)
+    allowed_formats: ClassVar[tuple[F.Format, ...]] = (F.INT,)
 
     # an eviction method drops tokens from its cache (EvictionMethod); a quantizing one keeps them
     evicts: ClassVar[bool] = False
@@ -168,7 +174,7 @@ class Method:
         b = Bits.from_config(cfg)
         return {"method": {k: cfg.method[k] for k in cfg.method}, "w_bits": b.w, "a_bits": b.a,
                 "w_group_size": cfg.w_group_size, "a_group_size": cfg.a_group_size,
-                "formats": vars(Formats.from_config(cfg))}
+                "formats": Formats.from_config(cfg).names()}
 
     @property
     def needs_calibration(self) -> bool:
@@ -188,22 +194,14 @@ class Method:
     def _quantize(self, x, target: str, bits: int, gran: Granularity, exclude=None) -> torch.Tensor:
         """Round-to-nearest in ``target``'s (w | a | kv) format: integers or FP8 in ``gran``'s
         groups, a block format in its own blocks; the identity at 16 bits."""
-        fmt = getattr(self.formats, target)
         if bits >= FULL_PRECISION_BITS:
             return x
-        if fmt == F.INT:
-            return gran.apply(x, bits, self.symmetric, exclude, self.zero_point)
-        if fmt in F.BLOCKS:
-            return F.fake_quantize_blocks(x, fmt, target)
-        return gran.apply_fp8(x, fmt, exclude)
+        return getattr(self.formats, target).fake_quantize(x, target, bits, gran, self.symmetric, exclude,
+                                                           self.zero_point)
 
     def _packed_bytes(self, shape: torch.Size, target: str, bits: int, gran: Granularity) -> int:
-        fmt = getattr(self.formats, target)
-        if bits >= FULL_PRECISION_BITS or fmt == F.INT:
-            return packed_bytes(shape.numel(), bits, None, gran.n_groups(shape), symmetric=self.symmetric)
-        if fmt in F.BLOCKS:
-            return F.block_packed_bytes(shape, fmt, target)
-        return fp8.packed_bytes(shape.numel(), gran.n_groups(shape))
+        fmt = F.INT if bits >= FULL_PRECISION_BITS else getattr(self.formats, target)
+        return fmt.packed_bytes(shape, target, bits, gran, self.symmetric)
 
     # -- W / WA --------------------------------------------------------------------------------
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -217,9 +215,9 @@ class Method:
     def store_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(float8 codes, float32 scale) to hold where torch has the weight format's dtype, so that
         ``fp8.decode(codes, scale, w.dtype)`` equals :meth:`quantize_weight`; None otherwise."""
-        if self.bits.w >= FULL_PRECISION_BITS or self.formats.w not in F.STORED:
+        if self.bits.w >= FULL_PRECISION_BITS or not self.formats.w.stored:
             return None
-        return self.w_gran.encode_fp8(w, self.formats.w)
+        return self.w_gran.encode_fp8(w, self.formats.w.name)
 
     def weight_packed_bytes(self, w: torch.Tensor) -> int:
         return self._packed_bytes(w.shape, "w", self.bits.w, self.w_gran)
@@ -250,7 +248,7 @@ class Method:
         float8 codes (B, H, T, D) and float32 scales (B, H or 1, T, n) that
         :func:`qeval.quant.formats.fp8.decode` turns into exactly what :meth:`quantize_kv` gives."""
         def enc(x, gran):
-            codes, scale = gran.encode_fp8(x, self.formats.kv, pad)
+            codes, scale = gran.encode_fp8(x, self.formats.kv.name, pad)
             # a per-sequence scale (B, 1, 1, 1) is held once per token, so chunks concatenate on T
             return codes, scale.expand(*scale.shape[:2], x.shape[-2], scale.shape[-1]).contiguous()
         return enc(k, self.k_gran), enc(v, self.v_gran)
@@ -258,7 +256,7 @@ class Method:
     def make_cache_layer(self, layer_idx: int, seq: SequenceState) -> DynamicLayer:
         """One layer of a ``cache``-semantics KV cache: FP8 K/V held as float8 where the format has
         a torch dtype and both are quantized, otherwise fake-quantized in the model's dtype."""
-        if self.formats.kv in F.STORED and max(self.bits.k, self.bits.v) < FULL_PRECISION_BITS:
+        if self.formats.kv.stored and max(self.bits.k, self.bits.v) < FULL_PRECISION_BITS:
             if self.kv_scales is not None:
                 return StaticFP8Layer(self, seq, *self.kv_scales.layer(layer_idx))
             if self.knobs.kv_scale != "dynamic":
@@ -284,7 +282,7 @@ class Method:
     def aging_problem(self) -> str | None:
         """Why an evicting cache cannot quantize its kept tokens with this method, or None: only
         statistics of one token survive the eviction of others."""
-        if self.formats.kv in F.BLOCKS:
+        if self.formats.kv.block is not None:   # its own blocks along head_dim: per token
             return None
         if self.k_gran.per_sequence or self.k_gran.axis != -1 or self.v_gran.per_sequence or self.v_gran.axis != -1:
             return f"its {self.scale_granularity('kv')} statistics span tokens the cache may evict"
@@ -307,13 +305,11 @@ class Method:
                         "kv": (min(self.bits.k, self.bits.v), self.k_gran, "quantize_kv")}[target]
         if b >= FULL_PRECISION_BITS or getattr(type(self), own) is not getattr(Method, own):
             return None
-        if fmt in F.BLOCKS:
-            return F.block_scale_granularity(fmt, target)
-        if target == "kv" and self.knobs.kv_scale != "dynamic":
+        if target == "kv" and self.knobs.kv_scale != "dynamic" and fmt.block is None:
             return f"static {'per_head' if self.knobs.kv_scale == 'static_per_head' else 'per_tensor'} fp32"
         label = (f"group{gran.group_size}" if gran.group_size else "per_tensor" if gran.per_sequence
                  or gran.axis is None else "per_channel" if target == "w" or gran.axis != -1 else "per_token")
-        return label if fmt == F.INT else f"{label} fp32"
+        return fmt.scale_label(target, label)
 
     def describe(self) -> dict:
         """Method parameters as flat row columns (``method.<name>``), the zero-point convention its
@@ -322,9 +318,9 @@ class Method:
         f = self.formats
         return ({f"method.{k}": v for k, v in self.params.items() if k != "name"}
                 | {"zero_point": None if self.evicts else self.zero_point,
-                   "w_format": f.w, "a_format": f.a, "kv_format": f.kv,
+                   "w_format": f.w.name, "a_format": f.a.name, "kv_format": f.kv.name,
                    # FP8 K/V: scales from each K/V (dynamic) or fixed by calibration (static)
-                   "kv_scale": self.knobs.kv_scale if f.kv in F.STORED and self.quantizes_kv else None}
+                   "kv_scale": self.knobs.kv_scale if f.kv.stored and self.quantizes_kv else None}
                 | {f"{t}_scale_granularity": self.scale_granularity(t) for t in ("w", "a", "kv")}
                 | self.labels())
 

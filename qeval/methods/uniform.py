@@ -15,8 +15,8 @@ group of ``*_granularity``; MX and NVFP4 bring their own blocks, which replace t
 from __future__ import annotations
 
 from qeval.errors import ConfigError
-from qeval.methods.base import Bits, Method
-from qeval.quant.formats import BLOCKS, FORMATS
+from qeval.methods.base import Bits, Formats, Method
+from qeval.quant.formats import FORMATS
 from qeval.quant.granularity import Granularity
 from qeval.quant.primitives import ZERO_POINTS
 
@@ -37,7 +37,7 @@ def check_zero_point(cfg) -> None:
 class Uniform(Method):
     name = "uniform"
     allowed_bits = (1, 2, 3, 4, 5, 6, 7, 8, 16)
-    allowed_formats = FORMATS
+    allowed_formats = tuple(FORMATS.values())
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -47,7 +47,7 @@ class Uniform(Method):
                 raise ConfigError(f"method.{key}={cfg.method[key]}: allowed: {', '.join(table)}")
         check_zero_point(cfg)
         bits = Bits.from_config(cfg)
-        own_blocks = cfg.get("kv_format", "int") in BLOCKS   # MX / NVFP4 ignore the granularity
+        own_blocks = Formats.from_config(cfg).kv.block is not None   # MX / NVFP4 ignore the granularity
         if (cfg.method.kv_granularity == "per_channel" and cfg.kv_semantics == "cache" and min(bits.k, bits.v) < 16
                 and not own_blocks):
             # one decode token per stored chunk makes per-channel statistics lossless (min == max)

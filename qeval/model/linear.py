@@ -32,7 +32,7 @@ from transformers.quantizers.base import get_keys_to_not_convert
 
 from qeval.errors import ConfigError
 from qeval.methods.base import Method
-from qeval.quant.formats import INT, fp8
+from qeval.quant.formats import fp8
 from qeval.quant.primitives import FULL_PRECISION_BITS
 
 BACKENDS = ("auto", "torch", "triton")
@@ -109,7 +109,7 @@ def packed_layout(method: Method, quantize_input: bool) -> dict:
     from qeval.kernels.pack import PACKABLE_BITS
     b, wg, ag = method.bits, method.w_gran, method.a_gran
     f = method.formats
-    if f.w != INT or (quantize_input and f.a != INT):
+    if not f.w.is_integer or (quantize_input and not f.a.is_integer):
         raise UnsupportedLayout(f"w_format={f.w}, a_format={f.a}: the packed kernels hold integer codes")
     if b.w not in PACKABLE_BITS:
         raise UnsupportedLayout(f"w_bits={b.w}: the packed kernels hold {PACKABLE_BITS}")

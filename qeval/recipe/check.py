@@ -43,7 +43,7 @@ def check(cfg, built) -> None:
             key, what = WHAT[slot]
             value = getattr(bits, {"w_bits": "w", "a_bits": "a", "kv_bits": "k"}[key])
             fmt = getattr(formats, {WEIGHT: "w", ACT: "a", KV: "kv"}[slot])
-            shown = f"{key}={value}" if fmt == "int" else f"{slots.SLOT_FORMAT[slot]}={fmt}"
+            shown = f"{key}={value}" if fmt.is_integer else f"{slots.SLOT_FORMAT[slot]}={fmt}"
             others = ", ".join(_where(p) for p in chosen)
             raise ConfigError(f"{shown}: no part of this recipe quantizes {what} ({others}); allowed: "
                               f"{slot}=<{'|'.join(served(slot))}>, or {key}=16")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qeval.errors import ConfigError
+from qeval.quant.formats import INT
 
 TRANSFORM, WEIGHT, ACT, KV, EVICT = "transform", "weight", "act", "kv", "evict"
 SLOTS = (TRANSFORM, WEIGHT, ACT, KV, EVICT)          # the order parts apply in, and rows name them
@@ -77,7 +78,7 @@ class Part:
                     continue
                 for key in keys:
                     out[key] = None if key in ("k_bits", "v_bits") else 16
-                out[SLOT_FORMAT[slot]] = "int"
+                out[SLOT_FORMAT[slot]] = INT.name
         return out
 
 

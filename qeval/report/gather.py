@@ -131,7 +131,7 @@ def _bits(r) -> float:
     element (mxfp4 4.25, nvfp4 4.5), so formats sit beside integer widths without overlapping."""
     bits, fmt = {"W": (r["w_bits"], r.get("w_format")), "WA": (r["w_bits"], r.get("w_format")),
                  "KV": (r["kv_bits"], r.get("kv_format"))}.get(r["target"], (16, None))
-    return formats.bits_per_element(fmt, bits) if isinstance(fmt, str) else bits
+    return formats.FORMATS[fmt].bits_per_element(bits) if isinstance(fmt, str) and fmt in formats.FORMATS else bits
 
 
 def add_derived(df: pd.DataFrame) -> pd.DataFrame:
