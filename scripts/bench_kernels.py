@@ -64,7 +64,7 @@ def section_ceilings(args) -> dict:
 # -- W: weight-only and weight-activation GEMMs ---------------------------------------------------
 def _w_candidates(w16: torch.Tensor):
     """name -> (bytes of weight held, callable(x) -> out)."""
-    from qeval.kernels.pack import pack_weight
+    from qeval.quant.packed import pack_weight
     from qeval.kernels.w4a8_gemm import GroupedInt8Weight, w4a8_matmul
     from qeval.kernels.w8a8_gemm import Int8Weight, w8a8_matmul
     from qeval.kernels.wq_gemm import wq_matmul, wq_matmul_reference

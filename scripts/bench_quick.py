@@ -122,7 +122,7 @@ def section_kv(args, report: Report) -> None:
 
 def _w_candidates(w16: torch.Tensor):
     """name -> (weight bytes, kernel(x), reference(x))."""
-    from qeval.kernels.pack import pack_weight
+    from qeval.quant.packed import pack_weight
     from qeval.kernels.w4a8_gemm import (
         GroupedInt8Weight,
         w4a8_matmul,

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from tolerances import network_rounding
 
 from qeval.errors import ConfigError
-from qeval.kernels.pack import dequantize_packed
+from qeval.quant.packed import dequantize_packed
 from qeval.methods import METHODS
 from qeval.methods.gptq import Hessian, find_params, gptq_quantize
 from qeval.model import loading

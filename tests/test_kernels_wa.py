@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qeval.kernels.act_quant import quantize_per_token, quantize_per_token_reference
-from qeval.kernels.pack import pack_weight
+from qeval.quant.packed import pack_weight
 from qeval.kernels.w4a8_gemm import GroupedInt8Weight, w4a8_matmul, w4a8_matmul_reference
 from qeval.kernels.w8a8_gemm import Int8Weight, w8a8_matmul, w8a8_matmul_reference
 from qeval.quant.primitives import fake_quantize

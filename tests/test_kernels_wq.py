@@ -9,7 +9,7 @@ so an element the kernel forgot to write shows up.
 import pytest
 import torch
 
-from qeval.kernels.pack import PackedWeight, codes_per_word, dequantize_packed, pack_codes, pack_weight, unpack_codes
+from qeval.quant.packed import PackedWeight, codes_per_word, dequantize_packed, pack_codes, pack_weight, unpack_codes
 from qeval.kernels.wq_gemm import wq_matmul, wq_matmul_reference
 from qeval.quant.primitives import fake_quantize, quantize, sqnr_db
 
@@ -115,7 +115,7 @@ def test_deterministic_mode_takes_one_split(monkeypatch):
     # float atomics add in no fixed order on a GPU: torch.use_deterministic_algorithms(True) must
     # make the GEMV take one split (no atomics); otherwise a short-N decode splits K
     from qeval.kernels import wq_gemm
-    from qeval.kernels.pack import pack_weight
+    from qeval.quant.packed import pack_weight
     grids = []
 
     class Recorder:

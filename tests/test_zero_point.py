@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from method_configs import make_contract_method, make_method
 
 from qeval.errors import ConfigError
-from qeval.kernels.pack import dequantize_packed, integer_zero_gap, pack_weight
+from qeval.quant.packed import dequantize_packed, integer_zero_gap, pack_weight
 from qeval.quant.primitives import (
     dequantize,
     fake_quantize,

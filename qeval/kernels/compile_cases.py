@@ -26,7 +26,7 @@ from qeval.kernels import (
     w8a8_gemm,
     wq_gemm,
 )
-from qeval.kernels.pack import PackedWeight, codes_per_word
+from qeval.quant.packed import PackedWeight, codes_per_word
 
 KERNELS = {
     "decode": kv_decode_attention._decode_split_kernel,

@@ -1,6 +1,6 @@
 """W4A8 (and any 2-8 bit weight in groups) x per-token int8 activations, int8 tensor cores.
 
-The weight stays packed (:class:`qeval.kernels.pack.PackedWeight`, groups of G along K); each tile
+The weight stays packed (:class:`qeval.quant.packed.PackedWeight`, groups of G along K); each tile
 of words is loaded once and unpacked in registers with shifts and masks to signed int8
 (``code - 2**(bits-1)``, one byte per code where the load-per-code layout staged four), then
 multiplied with the int8 activation codes. Group scales cannot enter an integer accumulator, so the K loop runs group by
@@ -23,7 +23,7 @@ import triton.language as tl
 
 from qeval.kernels import _env  # noqa: F401  (interpreter choice before @triton.jit)
 from qeval.kernels.act_quant import quantize_per_token, quantize_per_token_reference
-from qeval.kernels.pack import PackedWeight, codes_per_word
+from qeval.quant.packed import PackedWeight, codes_per_word
 from qeval.kernels.w8a8_gemm import store_a8_output
 
 

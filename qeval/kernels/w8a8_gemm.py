@@ -23,7 +23,7 @@ import triton.language as tl
 
 from qeval.kernels import _env  # noqa: F401  (interpreter choice before @triton.jit)
 from qeval.kernels.act_quant import quantize_per_token, quantize_per_token_reference
-from qeval.kernels.pack import PackedWeight
+from qeval.quant.packed import PackedWeight
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Weight-only GEMM / GEMV with b-bit packed weights, dequantization fused into the matmul.
 
-``out (M, N) = x (M, K) @ dequant(W)^T`` where ``W`` is held as :class:`qeval.kernels.pack.PackedWeight`
+``out (M, N) = x (M, K) @ dequant(W)^T`` where ``W`` is held as :class:`qeval.quant.packed.PackedWeight`
 (int32 words along K, C = 32 // bits codes per word, scale and zero per group of G inputs). Every
 program loads each ``(BLOCK_KW, BLOCK_N)`` tile of words exactly once and unpacks it in registers
 with shifts and masks (as Marlin, arXiv 2408.11743, and gemlite do), so the bytes that cross
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from qeval.kernels import _env  # noqa: F401  (interpreter choice before @triton.jit)
-from qeval.kernels.pack import PackedWeight, codes_per_word, dequantize_packed
+from qeval.quant.packed import PackedWeight, codes_per_word, dequantize_packed
 
 GEMV_MAX_M = 4
 DECODE_MAX_M = 16

@@ -13,7 +13,7 @@ along the input dimension (null: one group per output channel, GPTQ's ``--groups
 
 The quantized Linears hold GPTQ's dequantized weight ``scale * code - zero * scale`` (computed in
 float32, then cast to the model's dtype), the form the authors' packed kernel computes (``quant.py``
-``QuantLinear.pack``: ``self.zeros = zeros * scales``) and :func:`qeval.kernels.pack.dequantize_packed`
+``QuantLinear.pack``: ``self.zeros = zeros * scales``) and :func:`qeval.quant.packed.dequantize_packed`
 computes: it differs from ``fasterquant``'s ``scale * (q - zero)`` by a float32 rounding, and makes
 ``backend=triton`` hold this very weight. The saved result holds the codes, scales, zeros and each
 input column's group (``g_idx``). With ``backend=triton`` the codes are packed as they are
@@ -202,7 +202,7 @@ class GPTQ(Method):
 
     def _pack(self, q: Quantized):
         """GPTQ's own codes in the packed layout, or why they do not fit it."""
-        from qeval.kernels.pack import PACKABLE_BITS, PackedWeight, pack_codes
+        from qeval.quant.packed import PACKABLE_BITS, PackedWeight, pack_codes
         n_out, n_in = q.codes.shape
         G = self.knobs.w_group_size or n_in
         if self.bits.w not in PACKABLE_BITS:

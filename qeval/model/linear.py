@@ -6,7 +6,7 @@ Two implementations, chosen by the top-level ``backend`` knob:
   input (the accuracy reference; it saves no memory); with an FP8 ``w_format``,
   :class:`FP8WeightLinear` holds the float8 codes and their scales and dequantizes them in each
   forward (the same weight, bit for bit, in a quarter or half of the bytes).
-- ``triton``: :class:`PackedQuantLinear` holds the weight packed (:mod:`qeval.kernels.pack`) and runs
+- ``triton``: :class:`PackedQuantLinear` holds the weight packed (:mod:`qeval.quant.packed`) and runs
   the Triton kernels: the dequant-fused weight-only GEMM for W, the int8 GEMMs for WA. On a machine
   without CUDA the kernels run in Triton's interpreter (slow, for tests).
 - ``auto``: ``triton`` on CUDA where the method's layout is one the kernels hold, else ``torch``.
@@ -17,7 +17,7 @@ dependency, and ``backend=torch`` never needs it.
 The packed path only takes layouts it reproduces exactly: the packed weight, dequantized, must
 equal the method's own ``quantize_weight`` bit for bit before its scales are rounded to the storage
 dtype (for an integer zero point in a float32 model: within the one rounding of ``-z * scale``, see
-:mod:`qeval.kernels.pack`), so a method that quantizes weights some other way is refused instead
+:mod:`qeval.quant.packed`), so a method that quantizes weights some other way is refused instead
 of silently changed. A method that computed its own codes (GPTQ) packs them itself
 (``method.pack_weight(w, layout)``), and the same check holds its result. The int8 GEMMs quantize
 activations with the real-valued zero only, so WA with another ``zero_point`` stays on the torch
@@ -105,8 +105,8 @@ class UnsupportedLayout(ValueError):
 
 
 def packed_layout(method: Method, quantize_input: bool) -> dict:
-    """The :func:`qeval.kernels.pack.pack_weight` arguments that reproduce ``method``'s weights."""
-    from qeval.kernels.pack import PACKABLE_BITS
+    """The :func:`qeval.quant.packed.pack_weight` arguments that reproduce ``method``'s weights."""
+    from qeval.quant.packed import PACKABLE_BITS
     b, wg, ag = method.bits, method.w_gran, method.a_gran
     f = method.formats
     if not f.w.is_integer or (quantize_input and not f.a.is_integer):
@@ -129,9 +129,9 @@ def packed_layout(method: Method, quantize_input: bool) -> dict:
 
 def reproduces(p, w: torch.Tensor, method: Method) -> bool:
     """Whether packed ``p`` dequantizes to ``method``'s own fake-quantized ``w``: bit for bit, or for
-    an integer zero point within :func:`qeval.kernels.pack.integer_zero_gap` (the rounding of
+    an integer zero point within :func:`qeval.quant.packed.integer_zero_gap` (the rounding of
     ``-z * scale``, nonzero only when the scale has more significant bits than float16's)."""
-    from qeval.kernels.pack import dequantize_packed, integer_zero_gap
+    from qeval.quant.packed import dequantize_packed, integer_zero_gap
     got, want = dequantize_packed(p, w.dtype), method.quantize_weight(w)
     if method.zero_point == "real":
         return torch.equal(got, want)
@@ -157,7 +157,7 @@ class PackedQuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, method: Method, quantize_input: bool):
         super().__init__()
-        from qeval.kernels.pack import pack_weight, param_dtype_for
+        from qeval.quant.packed import pack_weight, param_dtype_for
         from qeval.kernels.w4a8_gemm import GroupedInt8Weight
         from qeval.kernels.w8a8_gemm import Int8Weight
         w = linear.weight.data

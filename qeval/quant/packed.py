@@ -1,4 +1,5 @@
-"""Bit packing shared by the weight kernels: b-bit codes along the input dimension into int32 words.
+"""The packed weight storage type (:class:`PackedWeight`) and its bit packing: b-bit codes along the
+input dimension in int32 words, built by the quantization code and consumed by the weight kernels.
 
 Layout (GPTQ-like, "K-major words"): a weight ``(N out, K in)`` is held as ``words (ceil(K / C), N)``
 int32 with ``C = 32 // bits`` codes per word, code ``k`` of column ``n`` in bits
