@@ -175,6 +175,33 @@ def test_h2o_with_kivi2_decodes_with_the_budget_held_and_every_aged_token_quanti
         assert int((layer.raw_values & kept).sum(-1).max()) <= 16
 
 
+def test_streaming_with_kivi2_keeps_the_sinks_and_window_and_quantizes_them_as_kivi(tmp_path):
+    window = ["evict.n_sink=4", "evict.recent_budget=20"]
+    composed, _ = prepare(cfg_of(tmp_path / "a", "evict=streaming", "kv=kivi", "kv_bits=2", *KIVI, *window))
+    assert composed.method.name == "kivi+streaming"
+    alone, _ = prepare(cfg_of(tmp_path / "b", "method=streaming", *[w.replace("evict.", "method.") for w in window]))
+    prompt = ids(seed=17)
+    caches = []
+    for handle in (composed, alone):
+        cache = handle.new_cache(torch.ones_like(prompt))
+        with torch.no_grad():
+            handle.model(input_ids=prompt, **{cache_kwarg(handle.model): cache})
+        caches.append(cache)
+    g, r, bits = 8, 16, 2
+    for mine, theirs in zip(*(c.layers for c in caches)):
+        mine.settle()                          # what the next step would quantize first
+        w = theirs.keys.shape[-2]              # 4 sinks + 20 recent, in position order
+        assert w == 24
+        k, v = theirs.keys.clone(), theirs.values.clone()
+        f = w // r * r
+        k[..., :f, :] = fake_quantize(k[..., :f, :], bits, -2, g)
+        v[..., :w - r, :] = fake_quantize(v[..., :w - r, :], bits, -1, g)
+        assert torch.equal(mine.keys, k) and torch.equal(mine.values, v)
+        assert mine.packed_bytes() < theirs.packed_bytes()
+    logits = decode_logits(composed.model, composed.new_cache(torch.ones_like(prompt)), prompt, steps=20)
+    assert torch.isfinite(logits).all()
+
+
 def test_a_shorthand_and_its_one_part_recipe_compute_the_same(tmp_path):
     # method=kivi is kv=kivi with the default method filling nothing it quantizes
     short, _ = prepare(cfg_of(tmp_path / "a", "method=kivi", "kv_bits=2",
@@ -230,7 +257,8 @@ def test_the_new_syntax_runs_from_the_command_line(tmp_path):
     assert {r["method"] for r in rows} == {"gptq+kivi"} and all(r["status"] == "ok" for r in rows)
 
 
-@pytest.mark.parametrize("overrides", [["evict=h2o", "kv=kivi", "kv_bits=2"], ["method=h2o", "kv=uniform", "kv_bits=4"]])
+@pytest.mark.parametrize("overrides", [["evict=h2o", "kv=kivi", "kv_bits=2"], ["method=h2o", "kv=uniform", "kv_bits=4"],
+                                       ["evict=streaming", "kv=group", "kv_bits=4"]])
 def test_eviction_and_quantization_build_one_cache(tmp_path, overrides):
     recipe = build_recipe(cfg_of(tmp_path, *overrides))
     assert recipe.evict.aging is not None and recipe.needs_cache
@@ -239,10 +267,10 @@ def test_eviction_and_quantization_build_one_cache(tmp_path, overrides):
 def test_every_part_option_is_a_method_serving_that_slot_and_every_method_has_a_line():
     from qeval.methods import METHODS
     from qeval.schema import options
-    assert set(slots.SERVES) == set(METHODS)          # one table line per method
+    assert all(isinstance(c.slots, tuple) and c.slots for c in METHODS.values())   # each declares its slots
     for slot in slots.SLOTS:
         for name in options(slot):
-            assert slot in slots.SERVES[name], (slot, name)
+            assert slot in slots.serves(name), (slot, name)
             # the option reuses the method's own YAML: its knobs are written once
             text = (CONFIG_DIR / slot / f"{name}.yaml").read_text()
             assert f"/method@_here_: {name}" in text

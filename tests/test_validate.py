@@ -18,8 +18,8 @@ BAD_INPUTS = [
     (["method=kivi", "weight=gptq", "w_bits=4", "a_bits=8"],
      "a_bits=8: no part of this recipe quantizes activations (weight=gptq, method=kivi); allowed: act=<group|uniform>, "
      "or a_bits=16"),
-    (["evict=streaming", "kv=kivi", "kv_bits=2"],
-     "evict=streaming: with kv=kivi: its cache does not hold quantized tokens yet; allowed: evict=h2o, or kv_bits=16"),
+    (["evict=streaming", "kv=kivi", "kv_bits=2", "kv_semantics=simulated"],
+     "kv_semantics=simulated: method streaming supports cache"),
     (["evict=h2o", "kv=gear", "kv_bits=2"], "kv=gear: with evict=h2o: it compresses streaming blocks"),
     (["evict=h2o", "kv=uniform", "kv_bits=4", "kv.kv_granularity=per_tensor"],
      "kv=uniform: with evict=h2o: its per_tensor statistics span tokens the cache may evict"),

@@ -43,6 +43,7 @@ from qeval.methods.base import Bits, Method
 from qeval.methods.uniform import check_zero_point
 from qeval.quant.granularity import Granularity
 from qeval.quant.primitives import fake_quantize
+from qeval.recipe.slot_names import WEIGHT
 
 SCALE_FLOOR = 1e-4          # auto_scale.py:130
 CLIP_TOKENS = 512           # auto_clip.py: n_sample_token
@@ -125,6 +126,7 @@ def apply_awq(model, result: dict) -> None:
 
 class AWQ(Method):
     name = "awq"
+    slots = (WEIGHT,)
     targets = frozenset({"W"})
     calibrates = True
 

@@ -119,6 +119,8 @@ class Method:
 
     name: ClassVar[str] = "base"
     targets: ClassVar[frozenset[str]] = frozenset({"W", "WA", "KV"})
+    # the recipe slots (qeval.recipe.slot_names) it fills as the run's ``method=``
+    slots: ClassVar[tuple[str, ...]] = ()
     allowed_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8, 16)
     semantics: ClassVar[tuple[str, ...]] = ("cache", "simulated")
     # number formats it runs (qeval.quant.formats); a method with its own quantizer is integer

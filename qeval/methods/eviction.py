@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 from qeval.methods.base import Method
+from qeval.recipe.slot_names import EVICT
 
 FP16_BYTES = 2
 
@@ -21,9 +22,12 @@ class EvictionMethod(Method, ABC):
     allowed_bits = (16,)
     semantics: ClassVar[tuple[str, ...]] = ("cache",)
     evicts = True
+    slots = (EVICT,)
     # whether its cache can hold a recipe's quantized K/V (qeval.kv.aging): a layer that keeps
     # per-slot bookkeeping for it
     quantizes_kept: ClassVar[bool] = False
+    # set by a recipe whose KV part quantizes the kept tokens (qeval.kv.aging); None: fp16 cache
+    aging = None
 
     @abstractmethod
     def budget(self) -> tuple[float | None, int | None]:

@@ -65,6 +65,7 @@ from qeval.methods.base import Method
 from qeval.methods.kivi import fake_quantize_keys, fake_quantize_values
 from qeval.quant.decompose import gear_compress, reference_outliers
 from qeval.quant.primitives import FULL_PRECISION_BITS, fake_quantize, packed_bytes
+from qeval.recipe.slot_names import KV
 
 BACKBONES = ("kivi", "uniform")
 OUTLIER_RULES = ("paper", "reference_code")
@@ -73,6 +74,7 @@ OUTLIER_BYTES = 2 + 4   # fp16 value + int32 index per stored outlier
 
 class GEAR(Method):
     name = "gear"
+    slots = (KV,)
     targets = frozenset({"KV"})
     allowed_bits = (2, 3, 4, 5, 6, 7, 8, 16)
     semantics = ("cache", "simulated")

@@ -42,6 +42,7 @@ from qeval.calibration.layers import (
 from qeval.errors import ConfigError, check_divides
 from qeval.methods.base import Bits, Method
 from qeval.quant.granularity import Granularity
+from qeval.recipe.slot_names import WEIGHT
 
 
 class Hessian:
@@ -151,6 +152,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 
 class GPTQ(Method):
     name = "gptq"
+    slots = (WEIGHT,)
     targets = frozenset({"W"})
     calibrates = True
 

@@ -18,10 +18,12 @@ from qeval.methods.base import Bits, Method
 from qeval.methods.uniform import check_zero_point
 from qeval.quant.formats import INT, STORED
 from qeval.quant.granularity import Granularity
+from qeval.recipe.slot_names import ACT, KV, WEIGHT
 
 
 class Group(Method):
     name = "group"
+    slots = (WEIGHT, ACT, KV)
     allowed_bits = (2, 3, 4, 5, 6, 7, 8, 16)
     allowed_formats = (INT, *STORED)
 

@@ -301,8 +301,6 @@ class H2OLayer(RowSelectable, DynamicLayer):
 class H2O(EvictionMethod):
     name = "h2o"
     quantizes_kept = True
-    # set by a recipe whose KV part quantizes the kept tokens (qeval.kv.aging); None: fp16 cache
-    aging = None
 
     @classmethod
     def check(cls, cfg) -> None:

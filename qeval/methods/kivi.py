@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from qeval.errors import ConfigError, check_divides
 from qeval.kv.blocks import BlockCompressedLayer, per_row_real
 from qeval.methods.base import Method
-from qeval.quant.primitives import FULL_PRECISION_BITS, QParams, fake_quantize, packed_bytes, quantize
+from qeval.quant.primitives import (
+    FULL_PRECISION_BITS,
+    QParams,
+    fake_quantize,
+    packed_bytes,
+    quantize,
+)
+from qeval.recipe.slot_names import KV
 
 
 def quantize_keys(k: torch.Tensor, bits: int, group_size: int) -> QParams:
@@ -77,6 +84,7 @@ def key_packed_bytes(n_elements: int, bits: int, group_size: int) -> int:
 
 class KIVI(Method):
     name = "kivi"
+    slots = (KV,)
     targets = frozenset({"KV"})
     allowed_bits = (2, 4, 8, 16)
     semantics = ("cache", "simulated")

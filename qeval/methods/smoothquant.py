@@ -36,6 +36,7 @@ from qeval.errors import ConfigError
 from qeval.methods.awq import apply_awq
 from qeval.methods.base import Bits, Method
 from qeval.methods.uniform import A_GRANULARITIES, W_GRANULARITIES, check_zero_point
+from qeval.recipe.slot_names import ACT, TRANSFORM, WEIGHT
 
 # smooth.py: both clamps
 SCALE_FLOOR = 1e-5
@@ -69,6 +70,7 @@ def act_scales(model, samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 class SmoothQuant(Method):
     name = "smoothquant"
+    slots = (TRANSFORM, WEIGHT, ACT)   # the smoothing, then uniform's W and A
     targets = frozenset({"W", "WA"})
     calibrates = True
 

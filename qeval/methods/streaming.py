@@ -49,13 +49,23 @@ class StreamingLayer(RowSelectable, DynamicLayer):
         self.valid = None                # (B, W) bool: slot holds a real, kept token; None: dense, all do
         self.step_valid = None           # (B, W + q) the same for what the last update returned
         self.compacted = False           # slots no longer line up with positions: attention needs our mask
+        # a recipe's KV part quantizes what this layer keeps (qeval.kv.aging): (B, H, W) bool per
+        # stream, True while a slot's token is still full precision; slots are in position order
+        self.aging = method.aging
+        self.raw_keys = self.raw_values = None
 
     def update(self, key_states, value_states, *args, **kwargs):
-        b, _, t, _ = key_states.shape
+        b, h, t, _ = key_states.shape
         if not self.is_initialized:
             self._start(key_states, value_states)
+        else:
+            self.settle()   # the previous step has attended: what aged since is quantized now
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
+        if self.aging is not None:
+            fresh = torch.ones(b, h, t, dtype=torch.bool, device=keys.device)
+            self.raw_keys = torch.cat([self.raw_keys, fresh], dim=-1)
+            self.raw_values = torch.cat([self.raw_values, fresh], dim=-1)
         if self.valid is not None:
             pad = self.seq.pad(self.length, t, b)
             # (B, 1, t, 1) -> (B, t)
@@ -81,6 +91,10 @@ class StreamingLayer(RowSelectable, DynamicLayer):
         self._recent_tensor()
         if pad is not None:
             self.valid = torch.zeros(b, 0, dtype=torch.bool, device=key_states.device)
+        if self.aging is not None:
+            h = key_states.shape[1]
+            self.raw_keys = torch.zeros(b, h, 0, dtype=torch.bool, device=key_states.device)
+            self.raw_values = torch.zeros(b, h, 0, dtype=torch.bool, device=key_states.device)
 
     def _recent_tensor(self) -> None:
         # (B, 1) per-row windows, built once (and after a row reorder), not every step
@@ -97,6 +111,9 @@ class StreamingLayer(RowSelectable, DynamicLayer):
                 # (B, H, W, D) -> (B, H, n_sink + recent, D)
                 keys = torch.cat([keys[:, :, :n_sink], keys[:, :, w - recent:]], dim=-2)
                 values = torch.cat([values[:, :, :n_sink], values[:, :, w - recent:]], dim=-2)
+                if self.aging is not None:
+                    self.raw_keys = torch.cat([self.raw_keys[..., :n_sink], self.raw_keys[..., w - recent:]], -1)
+                    self.raw_values = torch.cat([self.raw_values[..., :n_sink], self.raw_values[..., w - recent:]], -1)
             self.keys, self.values = keys, values
             return
         valid = self.step_valid
@@ -113,8 +130,25 @@ class StreamingLayer(RowSelectable, DynamicLayer):
         idx = order[:, w - new_w:]                                             # (B, W')
         gather = idx[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])  # (B, H, W', D)
         self.keys, self.values = keys.gather(2, gather), values.gather(2, gather)
+        if self.aging is not None:
+            slots = idx[:, None, :].expand(-1, keys.shape[1], -1)                    # (B, H, W')
+            self.raw_keys, self.raw_values = self.raw_keys.gather(-1, slots), self.raw_values.gather(-1, slots)
         self.valid = keep.gather(-1, idx)
         self.compacted = True
+
+    def _kept(self) -> torch.Tensor:
+        """(B, H, W) bool: the slot holds a real, kept token."""
+        if self.valid is None:
+            return torch.ones_like(self.raw_keys)
+        return self.valid[:, None, :].expand_as(self.raw_keys)
+
+    def settle(self) -> None:
+        """Quantize the kept tokens that aged out of the KV part's full-precision window
+        (idempotent; slots are in position order, so a slot's index orders it)."""
+        if self.aging is None or not self.is_initialized or self.keys.numel() == 0:
+            return
+        kept = self._kept()
+        self.aging.step(self, torch.arange(kept.shape[-1], device=kept.device).expand(kept.shape), kept)
 
     def allowed(self, q_len: int) -> torch.Tensor:
         """(B, 1, q, W + q) bool for the step just taken: the real held slots, causal among the
@@ -139,6 +173,9 @@ class StreamingLayer(RowSelectable, DynamicLayer):
         """fp16 K and V of the kept tokens."""
         if not self.is_initialized or self.keys.numel() == 0:
             return 0
+        if self.aging is not None:
+            self.settle()
+            return self.aging.packed_bytes(self, self._kept())
         keys, values = self.keys, self.values
         if self.valid is not None:
             # (B, H, W, D) -> (B, W, H, D) -> (kept, H, D): invalid filler slots are not kept tokens
@@ -151,6 +188,8 @@ class StreamingLayer(RowSelectable, DynamicLayer):
     def _select_rows(self, idx: torch.Tensor) -> None:
         idx = idx.to(self.keys.device)
         self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
+        if self.aging is not None:
+            self.raw_keys, self.raw_values = self.raw_keys.index_select(0, idx), self.raw_values.index_select(0, idx)
         if self.valid is not None:
             self.valid = self.valid.index_select(0, idx)
         self.recent = [self.recent[i] for i in idx.tolist()]
@@ -162,6 +201,7 @@ class StreamingLayer(RowSelectable, DynamicLayer):
 
 class StreamingLLM(EvictionMethod):
     name = "streaming"
+    quantizes_kept = True
 
     @classmethod
     def check(cls, cfg) -> None:

@@ -19,6 +19,7 @@ from qeval.methods.base import Bits, Formats, Method
 from qeval.quant.formats import FORMATS
 from qeval.quant.granularity import Granularity
 from qeval.quant.primitives import ZERO_POINTS
+from qeval.recipe.slot_names import ACT, KV, WEIGHT
 
 W_GRANULARITIES = {"per_tensor": Granularity(axis=None), "per_channel": Granularity(axis=-1)}
 A_GRANULARITIES = {"per_tensor": Granularity(per_sequence=True), "per_token": Granularity(axis=-1)}
@@ -36,6 +37,7 @@ def check_zero_point(cfg) -> None:
 
 class Uniform(Method):
     name = "uniform"
+    slots = (WEIGHT, ACT, KV)
     allowed_bits = (1, 2, 3, 4, 5, 6, 7, 8, 16)
     allowed_formats = tuple(FORMATS.values())
 

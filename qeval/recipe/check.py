@@ -13,14 +13,14 @@ from qeval.methods import METHODS
 from qeval.methods.base import Bits, Formats
 from qeval.quant.primitives import FULL_PRECISION_BITS
 from qeval.recipe import slots
-from qeval.schema import options
 from qeval.recipe.slots import ACT, EVICT, KV, TRANSFORM, WEIGHT
+from qeval.schema import options
 
 WHAT = {WEIGHT: ("w_bits", "weights"), ACT: ("a_bits", "activations"), KV: ("kv_bits", "the KV cache")}
 
 
 def served(slot: str) -> list[str]:
-    """The options a slot's group offers (its files, which tests hold within :data:`slots.SERVES`)."""
+    """The options a slot's group offers (its files, which tests hold within the methods' ``slots``)."""
     return options(slot)
 
 

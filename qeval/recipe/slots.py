@@ -10,7 +10,7 @@ slot, and the parts a config chooses (``method=`` as the shorthand, ``weight=`` 
 | ``kv``      | quantizes the keys and values                   | ``kv=``                   | uniform, group, kivi, gear         |
 | ``evict``   | drops tokens from the KV cache                  | ``evict=``                | h2o, streaming                     |
 
-``method=<name>`` fills every slot its method serves (:data:`SERVES`) that no per-slot choice
+``method=<name>`` fills every slot its method serves (its class's ``slots``) that no per-slot choice
 takes: ``method=kivi kv_bits=2`` is ``kv=kivi kv_bits=2``, ``method=smoothquant`` is the smoothing
 transform with uniform's per-channel weights and per-token activations, and ``method=gptq
 kv=kivi`` is GPTQ weights with a KIVI cache. A method none of whose slots is left to it is
@@ -27,23 +27,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from qeval.errors import ConfigError
 from qeval.quant.formats import INT
+from qeval.recipe.slot_names import ACT, EVICT, KV, SLOTS, TRANSFORM, WEIGHT  # noqa: F401  (re-exported)
 
-TRANSFORM, WEIGHT, ACT, KV, EVICT = "transform", "weight", "act", "kv", "evict"
-SLOTS = (TRANSFORM, WEIGHT, ACT, KV, EVICT)          # the order parts apply in, and rows name them
 CHOSEN_ONE = (WEIGHT, ACT, KV, EVICT)                # one part each; transforms are a list
 
-# the slots a method fills when it is the run's ``method``: one line per method
-SERVES: dict[str, tuple[str, ...]] = {
-    "uniform": (WEIGHT, ACT, KV),
-    "group": (WEIGHT, ACT, KV),
-    "gptq": (WEIGHT,),
-    "awq": (WEIGHT,),
-    "smoothquant": (TRANSFORM, WEIGHT, ACT),   # the smoothing, then uniform's W and A
-    "kivi": (KV,),
-    "gear": (KV,),
-    "h2o": (EVICT,),
-    "streaming": (EVICT,),
-}
+
+def serves(name: str) -> tuple[str, ...]:
+    """The slots method ``name`` fills when it is the run's ``method`` (its class's ``slots``)."""
+    from qeval.methods import METHODS
+    return METHODS[name].slots
+
+
 DEFAULT_METHOD = "uniform"   # config.yaml's default: it fills what no part takes, and may fill nothing
 
 # which bits keys belong to which slot: a part's view of the config keeps only its own
@@ -95,11 +89,11 @@ def parts(cfg) -> list[Part]:
     chosen, transforms = _nodes(cfg)
     name = cfg.method.name
     if not chosen and not transforms:
-        return [Part("method", name, SERVES[name], cfg.method, whole=True)]
+        return [Part("method", name, serves(name), cfg.method, whole=True)]
     taken = set(chosen) | ({TRANSFORM} if transforms else set())
-    left = tuple(s for s in SERVES[name] if s not in taken)
-    given = [f"{s}={chosen[s].name}" for s in SERVES[name] if s in chosen]
-    if transforms and TRANSFORM in SERVES[name]:
+    left = tuple(s for s in serves(name) if s not in taken)
+    given = [f"{s}={chosen[s].name}" for s in serves(name) if s in chosen]
+    if transforms and TRANSFORM in serves(name):
         given.append(f"transform=[{','.join(n for n, _ in transforms)}]")
     if not left and name != DEFAULT_METHOD:
         raise ConfigError(f"method={name}: {' and '.join(given)} take{'s' if len(given) == 1 else ''} every "
