@@ -139,17 +139,9 @@ def reproduces(p, w: torch.Tensor, method: Method) -> bool:
 
 
 def _packing_part(quantizer, quantize_input: bool) -> Method:
-    """The method whose layout the kernels hold: a recipe's weight part (which must also be its
-    act part when activations are quantized: the int8 GEMMs quantize them by the weight part's
-    convention), or a method itself."""
-    from qeval.recipe.recipe import Recipe
-    if not isinstance(quantizer, Recipe):
-        return quantizer
-    part = quantizer.weight
-    if quantize_input and quantizer.act is not part:
-        raise UnsupportedLayout(f"weight={part.name} and act={quantizer.act.name} are different parts: the int8 GEMMs "
-                                "quantize activations by the weight part's convention")
-    return part
+    """The method whose layout the kernels hold: a recipe's (``packing_part``), or a method itself."""
+    choose = getattr(quantizer, "packing_part", None)
+    return quantizer if choose is None else choose(quantize_input)
 
 
 class PackedQuantLinear(nn.Module):

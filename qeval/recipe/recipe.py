@@ -59,6 +59,15 @@ class Recipe:
     def weight_packed_bytes(self, w) -> int:
         return self.weight.weight_packed_bytes(w)
 
+    def packing_part(self, quantize_input: bool):
+        """The part whose layout the packed kernels hold: the weight part, which must also be the
+        act part when activations are quantized (the int8 GEMMs quantize them by its convention)."""
+        from qeval.model.linear import UnsupportedLayout
+        if quantize_input and self.act is not self.weight:
+            raise UnsupportedLayout(f"weight={self.weight.name} and act={self.act.name} are different parts: the "
+                                    "int8 GEMMs quantize activations by the weight part's convention")
+        return self.weight
+
     # -- KV ------------------------------------------------------------------------------------
     @property
     def quantizes_kv(self) -> bool:
