@@ -73,3 +73,11 @@ def make_contract_method(name: str, semantics: str = "cache", **overrides):
     """The method at its contract row's settings and bits."""
     settings, bits, _ = CONTRACT[name]
     return make_method(name, bits, semantics, **(settings | overrides))
+
+
+def check_params(cfg) -> None:
+    """A method node checked as validation checks it: its types and ranges by the schema, then
+    what relates its keys by the method's own ``check``."""
+    from qeval.schema.check import check_method
+    check_method("method", OmegaConf.to_container(cfg.method, resolve=True))
+    METHODS[cfg.method.name].check(cfg)

@@ -95,6 +95,19 @@ def tiny(family, **overrides):
         FAMILIES[family] = saved
 
 
+def test_the_clip_search_runs_in_float16_where_its_starting_error_is_inf():
+    # llm-awq starts the search from ones * 1e9, which float16 holds as inf (the authors' default
+    # dtype); the first shrink is then always better, as there, and no float16 constant overflows
+    fc, x = outlier_linear(1)
+    w, xs = fc.weight.data.half(), x[0].half()
+    got = search_clip(w, xs, GROUP, quantize, n_grid=20, max_shrink=0.5)
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    # every group keeps a shrink of its own amax that the float16 loop found best
+    amax = w.reshape(w.shape[0], -1, GROUP).abs().amax(-1, keepdim=True)
+    ratios = (got / amax).float()
+    assert bool(((ratios <= 1) & (ratios >= 0.5 - 1e-3)).all())
+
+
 @pytest.mark.parametrize("family,overrides,fc_fc", [
     ("llama", {}, 1),                              # GQA: v -> o is not folded
     ("llama", {"num_key_value_heads": 4}, 2),
@@ -218,6 +231,13 @@ def test_a_cache_that_does_not_fit_the_model_is_one_line_naming_file_and_entry(t
     ({"scale": [], "clip": [("a", torch.ones(4, 2))]}, "clip[0] is not (linear name, max_val of shape (out, groups, 1))"),
     ({"model.layers.0.self_attn.q_proj": torch.ones(4)}, "is a SmoothQuant act_scales dict (method=smoothquant"),
     ([1, 2], "holds a list that is not an llm-awq cache"),
+    # values llm-awq's asserts stop: they would run to non-finite logits with status ok
+    ({"scale": [("a", ("b",), torch.tensor([1.0, float("nan")]))], "clip": []},
+     "scale[0] (a) holds a value that is not a finite positive number"),
+    ({"scale": [("a", ("b",), torch.tensor([1.0, float("inf")]))], "clip": []},
+     "scale[0] (a) holds a value that is not a finite positive number"),
+    ({"scale": [], "clip": [("a", torch.full((4, 2, 1), float("nan")))]}, "clip[0] (a) holds NaN or a negative max_val"),
+    ({"scale": [], "clip": [], "extra": 1}, "is an llm-awq cache with other keys too (extra)"),
 ])
 def test_a_file_of_the_wrong_structure_is_refused_before_the_model_loads(tmp_path, content, message):
     torch.save(content, tmp_path / "c.pt")
@@ -227,3 +247,15 @@ def test_a_file_of_the_wrong_structure_is_refused_before_the_model_loads(tmp_pat
         validate(cfg)
     assert str(e.value).startswith(f"method.scales_file={tmp_path / 'c.pt'}: {message}"), str(e.value)
     assert "allowed: an llm-awq cache" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_float16_run_calibrates_and_quantizes(tmp_path):
+    # the authors' default dtype, on the CPU: it used to end in a failed row (a float16 overflow)
+    from qeval.tasks import TASKS
+    cfg = compose_cfg("model=toy", "device=cpu", "method=awq", "w_bits=4", "dtype=float16", "task=quant_error",
+                      f"results_dir={tmp_path}")
+    handle, facts = prepare(cfg)
+    assert next(handle.model.parameters()).dtype == torch.float16 and facts["linears_quantized"] > 0
+    rows = TASKS["quant_error"](handle, cfg.task.quant_error)
+    kl = next(r["value"] for r in rows if r["metric"] == "logits_kl")
+    assert 0 < kl < float("inf")

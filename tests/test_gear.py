@@ -6,7 +6,7 @@ pinned against a transcription of it."""
 import pytest
 import torch
 from kv_method_helpers import make_method
-from method_configs import method_params
+from method_configs import check_params, method_params
 from omegaconf import OmegaConf
 
 from qeval.errors import ConfigError
@@ -258,7 +258,7 @@ def test_reference_rule_runs_in_both_semantics_and_is_recorded():
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_outlier_rule_check(backend):
     def check(rule):
-        GEAR.check(OmegaConf.create({"method": method_params("gear", outlier_rule=rule), "backend": backend}))
+        check_params(OmegaConf.create({"method": method_params("gear", outlier_rule=rule), "backend": backend}))
     check("paper")
     with pytest.raises(ConfigError, match=r"^method.outlier_rule=bogus: allowed: paper, reference_code$"):
         check("bogus")

@@ -80,7 +80,7 @@ def test_right_aligned_key_groups_exclude_filler_and_values_group_channels():
 
 @pytest.mark.parametrize("g,r", [(32, 48), (32, 0), (0, 32)])
 def test_bad_group_or_residual_is_a_one_line_error(g, r):
-    from qeval.methods.kivi import KIVI
+    from method_configs import check_params
     cfg = OmegaConf.create({"method": {"name": "kivi", "group_size": g, "residual_length": r}})
     with pytest.raises(ConfigError, match="method.(group_size|residual_length)"):
-        KIVI.check(cfg)
+        check_params(cfg)

@@ -277,10 +277,13 @@ def test_crop_is_refused(tiny):
 ])
 def test_bad_parameters_are_one_line_config_errors(key, value):
     params = {"name": "streaming", "n_sink": 4, "recent_ratio": 0.2, "recent_budget": None} | {key: value}
+    from method_configs import check_params
+
+    from qeval.schema.types import shown
     with pytest.raises(ConfigError) as err:
-        METHODS["streaming"].check(OmegaConf.create({"method": params}))
+        check_params(OmegaConf.create({"method": params}))
     msg = str(err.value)
-    assert msg.startswith(f"method.{key}={value}: ") and "\n" not in msg, msg
+    assert msg.startswith(f"method.{key}={shown(value)}: ") and "\n" not in msg, msg
 
 
 def test_rows_are_labelled_by_the_budget_kept():

@@ -69,7 +69,7 @@ def digest(path) -> str:
 
 def kind(obj) -> str | None:
     """Which published format ``obj`` has the shape of (its entries are checked separately)."""
-    if isinstance(obj, dict) and set(obj) == {"scale", "clip"}:
+    if isinstance(obj, dict) and {"scale", "clip"} <= set(obj):   # extra keys are refused as an AWQ file's
         return AWQ
     if isinstance(obj, dict) and obj and all(isinstance(k, str) for k in obj):
         return ACT_SCALES
@@ -91,6 +91,8 @@ def awq_entries(obj, path) -> dict:
         raise _fail(path, "is a SmoothQuant act_scales dict (method=smoothquant reads those)", AWQ_SHAPE)
     if kind(obj) != AWQ or not all(isinstance(obj[k], (list, tuple)) for k in ("scale", "clip")):
         raise _fail(path, f"holds a {type(obj).__name__} that is not an llm-awq cache", AWQ_SHAPE)
+    if extra := sorted(map(str, set(obj) - {"scale", "clip"})):
+        raise _fail(path, f"is an llm-awq cache with other keys too ({', '.join(extra)})", AWQ_SHAPE)
     scale, clip = [], []
     for i, entry in enumerate(obj["scale"]):
         ok = (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], str)
@@ -98,12 +100,19 @@ def awq_entries(obj, path) -> dict:
               and _tensor(entry[2], 1))
         if not ok:
             raise _fail(path, f"scale[{i}] is not (prev_op name, (linear names), 1-D float scales)", AWQ_SHAPE)
+        if not bool((torch.isfinite(entry[2]) & (entry[2] > 0)).all()):
+            # llm-awq asserts its scales are not NaN: a NaN, inf or non-positive scale would divide
+            # the weight by it and run to non-finite logits with status ok
+            raise _fail(path, f"scale[{i}] ({entry[0]}) holds a value that is not a finite positive number",
+                        AWQ_SHAPE)
         scale.append((entry[0], tuple(entry[1]), entry[2]))
     for i, entry in enumerate(obj["clip"]):
         ok = (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)
               and _tensor(entry[1], 3) and entry[1].shape[2] == 1)
         if not ok:
             raise _fail(path, f"clip[{i}] is not (linear name, max_val of shape (out, groups, 1))", AWQ_SHAPE)
+        if bool((torch.isnan(entry[1]) | (entry[1] < 0)).any()):
+            raise _fail(path, f"clip[{i}] ({entry[0]}) holds NaN or a negative max_val", AWQ_SHAPE)
         clip.append((entry[0], entry[1]))
     return {"scale": scale, "clip": clip}
 
@@ -115,6 +124,8 @@ def act_scales(obj, path) -> dict[str, torch.Tensor]:
     for name, t in obj.items():
         if not _tensor(t, 1):
             raise _fail(path, f"entry {name} is not a 1-D float tensor", ACT_SHAPE)
+        if not bool((torch.isfinite(t) & (t >= 0)).all()):   # max |x| per channel: finite, never negative
+            raise _fail(path, f"entry {name} holds a value that is not a finite number >= 0", ACT_SHAPE)
     return dict(obj)
 
 

@@ -11,21 +11,22 @@ already quantized; every Linear of a layer gets its Hessian from one pass of the
 default without ``--true-sequential``). Weights only; groups of the top-level ``w_group_size``
 along the input dimension (null: one group per output channel, GPTQ's ``--groupsize -1``).
 
-The quantized Linears hold GPTQ's dequantized weight ``scale * code - zero * scale`` (computed in
-float32, then cast to the model's dtype), the form the authors' packed kernel computes (``quant.py``
-``QuantLinear.pack``: ``self.zeros = zeros * scales``) and :func:`qeval.quant.packed.dequantize_packed`
-computes: it differs from ``fasterquant``'s ``scale * (q - zero)`` by a float32 rounding, and makes
-``backend=triton`` hold this very weight. The saved result holds the codes, scales, zeros and each
-input column's group (``g_idx``). With ``backend=triton`` the codes are packed as they are
-(:meth:`GPTQ.pack_weight`; groups of ``w_group_size`` along the input in order), so the per-layer
-load-time check against the torch weight holds bit for bit before the scales are rounded to the
-storage dtype. Act-order with groups scatters a group's columns over the input, which that layout
+The quantized Linears hold ``fasterquant``'s own weight ``scale * (q - zero)`` (computed in float32,
+then cast to the model's dtype), so every layer calibrates on the inputs the reference's would and
+the whole sequential pass is the reference's bit for bit (``tests/test_gptq.py``). The saved result
+holds the codes, scales, zeros and each input column's group (``g_idx``). With ``backend=triton``
+the codes are packed as they are (:meth:`GPTQ.pack_weight`; groups of ``w_group_size`` along the
+input in order), as the authors' packed kernel holds them (``quant.py`` ``QuantLinear.pack``:
+``self.zeros = zeros * scales``), whose ``code * scale + (-zero * scale)`` is within one float32
+rounding of the torch weight (the load-time check allows exactly that gap). Act-order with groups scatters a group's columns over the input, which that layout
 cannot hold: refused for ``backend=triton``, run on torch under ``auto``. ``method.static_groups``
 (the reference's ``--static-groups``) sizes every group from the weight before any column is
 quantized, so with act-order the groups stay contiguous and pack.
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import asdict, dataclass
 
@@ -59,7 +60,7 @@ class Hessian:
         x = x.reshape(-1, x.shape[-1]).t().float()          # (T, C) -> (C, T)
         self.H *= self.n / (self.n + batch)
         self.n += batch
-        x = (2 / self.n) ** 0.5 * x
+        x = math.sqrt(2 / self.n) * x                        # the reference's math.sqrt, not ** 0.5
         self.H += x @ x.t()
 
 
@@ -89,10 +90,12 @@ class Quantized:
         return -(self.zero * self.scale)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        # ``code * scale + offset``, each column with its group's parameters: the arithmetic of
-        # dequantize_packed, so the torch and the packed weight are one weight (module docstring)
+        # ``scale * (code - zero)``, each column with its group's parameters, in the work dtype and
+        # then cast: the reference's quantize() (quant.py) and the weight it writes (gptq.py:157),
+        # so the next layer calibrates on the inputs the reference's would. The packed layout holds
+        # ``code * scale + (-zero * scale)``, within one rounding of it (qeval.quant.packed)
         g = self.g_idx
-        return (self.codes.to(self.scale.dtype) * self.scale[:, g] + self.offset()[:, g]).to(dtype)
+        return (self.scale[:, g] * (self.codes.to(self.scale.dtype) - self.zero[:, g])).to(dtype)
 
 
 @torch.no_grad()
@@ -114,7 +117,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     static = [find_params(W[:, i:i + G], bits) for i in range(0, n, G)] if static_groups and group_size else None
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(n, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    H.diagonal().add_(damp * H.diagonal().mean())
+    # torch.mean(torch.diag(H)) as the reference: the mean of the strided diagonal view can differ
+    # from the contiguous diagonal's by one ulp, which flips codes
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     # upper Cholesky factor of H^-1: row j holds what quantizing column j does to the columns after it
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros_like(W)
@@ -159,13 +164,9 @@ class GPTQ(Method):
     @classmethod
     def check(cls, cfg) -> None:
         p, b = cfg.method, Bits.from_config(cfg)
-        if not isinstance(p.damp, (int, float)) or isinstance(p.damp, bool) or not 0 < p.damp <= 1:
+        # types and ranges are the schema's (qeval.schema.nodes); the open bound is here
+        if p.damp == 0:
             raise ConfigError(f"method.damp={p.damp}: allowed: a number in (0, 1] (a fraction of the mean of diag H)")
-        if not isinstance(p.block_size, int) or isinstance(p.block_size, bool) or p.block_size < 1:
-            raise ConfigError(f"method.block_size={p.block_size}: allowed: an integer >= 1")
-        for key in ("act_order", "static_groups"):
-            if not isinstance(p[key], bool):
-                raise ConfigError(f"method.{key}={p[key]}: allowed: true, false")
         for key, bits in (("a_bits", b.a), ("kv_bits", min(b.k, b.v))):
             if bits < 16:
                 raise ConfigError(f"{key}={bits}: method gptq quantizes weights only; allowed: 16 "

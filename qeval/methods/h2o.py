@@ -304,13 +304,7 @@ class H2O(EvictionMethod):
 
     @classmethod
     def check(cls, cfg) -> None:
-        m = cfg.method
-        for key in ("heavy_ratio", "recent_ratio"):
-            if not isinstance(m[key], (int, float)) or not 0 <= m[key] <= 1:
-                raise ConfigError(f"method.{key}={m[key]}: must be a fraction of the prompt in [0, 1]")
-        for key in ("heavy_budget", "recent_budget"):
-            if m[key] is not None and (not isinstance(m[key], int) or m[key] < 0):
-                raise ConfigError(f"method.{key}={m[key]}: must be null (use the ratio) or a token count >= 0")
+        m = cfg.method   # types and ranges are the schema's (qeval.schema.nodes)
         if m.heavy_budget is None and m.recent_budget is None and m.heavy_ratio + m.recent_ratio > 1:
             # the two windows are parts of one prompt: more than all of it is a typo, not a budget
             raise ConfigError(f"method.heavy_ratio={m.heavy_ratio}: with method.recent_ratio={m.recent_ratio} "

@@ -91,10 +91,9 @@ class KIVI(Method):
 
     @classmethod
     def check(cls, cfg) -> None:
+        # types and ranges are the schema's (qeval.schema.nodes)
         g, r = cfg.method.group_size, cfg.method.residual_length
-        if not isinstance(g, int) or g <= 0:
-            raise ConfigError(f"method.group_size={g}: must be a positive integer (KIVI uses 32)")
-        if not isinstance(r, int) or r <= 0 or r % g:
+        if r % g:
             raise ConfigError(f"method.residual_length={r}: must be a positive multiple of "
                               f"method.group_size={g} (keys are flushed in whole groups)")
 

@@ -77,9 +77,6 @@ class SmoothQuant(Method):
     @classmethod
     def check(cls, cfg) -> None:
         check_zero_point(cfg)
-        alpha = cfg.method.alpha
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
-            raise ConfigError(f"method.alpha={alpha}: allowed: a number in [0, 1] (the migration strength)")
         b = Bits.from_config(cfg)
         if min(b.k, b.v) < 16:
             raise ConfigError(f"kv_bits={min(b.k, b.v)}: method smoothquant quantizes weights and activations; "

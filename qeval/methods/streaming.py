@@ -30,7 +30,6 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from qeval.errors import ConfigError
 from qeval.kv.attention import PendingLayers, register_attention
 from qeval.kv.attention import attention_mask as masked
 from qeval.kv.rows import RowSelectable
@@ -203,18 +202,6 @@ class StreamingLLM(EvictionMethod):
     name = "streaming"
     quantizes_kept = True
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        m = cfg.method
-        if not _is_count(m.n_sink):
-            raise ConfigError(f"method.n_sink={m.n_sink}: must be a token count >= 0 (the paper keeps 4)")
-        r = m.recent_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
-            raise ConfigError(f"method.recent_ratio={r}: must be a fraction of the prompt in [0, 1]")
-        if m.recent_budget is not None and not _is_count(m.recent_budget):
-            raise ConfigError(f"method.recent_budget={m.recent_budget}: must be null (use the ratio) "
-                              f"or a token count >= 0")
-
     def __init__(self, params, knobs):
         super().__init__(params, knobs)
         self.pending = PendingLayers()   # the padded path's layer that took this step, for the attention
@@ -249,7 +236,3 @@ class StreamingLLM(EvictionMethod):
             return attention
 
         return register_attention("streaming", base, make)
-
-
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0

@@ -79,12 +79,7 @@ def check(cfg: DictConfig) -> dict:
     check_node("", top, nodes.TOP, "the config")
     check_node("model", tree["model"], nodes.MODEL, "a model")
     methods = nodes.methods()
-    method = tree["method"]
-    name = method.get("name") if isinstance(method, dict) else None
-    if name not in methods:
-        raise ConfigError(f"method.name={shown(name)}: unknown method{did_you_mean(name, methods)} "
-                          f"(allowed: {', '.join(sorted(methods))})")
-    check_node("method", method, {"name": Choice((name,))} | methods[name], f"method {name}")
+    check_method("method", tree["method"])
     for slot in PART_GROUPS:
         if tree.get(slot) is not None:
             check_part(slot, slot, tree[slot], methods)
@@ -96,6 +91,16 @@ def check(cfg: DictConfig) -> dict:
     check_node("calibration", tree["calibration"], nodes.CALIBRATION, "a calibration")
     check_tasks(tree["task"])
     return tree
+
+
+def check_method(key: str, node) -> None:
+    """A method's node (``method``, or a recipe part's under ``key``) against that method's schema."""
+    methods = nodes.methods()
+    name = node.get("name") if isinstance(node, dict) else None
+    if name not in methods:
+        raise ConfigError(f"{key}.name={shown(name)}: unknown method{did_you_mean(name, methods)} "
+                          f"(allowed: {', '.join(sorted(methods))})")
+    check_node(key, node, {"name": Choice((name,))} | methods[name], f"method {name}")
 
 
 def check_part(group: str, key: str, node, methods: dict) -> None:

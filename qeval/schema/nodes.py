@@ -68,6 +68,9 @@ def calibration_preset() -> Choice:
     return Choice(tuple(o for o in options("calibration") if o != "auto"))
 
 
+FRACTION = Number(0, 1)   # a share of a prompt, of entries, a damping or migration strength
+
+
 def methods() -> dict[str, dict]:
     """Each method's node (``qeval/configs/method/<name>.yaml``); ``name`` must be the method's."""
     scales_file = Nullable(Str("a scales file (.pt)"))
@@ -77,19 +80,20 @@ def methods() -> dict[str, dict]:
                           "a_granularity": Choice(("per_tensor", "per_token")),
                           "kv_granularity": Choice(("per_tensor", "per_token", "per_channel"))},
         "group": dict(rtn),
-        "kivi": {"group_size": Int(), "residual_length": Int()},
-        "gear": {"backbone": Choice(("kivi", "uniform")), "group_size": Int(), "outlier_ratio": Number(),
-                 "outlier_rule": Choice(("paper", "reference_code")), "rank_prefill": Int(),
-                 "rank_decode": Int(), "rank_ratio": Nullable(Number()), "power_iterations": Int(),
-                 "stream_block": Int()},
-        "gptq": {"damp": Number(), "block_size": Int(), "act_order": Bool(), "static_groups": Bool(),
+        # ranges live here; what relates two keys (or excludes a bound) is the method's check
+        "kivi": {"group_size": Int(1), "residual_length": Int(1)},
+        "gear": {"backbone": Choice(("kivi", "uniform")), "group_size": Int(1), "outlier_ratio": FRACTION,
+                 "outlier_rule": Choice(("paper", "reference_code")), "rank_prefill": Int(0),
+                 "rank_decode": Int(0), "rank_ratio": Nullable(FRACTION), "power_iterations": Int(1),
+                 "stream_block": Int(1)},
+        "gptq": {"damp": FRACTION, "block_size": Int(1), "act_order": Bool(), "static_groups": Bool(),
                  "calibration": calibration_preset()},
-        "awq": {"zero_point": ZERO_POINT, "n_grid": Int(), "max_shrink": Number(), "auto_scale": Bool(),
+        "awq": {"zero_point": ZERO_POINT, "n_grid": Int(1), "max_shrink": FRACTION, "auto_scale": Bool(),
                 "auto_clip": Bool(), "calibration": calibration_preset(), "scales_file": scales_file},
-        "smoothquant": rtn | {"alpha": Number(), "calibration": calibration_preset(), "scales_file": scales_file},
-        "h2o": {"heavy_ratio": Number(), "recent_ratio": Number(), "heavy_budget": Nullable(Int()),
-                "recent_budget": Nullable(Int())},
-        "streaming": {"n_sink": Int(), "recent_ratio": Number(), "recent_budget": Nullable(Int())},
+        "smoothquant": rtn | {"alpha": FRACTION, "calibration": calibration_preset(), "scales_file": scales_file},
+        "h2o": {"heavy_ratio": FRACTION, "recent_ratio": FRACTION, "heavy_budget": Nullable(Int(0)),
+                "recent_budget": Nullable(Int(0))},
+        "streaming": {"n_sink": Int(0), "recent_ratio": FRACTION, "recent_budget": Nullable(Int(0))},
     }
 
 
