@@ -199,26 +199,33 @@ def test_registered():
 
 
 # ---------------------------------------------------------------------------- the whole model
-def reference_params(x, maxq):
+def reference_params(x, maxq, sym=False):
     """``Quantizer.find_params(x, weight=True)`` as the reference computes it, one row at a time."""
     tmp = torch.zeros(x.shape[0])
     xmin, xmax = torch.minimum(x.min(1)[0], tmp), torch.maximum(x.max(1)[0], tmp)
+    if sym:
+        xmax = torch.maximum(torch.abs(xmin), xmax)
+        neg = xmin < 0
+        if torch.any(neg):
+            xmin[neg] = -xmax[neg]
     both = (xmin == 0) & (xmax == 0)
     xmin[both], xmax[both] = -1, 1
     scale = (xmax - xmin) / maxq
-    return scale.reshape(-1, 1), torch.round(-xmin / scale).reshape(-1, 1)
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
+    return scale.reshape(-1, 1), zero.reshape(-1, 1)
 
 
-def reference_fasterquant(weight, H, bits, group_size, act_order, static_groups, percdamp=0.01, blocksize=128):
+def reference_fasterquant(weight, H, bits, group_size, act_order, static_groups, sym=False, percdamp=0.01,
+                          blocksize=128):
     """``GPTQ.fasterquant`` written from the reference's arithmetic, op for op (IST-DASLab/gptq
     ``gptq.py``): the weight it writes, ``scale * (q - zero)`` cast to the layer's dtype."""
     W, cols, maxq = weight.clone().float(), weight.shape[1], 2**bits - 1
-    scale, zero = reference_params(W, maxq)
+    scale, zero = reference_params(W, maxq, sym)
     H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    groups = [reference_params(W[:, i:i + group_size], maxq) for i in range(0, cols, group_size)] \
+    groups = [reference_params(W[:, i:i + group_size], maxq, sym) for i in range(0, cols, group_size)] \
         if static_groups else None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
@@ -235,7 +242,7 @@ def reference_fasterquant(weight, H, bits, group_size, act_order, static_groups,
         for i in range(i2 - i1):
             w, d = W1[:, i], Hinv1[i, i]
             if group_size and not static_groups and (i1 + i) % group_size == 0:
-                scale, zero = reference_params(W[:, i1 + i:i1 + i + group_size], maxq)
+                scale, zero = reference_params(W[:, i1 + i:i1 + i + group_size], maxq, sym)
             elif static_groups:
                 scale, zero = groups[int(perm[i1 + i] if act_order else i1 + i) // group_size]
             q = torch.clamp(torch.round(w.unsqueeze(1) / scale) + zero, 0, maxq)
@@ -251,8 +258,12 @@ def reference_fasterquant(weight, H, bits, group_size, act_order, static_groups,
     return Q.to(weight.dtype)
 
 
+TRUE_SEQUENTIAL = [["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"], ["self_attn.o_proj"],
+                   ["mlp.up_proj", "mlp.gate_proj"], ["mlp.down_proj"]]
+
+
 @torch.no_grad()
-def reference_sequential(model, samples, **options):
+def reference_sequential(model, samples, true_sequential=False, **options):
     """``llama_sequential`` (IST-DASLab/gptq ``llama.py``, without ``--true-sequential``), written
     here: the first layer's inputs caught per sample, then per layer every Linear's Hessian from
     one pass (``add_batch``: ``H *= n / (n + 1)``, ``x = sqrt(2 / n) * x``, ``H += x x^T``), each
@@ -272,33 +283,42 @@ def reference_sequential(model, samples, **options):
             pass
     hook.remove()
     for layer in layers:
-        subset = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-        H = {n: torch.zeros(m.in_features, m.in_features) for n, m in subset.items()}
-        seen = dict.fromkeys(subset, 0)
-
-        def add_batch(name):
-            def hook(_m, inp, _out):
-                x = inp[0].data.reshape(-1, inp[0].shape[-1]).t()
-                H[name] *= seen[name] / (seen[name] + 1)
-                seen[name] += 1
-                x = math.sqrt(2 / seen[name]) * x.float()
-                H[name] += x.matmul(x.t())
-            return hook
-
-        hooks = [m.register_forward_hook(add_batch(n)) for n, m in subset.items()]
-        for h, kw in caught:
-            layer(h, **kw)
-        for h in hooks:
-            h.remove()
-        for n, m in subset.items():
-            m.weight.data = reference_fasterquant(m.weight.data, H[n], **options)
+        full = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        for names in (TRUE_SEQUENTIAL if true_sequential else [list(full)]):
+            quantize_stage(layer, {n: full[n] for n in names}, caught, options)
         caught = [(out[0] if isinstance(out := layer(h, **kw), tuple) else out, kw) for h, kw in caught]
 
 
-@pytest.mark.parametrize("bits,group_size,act_order,static", [
-    (4, None, False, False), (3, 32, False, False), (2, 64, False, False), (4, 32, True, False),
-    (4, 32, True, True), (3, None, True, False)])
-def test_the_whole_sequential_pass_is_the_references_bit_for_bit(bits, group_size, act_order, static):
+def quantize_stage(layer, subset, caught, options):
+    """One stage of ``llama_sequential``: the Hessians of ``subset`` from a pass of the layer (the
+    stages before it already quantized), then ``fasterquant`` of each."""
+    H = {n: torch.zeros(m.in_features, m.in_features) for n, m in subset.items()}
+    seen = dict.fromkeys(subset, 0)
+
+    def add_batch(name):
+        def hook(_m, inp, _out):
+            x = inp[0].data.reshape(-1, inp[0].shape[-1]).t()
+            H[name] *= seen[name] / (seen[name] + 1)
+            seen[name] += 1
+            x = math.sqrt(2 / seen[name]) * x.float()
+            H[name] += x.matmul(x.t())
+        return hook
+
+    hooks = [m.register_forward_hook(add_batch(n)) for n, m in subset.items()]
+    for h, kw in caught:
+        layer(h, **kw)
+    for h in hooks:
+        h.remove()
+    for n, m in subset.items():
+        m.weight.data = reference_fasterquant(m.weight.data, H[n], **options)
+
+
+@pytest.mark.parametrize("bits,group_size,act_order,static,sym,true_sequential", [
+    (4, None, False, False, False, False), (3, 32, False, False, False, False), (2, 64, False, False, False, False),
+    (4, 32, True, False, False, False), (4, 32, True, True, False, False), (3, None, True, False, False, False),
+    (4, 32, False, False, True, False), (3, None, True, False, True, True), (4, 64, False, False, False, True)])
+def test_the_whole_sequential_pass_is_the_references_bit_for_bit(bits, group_size, act_order, static, sym,
+                                                                true_sequential):
     # every layer calibrates on the outputs of the layers before it, already quantized: a weight one
     # rounding off in layer 0 moves layer 1's Hessian, so equality here holds only if every
     # operation is the reference's (the damping's mean, the weight as scale * (q - zero))
@@ -306,9 +326,10 @@ def test_the_whole_sequential_pass_is_the_references_bit_for_bit(bits, group_siz
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
     samples = [torch.randint(4, 90, (1, 48), generator=g) for _ in range(6)]
-    make_method("gptq", w_bits=bits, w_group_size=group_size, act_order=act_order,
-                static_groups=static).calibrate(model, samples)
-    reference_sequential(ref, samples, bits=bits, group_size=group_size, act_order=act_order, static_groups=static)
+    make_method("gptq", w_bits=bits, w_group_size=group_size, act_order=act_order, static_groups=static, sym=sym,
+                true_sequential=true_sequential).calibrate(model, samples)
+    reference_sequential(ref, samples, true_sequential=true_sequential, bits=bits, group_size=group_size,
+                         act_order=act_order, static_groups=static, sym=sym)
     for (name, a), b in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(a, b), name
     ids = torch.cat(samples[:2])
@@ -365,3 +386,16 @@ def test_static_groups_is_part_of_a_saved_results_identity_only_when_on():
     off, on = compose_cfg("method=gptq", "w_bits=4"), compose_cfg("method=gptq", "w_bits=4", "method.static_groups=true")
     assert "static_groups" not in METHODS["gptq"].calibration_identity(off)["method"]
     assert METHODS["gptq"].calibration_identity(on)["method"]["static_groups"] is True
+
+
+def test_true_sequential_is_refused_where_the_layers_lack_the_references_names():
+    from transformers import OPTConfig
+    arch = OPTConfig(hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2, vocab_size=64,
+                     word_embed_proj_dim=32)
+    cfg = OmegaConf.create({"method": {"name": "gptq", "true_sequential": True}, "model": {"name": "tiny-opt"},
+                            "w_bits": 4, "a_bits": 16, "kv_bits": 16, "k_bits": None, "v_bits": None})
+    with pytest.raises(ConfigError, match=r"^method.true_sequential=true: model tiny-opt's layers hold fc1, fc2, "
+                                          r"self_attn.k_proj, .*; allowed: false, or a model with the reference's"):
+        METHODS["gptq"].check_architecture(cfg, arch)
+    cfg.method.true_sequential = False
+    METHODS["gptq"].check_architecture(cfg, arch)

@@ -64,14 +64,22 @@ class Hessian:
         self.H += x @ x.t()
 
 
-def find_params(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Quantizer.find_params`` (quant.py:36-76), asymmetric, one (scale, zero) per row of ``x``,
-    in x's dtype: the range widened to hold 0, [-1, 1] for an all-zero row."""
+def find_params(x: torch.Tensor, bits: int, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Quantizer.find_params`` (quant.py:36-76), one (scale, zero) per row of ``x``, in x's dtype:
+    the range widened to hold 0, [-1, 1] for an all-zero row. ``sym`` (``--sym``): the range made
+    symmetric, ``[-max|x|, max|x|]`` where the row has a negative value, and the zero at
+    ``(maxq + 1) / 2``."""
     zero_ = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     lo, hi = torch.minimum(x.min(1).values, zero_), torch.maximum(x.max(1).values, zero_)
+    if sym:
+        hi = torch.maximum(lo.abs(), hi)
+        lo = torch.where(lo < 0, -hi, lo)
     both = (lo == 0) & (hi == 0)
     lo, hi = torch.where(both, -1.0, lo), torch.where(both, 1.0, hi)
-    scale = (hi - lo) / (2**bits - 1)
+    maxq = 2**bits - 1
+    scale = (hi - lo) / maxq
+    if sym:
+        return scale, torch.full_like(scale, (maxq + 1) / 2)
     return scale, torch.round(-lo / scale)
 
 
@@ -101,7 +109,7 @@ class Quantized:
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
                   block_size: int = 128, damp: float = 0.01, act_order: bool = False,
-                  static_groups: bool = False) -> Quantized:
+                  static_groups: bool = False, sym: bool = False) -> Quantized:
     """``GPTQ.fasterquant`` (gptq.py:60-160) on ``weight`` (out, in) with ``hessian`` (in, in), in
     float32 (float64 input stays float64). ``static_groups``: every group's scale and zero from the
     weight before any column is quantized (after dead inputs are zeroed), group ``j // G`` for
@@ -110,11 +118,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     W, H = weight.to(work).clone(), hessian.to(work).clone()
     n, maxq = W.shape[1], 2**bits - 1
     G = n if group_size is None else group_size
-    scale, zero = find_params(W, bits)          # per channel: from the weight as loaded (gptq.py:72-73)
+    scale, zero = find_params(W, bits, sym)     # per channel: from the weight as loaded (gptq.py:72-73)
     dead = H.diagonal() == 0                    # inputs never seen: no error to spread, weight 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    static = [find_params(W[:, i:i + G], bits) for i in range(0, n, G)] if static_groups and group_size else None
+    static = [find_params(W[:, i:i + G], bits, sym) for i in range(0, n, G)] if static_groups and group_size else None
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(n, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     # torch.mean(torch.diag(H)) as the reference: the mean of the strided diagonal view can differ
@@ -136,7 +144,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                 # read from W as the reference does (gptq.py:123): within a block W has not yet
                 # received this block's updates, so a group starting mid-block (G < block_size) is
                 # sized from its columns as they were at the block's start
-                scale, zero = find_params(W[:, col:col + group_size], bits)
+                scale, zero = find_params(W[:, col:col + group_size], bits, sym)
             if col % G == 0 and static is None:
                 scales.append(scale)
                 zeros.append(zero)
@@ -153,6 +161,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                          torch.stack([z for _, z in static], 1), torch.arange(n, device=W.device) // G)
     return Quantized(codes[:, inv].to(torch.uint8), torch.stack(scales, 1), torch.stack(zeros, 1),
                      (torch.arange(n, device=W.device) // G)[inv])
+
+
+# llama.py's --true-sequential stages: the attention's inputs, its output, the MLP's inputs, its output
+TRUE_SEQUENTIAL = (("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"), ("self_attn.o_proj",),
+                   ("mlp.up_proj", "mlp.gate_proj"), ("mlp.down_proj",))
+
+
+def true_sequential_stages(lins: dict) -> list[list[str]]:
+    """The reference's stages over a layer's Linears (Llama-style names, checked before load)."""
+    return [[n for n in stage if n in lins] for stage in TRUE_SEQUENTIAL]
 
 
 class GPTQ(Method):
@@ -180,9 +198,25 @@ class GPTQ(Method):
     @classmethod
     def calibration_identity(cls, cfg) -> dict:
         ident = super().calibration_identity(cfg)
-        if not ident["method"].get("static_groups"):   # results saved before the option existed still match
-            ident["method"].pop("static_groups", None)
+        for key in ("static_groups", "sym", "true_sequential"):
+            if not ident["method"].get(key):   # results saved before the option existed still match
+                ident["method"].pop(key, None)
         return ident
+
+    @classmethod
+    def check_architecture(cls, cfg, arch) -> None:
+        """``true_sequential`` stages a layer by the reference's Llama names."""
+        if not cfg.method.get("true_sequential") or Bits.from_config(cfg).w >= 16:
+            return
+        from transformers import AutoModelForCausalLM
+        with torch.device("meta"):
+            layers = decoder_layers(AutoModelForCausalLM.from_config(arch))[1]
+        have = set(linears(layers[0]))
+        want = {n for stage in TRUE_SEQUENTIAL for n in stage}
+        if have != want:
+            raise ConfigError(f"method.true_sequential=true: model {cfg.model.name}'s layers hold "
+                              f"{', '.join(sorted(have))}; allowed: false, or a model with the reference's "
+                              f"Llama-style Linears ({', '.join(sorted(want))})")
 
     @classmethod
     def check_model(cls, cfg, linear_widths, head_dim) -> None:
@@ -234,18 +268,21 @@ class GPTQ(Method):
         _, layers = decoder_layers(model)
         inputs = first_layer_inputs(model, samples)
         out = {}
+        p = self.params
         for layer in layers:
             lins = linears(layer)
             names = qualified_names(model, lins)
-            hessians = {n: Hessian(m.in_features, m.weight.device) for n, m in lins.items()}
-            with watching(lins, lambda n, x, h=hessians: h[n].add(x)):
-                run_layer(layer, inputs)
-            for n, m in lins.items():
-                q = gptq_quantize(m.weight.data, hessians[n].H, self.bits.w, self.knobs.w_group_size,
-                                  self.params.block_size, self.params.damp, self.params.act_order,
-                                  self.params.static_groups)
-                out[names[n]] = {k: v.cpu() for k, v in asdict(q).items()}
-                self._hold(m, q)
+            # --true-sequential: each stage's Hessians from a pass with the stages before it quantized
+            for stage in (true_sequential_stages(lins) if p.get("true_sequential") else [list(lins)]):
+                part = {n: lins[n] for n in stage}
+                hessians = {n: Hessian(m.in_features, m.weight.device) for n, m in part.items()}
+                with watching(part, lambda n, x, h=hessians: h[n].add(x)):
+                    run_layer(layer, inputs)
+                for n, m in part.items():
+                    q = gptq_quantize(m.weight.data, hessians[n].H, self.bits.w, self.knobs.w_group_size,
+                                      p.block_size, p.damp, p.act_order, p.static_groups, bool(p.get("sym")))
+                    out[names[n]] = {k: v.cpu() for k, v in asdict(q).items()}
+                    self._hold(m, q)
             inputs = run_layer(layer, inputs)   # the next layer sees this one quantized
         return {"linears": out}
 

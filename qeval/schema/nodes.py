@@ -87,7 +87,7 @@ def methods() -> dict[str, dict]:
                  "rank_decode": Int(0), "rank_ratio": Nullable(FRACTION), "power_iterations": Int(1),
                  "stream_block": Int(1)},
         "gptq": {"damp": FRACTION, "block_size": Int(1), "act_order": Bool(), "static_groups": Bool(),
-                 "calibration": calibration_preset()},
+                 "sym": Bool(), "true_sequential": Bool(), "calibration": calibration_preset()},
         "awq": {"zero_point": ZERO_POINT, "n_grid": Int(1), "max_shrink": FRACTION, "auto_scale": Bool(),
                 "auto_clip": Bool(), "calibration": calibration_preset(), "scales_file": scales_file},
         "smoothquant": rtn | {"alpha": FRACTION, "calibration": calibration_preset(), "scales_file": scales_file},
