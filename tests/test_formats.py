@@ -224,3 +224,16 @@ def test_nvfp4_tensor_scale_per_kept_dimension():
 
 def test_nvfp4_packed_bytes_are_4_5_bits_per_element_plus_the_tensor_scale():
     assert nvfp4.packed_bytes(4096, 1) == 4096 // 2 + 4096 // 16 + 4
+
+
+def test_nvfp4_kv_packed_width_counts_the_per_token_float32():
+    # 4 bits + an E4M3 scale per 16 (4.5), plus one float32 per token across every KV head: the
+    # toy model's 2 x 32 gives 5.0 bits per element, Llama-3-8B's 8 x 128 gives 4.53125
+    from qeval.quant.formats import FORMATS
+    from qeval.quant.granularity import Granularity
+    fmt = FORMATS["nvfp4"]
+    for heads, dim, want in ((2, 32, 5.0), (8, 128, 4.53125)):
+        shape = torch.Size((1, heads, 10, dim))
+        bits = 8 * fmt.packed_bytes(shape, "kv", 4, Granularity(), False) / shape.numel()
+        assert bits == want, (heads, dim, bits)
+    assert fmt.bits_per_element(4) == 4.5

@@ -207,3 +207,16 @@ def test_an_act_scales_entry_that_is_not_a_finite_max_is_refused_before_the_mode
     with pytest.raises(ConfigError, match=r"a.pt: entry model.layers.0.self_attn.q_proj holds a value that is not a "
                                           r"finite number >= 0; allowed: a SmoothQuant act_scales dict"):
         validate(cfg)
+
+
+def test_a_bfloat16_code_the_reference_rounds_to_128_stays_in_int8():
+    # fake_quant.py's quantize_weight_per_channel_absmax has no clamp: in bfloat16, 1.328125 / (its
+    # absmax / 127) is 127.25, held as 127.5, which rounds to 128, a code int8 cannot hold (330 of
+    # 1.3 M weights on a bf16 Llama); qeval clamps it to 127 and agrees everywhere else
+    from qeval.quant.primitives import fake_quantize
+    w = torch.tensor([[1.328125, 0.1, -0.7]], dtype=torch.bfloat16)
+    scale = w.abs().max(dim=-1, keepdim=True)[0].clamp(min=1e-5) / 127
+    reference = (w / scale).round() * scale
+    ours = fake_quantize(w, 8, -1, None, symmetric=True, zero_point="integer")
+    assert reference[0, 0] == 128 * scale[0, 0] and ours[0, 0] == 127 * scale[0, 0]
+    assert torch.equal(reference[0, 1:], ours[0, 1:])
