@@ -276,3 +276,17 @@ def test_reference_rule_runs_on_torch_when_triton_is_resolved():
     m = GEAR(method_params("gear", outlier_rule="reference_code", group_size=8),
              Knobs(Bits(16, 16, 2, 2), kv_semantics="cache", backend="triton"))
     assert m.kv_backend == "torch" and m.describe()["kv_backend"] == "torch"
+
+
+def test_the_power_iteration_start_is_seeded_and_shared_so_a_head_compresses_the_same_anywhere():
+    # the reference draws torch.rand per (batch, head) on every call and orthogonalises only in the
+    # last iteration; qeval's start is a seeded normal (D, r) shared by every row and head, with a
+    # QR every iteration: the global RNG, the batch and the other heads never change a head's fit
+    torch.manual_seed(0)
+    e = torch.randn(2, 3, 40, 16)
+    whole = low_rank(e, 4, 3)
+    torch.manual_seed(123)                      # another global RNG state changes nothing
+    assert torch.equal(low_rank(e, 4, 3), whole)
+    for b in range(2):
+        for h in range(3):
+            assert torch.equal(low_rank(e[b:b + 1, h:h + 1], 4, 3), whole[b:b + 1, h:h + 1])
