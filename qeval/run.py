@@ -17,7 +17,7 @@ from qeval.kv import simulated
 from qeval.methods.base import Bits, Formats, bit_labels
 from qeval.model import loading
 from qeval.model.handle import Handle
-from qeval.model.linear import quantize_linears
+from qeval.model.linear import quantize_linears, refuse_fused_weights
 from qeval.model.memory import PeakMemory
 from qeval.recipe.build import build_recipe
 from qeval.sweep.signals import Interrupted
@@ -41,6 +41,7 @@ def prepare(cfg):
     log.info(f"qeval: model {cfg.model.name} loaded in {time.perf_counter() - started:.1f} s")
     facts = kv_scales.row(kv_stage.run(model)) if kv_stage else {}
     facts |= stage.run(model) if stage else {}
+    refuse_fused_weights(model, method, cfg.model.name)
     facts |= quantize_linears(model, method, cfg.backend)
     if cfg.kv_semantics == "simulated" and method.quantizes_kv:
         (kv_scales.install_simulated if method.kv_scales is not None else simulated.install)(model, method, cfg.attn)

@@ -197,6 +197,24 @@ def check_against_model(cfg, arch_cfg, method_cls) -> None:
     check_fused_decode(cfg, arch_cfg)
 
 
+def check_fused_weights(cfg, arch_cfg) -> None:
+    """W and WA runs on an architecture whose weights the Linear swap cannot reach (fused MoE
+    expert tensors) are refused before load: the architecture is built on the meta device."""
+    b = Bits.from_config(cfg)
+    if min(b.w, b.a) >= FULL_PRECISION_BITS:
+        return
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qeval.model.linear import refuse_fused_weights
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(arch_cfg, trust_remote_code=loading.trusts_remote_code(cfg.model))
+    except Exception:   # noqa: BLE001 - an architecture that cannot be built on meta: the loaded model is checked
+        return
+    refuse_fused_weights(model, build_recipe(cfg, arch_cfg, registered_attention=True), cfg.model.name)
+
+
 def check_attention_route(cfg, arch_cfg, method_cls) -> None:
     """``simulated`` semantics quantize K/V inside a registered attention function, and eviction
     methods read scores or swap masks in theirs: a model whose attention never calls registered
@@ -276,6 +294,7 @@ def validate(cfg):
     for part, view in views:
         with speaking_as(part):
             check_against_model(view, arch, METHODS[part.name])
+    check_fused_weights(cfg, arch)
     # before the tasks: their data may be large
     kv_scales.check(cfg, arch)   # kv_scale=static calibrates too, whatever the parts
     for part, view in views:

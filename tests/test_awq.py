@@ -112,6 +112,7 @@ def test_the_clip_search_runs_in_float16_where_its_starting_error_is_inf():
     ("llama", {}, 1),                              # GQA: v -> o is not folded
     ("llama", {"num_key_value_heads": 4}, 2),
     ("qwen2", {}, 1),
+    ("qwen3", {}, 1),                              # q/k norms after the projections: untouched
     ("opt", {}, 2),
 ])
 def test_folding_the_scales_leaves_the_full_precision_output_unchanged(family, overrides, fc_fc):

@@ -150,3 +150,23 @@ def test_left_padding_does_not_change_a_sequence():
         alone = gen([PROMPTS[1]])
         batched = gen(PROMPTS)
         assert torch.equal(alone[0], batched[1]), gran
+
+
+def test_fused_expert_weights_refuse_w_and_wa_and_leave_kv_alone():
+    # transformers 5 holds a MoE's experts as (E, 2I, H) tensors, outside any nn.Linear: a W4 row
+    # would quantize only the attention and call the model W4
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qeval.model.linear import fused_weights, refuse_fused_weights
+    cfg = AutoConfig.for_model("mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                               num_local_experts=4, num_experts_per_tok=2)
+    moe = AutoModelForCausalLM.from_config(cfg)
+    assert [n for n, _ in fused_weights(moe)] == ["model.layers.0.mlp.experts.gate_up_proj",
+                                                  "model.layers.0.mlp.experts.down_proj"]
+    for w, a in ((4, 16), (16, 8)):
+        with pytest.raises(ConfigError, match="holds weights outside nn.Linear"):
+            refuse_fused_weights(moe, method(w=w, a=a), "tiny-moe")
+    refuse_fused_weights(moe, method(kv=4), "tiny-moe")          # K/V are not in the experts
+    assert fused_weights(tiny_model("llama")[0]) == []
+

@@ -25,6 +25,11 @@ BAD_INPUTS = [
      "kv=uniform: with evict=h2o: its per_tensor statistics span tokens the cache may evict"),
     (["evict=h2o", "kv=kivi", "kv_bits=2", "kv_format=fp8_e4m3"], "kv_format=fp8_e4m3: method kivi supports int"),
     (["weight=kivi"], "weight=kivi: unknown weight (allowed: awq, gptq, group, uniform)"),
+    # a mixture of experts whose experts are fused 3-D tensors: a W row must not leave them in fp16
+    (["model.random_config.model_type=mixtral", "+model.random_config.num_local_experts=4",
+      "+model.random_config.num_experts_per_tok=2", "w_bits=4"],
+     "w_bits=4: model tiny-random (mixtral) holds weights outside nn.Linear (model.layers.0.mlp.experts.gate_up_proj, "
+     "a 4x512x128 fused expert tensor, and 3 more) that the Linear swap would leave in full precision"),
     (["transform=[rotate]"], "transform=rotate: unknown transform (allowed: smoothquant)"),
     (["kv=kivi", "kv_bits=2", "kv.group_size=24", "kv.residual_length=48"],
      "kv.group_size=24: does not divide head_dim=32 of model tiny-random"),

@@ -43,9 +43,11 @@ OPT = (ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj
        ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",)),
        ScaleGroup("final_layer_norm", ("fc1",)),
        ScaleGroup("fc1", ("fc2",)))
-ARCHITECTURES = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "opt": OPT}
+# Qwen3 is Llama's block with a norm on each head's q and k after their projections, which a scale
+# on the projections' inputs does not reach
+ARCHITECTURES = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "opt": OPT}
 # norms whose forward is ``weight * normalized (+ bias)``, so dividing weight (and bias) by s folds
-NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "LayerNorm")
+NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "LayerNorm")
 
 
 def check_architecture(cfg, arch, method: str) -> None:

@@ -219,6 +219,28 @@ def _make_linear(module: nn.Linear, method: Method, quantize_input: bool, backen
     return QuantLinear(module, method, quantize_input)
 
 
+def fused_weights(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Weights held outside any ``nn.Linear`` as one tensor of 3 or more dimensions (transformers 5's
+    fused mixture-of-experts tensors, ``experts.gate_up_proj`` (E, 2I, H)): the Linear swap does
+    not reach them."""
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.dim() >= 3]
+
+
+def refuse_fused_weights(model: nn.Module, method, model_name: str) -> None:
+    """A W or WA run on a model with fused weights would leave them (most of a MoE's weights) in
+    full precision under a row that says W4: refused, before load where the architecture allows
+    (qeval.validate) and here on the loaded model."""
+    b = method.bits
+    if min(b.w, b.a) >= FULL_PRECISION_BITS or not (fused := fused_weights(model)):
+        return
+    name, shape = fused[0]
+    key, value = ("w_bits", b.w) if b.w < FULL_PRECISION_BITS else ("a_bits", b.a)
+    kind = model.config.get_text_config().model_type
+    raise ConfigError(f"{key}={value}: model {model_name} ({kind}) holds weights outside nn.Linear ({name}, a "
+                      f"{'x'.join(map(str, shape))} fused expert tensor, and {len(fused) - 1} more) that the Linear "
+                      f"swap would leave in full precision; allowed: w_bits=16 and a_bits=16 (KV methods run on it)")
+
+
 def quantize_linears(model: nn.Module, method: Method, backend: str = "auto") -> dict:
     """Swap Linears in place (W when w_bits < 16, WA when a_bits < 16); returns byte counts.
 

@@ -147,8 +147,9 @@ class Recipe:
 
     def _composed(self) -> dict:
         cols: dict = {}
-        for part, m in self.parts:
-            cols |= {f"{part.key}.{k}": v for k, v in m.params.items() if k != "name"}
+        for part, m in self.parts:   # the knobs of the parts at work (a method left at its default may do nothing)
+            if self.active(part):
+                cols |= {f"{part.key}.{k}": v for k, v in m.params.items() if k != "name"}
         first = next((m for p, m in self.parts if self.active(p) and not m.evicts), None)
         by_target = {"w": self.weight, "a": self.act, "kv": self.kv}
         cols |= {"zero_point": None if first is None else first.zero_point,
