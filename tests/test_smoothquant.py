@@ -103,7 +103,7 @@ def test_w8a8_error_on_outlier_channels_is_lower_after_smoothing():
 
 
 @pytest.mark.parametrize("family,message", [
-    ("gemma", ("model=m: method smoothquant folds scales into the norms of llama, mistral, qwen2, opt decoder "
+    ("gemma", ("model=m: method smoothquant folds scales into the norms of llama, mistral, qwen2, qwen3, opt decoder "
                "layers; this model is gemma")),
 ])
 def test_architectures_it_cannot_fold_into_are_one_line_errors(family, message):
