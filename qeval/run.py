@@ -17,6 +17,7 @@ from qeval.kv import simulated
 from qeval.methods.base import Bits, Formats, bit_labels
 from qeval.model import loading
 from qeval.model.handle import Handle
+from qeval.model.keep import resolved
 from qeval.model.linear import quantize_linears, refuse_fused_weights
 from qeval.model.memory import PeakMemory
 from qeval.recipe.build import build_recipe
@@ -42,7 +43,12 @@ def prepare(cfg):
     facts = kv_scales.row(kv_stage.run(model)) if kv_stage else {}
     facts |= stage.run(model) if stage else {}
     refuse_fused_weights(model, method, cfg.model.name)
-    facts |= quantize_linears(model, method, cfg.backend)
+    facts |= quantize_linears(model, method, cfg.backend, cfg.get("w_keep_layers") or ())
+    n_layers = model.config.get_text_config().num_hidden_layers
+    method.keep_kv = resolved(cfg.get("kv_keep_layers"), n_layers)
+    # the layers kept in full precision, as indices from 0 ("0,3"; None: every layer quantized)
+    facts |= {f"{t}_keep_layers": ",".join(map(str, sorted(resolved(cfg.get(f"{t}_keep_layers"), n_layers)))) or None
+              for t in ("w", "kv")}
     if cfg.kv_semantics == "simulated" and method.quantizes_kv:
         (kv_scales.install_simulated if method.kv_scales is not None else simulated.install)(model, method, cfg.attn)
     elif (attention := method.attention_implementation(cfg.attn)) is not None:

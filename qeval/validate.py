@@ -197,6 +197,35 @@ def check_against_model(cfg, arch_cfg, method_cls) -> None:
     check_fused_decode(cfg, arch_cfg)
 
 
+def check_keep_layers(cfg, arch_cfg) -> None:
+    """``w_keep_layers`` / ``kv_keep_layers``: indices of the model's decoder layers, each once, for a
+    target that is quantized, and a KV cache that can hold a full-precision layer."""
+    n = arch_cfg.get_text_config().num_hidden_layers
+    b = Bits.from_config(cfg)
+    recipe = build_recipe(cfg, arch_cfg, registered_attention=True)
+    for key, quantized, what in (("w_keep_layers", min(b.w, b.a) < FULL_PRECISION_BITS, "w_bits and a_bits"),
+                                 ("kv_keep_layers", min(b.k, b.v) < FULL_PRECISION_BITS, "kv_bits")):
+        keep = list(cfg.get(key) or [])
+        if not keep:
+            continue
+        shown = f"{key}=[{', '.join(map(str, keep))}]"
+        if bad := [i for i in keep if not -n <= i < n]:
+            raise ConfigError(f"{shown}: model {cfg.model.name} has {n} decoder layers, so {bad[0]} is none of "
+                              f"them; allowed: indices from {-n} to {n - 1}")
+        if len({i % n for i in keep}) < len(keep):
+            raise ConfigError(f"{shown}: a layer is named twice (negative indices count from the end); "
+                              f"allowed: each layer once")
+        if not quantized:
+            raise ConfigError(f"{shown}: nothing is quantized there to keep ({what} at 16); allowed: []")
+    if cfg.get("kv_keep_layers"):
+        shown = f"kv_keep_layers=[{', '.join(map(str, cfg.kv_keep_layers))}]"
+        if recipe.evict is not None:
+            raise ConfigError(f"{shown}: method {recipe.evict.name} evicts in every layer's cache; allowed: []")
+        if getattr(recipe.kv, "kv_backend", "torch") == "triton":
+            raise ConfigError(f"{shown}: backend=triton decodes every layer on packed words; allowed: "
+                              f"backend=torch, or []")
+
+
 def check_fused_weights(cfg, arch_cfg) -> None:
     """W and WA runs on an architecture whose weights the Linear swap cannot reach (fused MoE
     expert tensors) are refused before load: the architecture is built on the meta device."""
@@ -295,6 +324,7 @@ def validate(cfg):
         with speaking_as(part):
             check_against_model(view, arch, METHODS[part.name])
     check_fused_weights(cfg, arch)
+    check_keep_layers(cfg, arch)
     # before the tasks: their data may be large
     kv_scales.check(cfg, arch)   # kv_scale=static calibrates too, whatever the parts
     for part, view in views:

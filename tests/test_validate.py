@@ -25,6 +25,14 @@ BAD_INPUTS = [
      "kv=uniform: with evict=h2o: its per_tensor statistics span tokens the cache may evict"),
     (["evict=h2o", "kv=kivi", "kv_bits=2", "kv_format=fp8_e4m3"], "kv_format=fp8_e4m3: method kivi supports int"),
     (["weight=kivi"], "weight=kivi: unknown weight (allowed: awq, gptq, group, uniform)"),
+    # layers kept in full precision
+    (["w_bits=4", "w_keep_layers=[2]"],
+     "w_keep_layers=[2]: model tiny-random has 2 decoder layers, so 2 is none of them; allowed: indices from -2 to 1"),
+    (["w_bits=4", "w_keep_layers=[0,-2]"], "w_keep_layers=[0, -2]: a layer is named twice"),
+    (["w_keep_layers=[0]"], "w_keep_layers=[0]: nothing is quantized there to keep (w_bits and a_bits at 16); allowed: []"),
+    (["method=h2o", "kv=kivi", "kv_bits=2", "kv_keep_layers=[0]"],
+     "kv_keep_layers=[0]: method h2o evicts in every layer's cache; allowed: []"),
+    (["w_keep_layers=first"], "w_keep_layers=first: allowed: a list of integers"),
     # a mixture of experts whose experts are fused 3-D tensors: a W row must not leave them in fp16
     (["model.random_config.model_type=mixtral", "+model.random_config.num_local_experts=4",
       "+model.random_config.num_experts_per_tok=2", "w_bits=4"],

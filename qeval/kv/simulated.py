@@ -33,7 +33,10 @@ def register(method, base: str) -> str:
         def attention(module, query, key, value, attention_mask, **kwargs):
             _calls[name] += 1
             pad = _pad_positions(attention_mask, key.shape[-2])
-            key, value = method.quantize_kv(key, value, pad)
+            # a recipe keeps kv_keep_layers in full precision; a single method quantizes every layer
+            keep = getattr(method, "keep_kv", ())
+            if getattr(module, "layer_idx", None) not in keep:
+                key, value = method.quantize_kv(key, value, pad)
             return attend(module, query, key, value, attention_mask, **kwargs)
         return attention
 

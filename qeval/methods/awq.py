@@ -39,6 +39,7 @@ from qeval.calibration.layers import (
     watching,
 )
 from qeval.errors import ConfigError, check_divides
+from qeval.model.keep import resolved
 from qeval.methods.base import Bits, Method
 from qeval.methods.uniform import check_zero_point
 from qeval.quant.granularity import Granularity
@@ -181,7 +182,11 @@ class AWQ(Method):
         prefix, layers = decoder_layers(model)
         inputs = first_layer_inputs(model, samples)
         result = {"scale": [], "clip": []}
+        kept = resolved(self.knobs.w_keep, len(layers))
         for i, layer in enumerate(layers):
+            if i in kept:   # w_keep_layers: neither scaled, clipped nor quantized
+                inputs = run_layer(layer, inputs)
+                continue
             lins, name = linears(layer), f"{prefix}.{i}."
             feats = {n: [] for n in lins}
             with watching(lins, lambda n, x, f=feats: f[n].append(x)):

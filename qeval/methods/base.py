@@ -112,6 +112,7 @@ class Knobs:
     # whether the model's attention runs registered attention functions (Falcon's, MPT's, BLOOM's
     # do not): packed KV layers decode in one, so without it their cache stays on torch
     registered_attention: bool = True
+    w_keep: tuple[int, ...] = ()  # decoder layers whose weights stay in full precision (qeval.model.keep)
 
 
 class Method:

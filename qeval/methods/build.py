@@ -23,5 +23,6 @@ def build_method(cfg, arch=None, registered_attention: bool | None = None):
             registered_attention = routes_registered_attention(arch)
     knobs = Knobs(Bits.from_config(cfg), cfg.w_group_size, cfg.a_group_size,
                   cfg.kv_group_size, cfg.kv_semantics, backend,
-                  Formats.from_config(cfg), kv_scales.mode(cfg), registered_attention)
+                  Formats.from_config(cfg), kv_scales.mode(cfg), registered_attention,
+                  tuple(cfg.get("w_keep_layers") or ()))
     return cls(cfg.method, knobs)

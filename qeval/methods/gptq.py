@@ -42,6 +42,7 @@ from qeval.calibration.layers import (
 )
 from qeval.errors import ConfigError, check_divides
 from qeval.methods.base import Bits, Method
+from qeval.model.keep import resolved
 from qeval.quant.granularity import Granularity
 from qeval.recipe.slot_names import WEIGHT
 
@@ -269,7 +270,11 @@ class GPTQ(Method):
         inputs = first_layer_inputs(model, samples)
         out = {}
         p = self.params
-        for layer in layers:
+        kept = resolved(self.knobs.w_keep, len(layers))
+        for i, layer in enumerate(layers):
+            if i in kept:   # w_keep_layers: full precision, and the next layer calibrates on its outputs
+                inputs = run_layer(layer, inputs)
+                continue
             lins = linears(layer)
             names = qualified_names(model, lins)
             # --true-sequential: each stage's Hessians from a pass with the stages before it quantized

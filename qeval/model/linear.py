@@ -30,7 +30,9 @@ import torch
 from torch import nn
 from transformers.quantizers.base import get_keys_to_not_convert
 
+from qeval.calibration.layers import decoder_layers
 from qeval.errors import ConfigError
+from qeval.model.keep import layer_of, resolved
 from qeval.methods.base import Method
 from qeval.quant.formats import fp8
 from qeval.quant.primitives import FULL_PRECISION_BITS
@@ -241,7 +243,7 @@ def refuse_fused_weights(model: nn.Module, method, model_name: str) -> None:
                       f"swap would leave in full precision; allowed: w_bits=16 and a_bits=16 (KV methods run on it)")
 
 
-def quantize_linears(model: nn.Module, method: Method, backend: str = "auto") -> dict:
+def quantize_linears(model: nn.Module, method: Method, backend: str = "auto", keep=()) -> dict:
     """Swap Linears in place (W when w_bits < 16, WA when a_bits < 16); returns byte counts.
 
     ``weight_bytes_held`` is measured from the tensors the swapped layers hold (packed words plus
@@ -255,9 +257,19 @@ def quantize_linears(model: nn.Module, method: Method, backend: str = "auto") ->
     device = next(model.parameters()).device
     chosen = resolve_backend(backend, device)
     skip = set(get_keys_to_not_convert(model))
-    swapped, held, packed, numel, kernels = 0, 0, 0, 0, set()
+    # w_keep_layers: those decoder layers' Linears stay as they are, counted at their own bytes
+    # (16 bits per element in the packed formula) so the row's bits per element is the model's
+    prefix, layers = decoder_layers(model) if keep else ("", [])
+    kept_layers = resolved(keep, len(layers))
+    swapped, kept, held, packed, numel, kernels = 0, 0, 0, 0, 0, set()
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name.split(".")[-1] in skip or name in skip:
+            continue
+        if kept_layers and layer_of(name, prefix) in kept_layers:
+            kept += 1
+            held += module.weight.numel() * module.weight.element_size()
+            packed += module.weight.numel() * 2
+            numel += module.weight.numel()
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -270,5 +282,5 @@ def quantize_linears(model: nn.Module, method: Method, backend: str = "auto") ->
         kernels.add(getattr(q, "kernel", "torch"))
     if swapped == 0:
         raise ValueError("no nn.Linear layers found to quantize in this model")
-    return {"linears_quantized": swapped, "weight_bytes_held": held, "weight_bytes_packed": packed,
+    return {"linears_quantized": swapped, "linears_kept": kept, "weight_bytes_held": held, "weight_bytes_packed": packed,
             "weight_bits_per_element": 8 * packed / numel, "linear_backend": ",".join(sorted(kernels))}

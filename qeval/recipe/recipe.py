@@ -10,6 +10,8 @@ parts (transforms first, then the weight method) run in one calibration stage. A
 
 from __future__ import annotations
 
+from transformers.cache_utils import DynamicLayer
+
 from qeval.methods.base import Bits, Formats, Method, bit_labels
 from qeval.quant.primitives import FULL_PRECISION_BITS
 from qeval.recipe.calibration import Chain
@@ -25,6 +27,8 @@ class Recipe:
         self.weight, self.act = slot.get(WEIGHT), slot.get(ACT)
         self.kv, self.evict = slot.get(KV), slot.get(EVICT)
         self.transforms = [m for part, m in built if TRANSFORM in part.slots]
+        # kv_keep_layers resolved against the loaded model (qeval.run.prepare): K/V kept in full precision
+        self.keep_kv: frozenset[int] = frozenset()
         if self.evict is not None and self.kv is not None and self.kv.quantizes_kv:
             self.evict.aging = self.kv.aging_rules()   # the evicting cache quantizes what it keeps (qeval.kv.aging)
 
@@ -82,11 +86,15 @@ class Recipe:
         return None if self.kv is None else self.kv.kv_scales
 
     def quantize_kv(self, k, v, pad=None, layer_idx=None):
-        if not self.quantizes_kv:
+        if not self.quantizes_kv or layer_idx in self.keep_kv:
             return k, v
-        return self.kv.quantize_kv(k, v, pad, layer_idx) if layer_idx is not None else self.kv.quantize_kv(k, v, pad)
+        if self.kv.kv_scales is not None:   # static scales are per layer
+            return self.kv.quantize_kv(k, v, pad, layer_idx)
+        return self.kv.quantize_kv(k, v, pad)
 
     def make_cache_layer(self, layer_idx: int, seq):
+        if layer_idx in self.keep_kv:
+            return DynamicLayer()
         return (self.evict or self.kv).make_cache_layer(layer_idx, seq)
 
     def kv_packed_bytes(self, keys, values) -> int:

@@ -138,6 +138,7 @@ TOP = {
     "w_format": TEXT, "a_format": TEXT, "kv_format": TEXT,
     "kv_scale": Choice(("dynamic", "static", "static_per_head")),
     "w_group_size": GROUP_SIZE, "a_group_size": GROUP_SIZE, "kv_group_size": GROUP_SIZE,
+    "w_keep_layers": ListOf(Int(), non_empty=False), "kv_keep_layers": ListOf(Int(), non_empty=False),
     "kv_semantics": Choice(("cache", "simulated")),
     "device": DEVICE, "dtype": DTYPE, "attn": ATTN, "backend": Choice(("auto", "torch", "triton")),
     "seed": SEED, "results_dir": PATH, "force": Bool(), "resume": Choice(("skip", "strict")),
