@@ -3,6 +3,8 @@ launcher config into the sbatch script submitit would submit (no cluster needed)
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -145,3 +147,15 @@ def test_slurm_launcher_becomes_a_valid_sbatch_script(monkeypatch, tmp_path):
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=8", "#SBATCH --time=90",
                  "module load cuda", "#SBATCH --mem=64GB"):
         assert line in script, (line, script)
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "llama3.1-8b", "mixtral-8x7b", "qwen3-30b-a3b"])
+def test_todays_model_configs_resolve_and_offline_name_the_prefetch_that_fetches_them(name, tmp_path):
+    # HF_HUB_OFFLINE (tests/conftest.py): no checkpoint here, so validation stops before any load
+    from qeval.errors import ConfigError
+    from qeval.validate import validate
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={name}", f"results_dir={tmp_path}"])
+    assert cfg.model.name == name and "/" in cfg.model.path
+    with pytest.raises(ConfigError, match=rf"python -m qeval.prefetch model={re.escape(name)}`"):
+        validate(cfg)
