@@ -46,9 +46,9 @@ def prepare(cfg):
     facts |= quantize_linears(model, method, cfg.backend, cfg.get("w_keep_layers") or ())
     n_layers = model.config.get_text_config().num_hidden_layers
     method.keep_kv = resolved(cfg.get("kv_keep_layers"), n_layers)
-    # the layers kept in full precision, as indices from 0 ("0,3"; None: every layer quantized)
-    facts |= {f"{t}_keep_layers": ",".join(map(str, sorted(resolved(cfg.get(f"{t}_keep_layers"), n_layers)))) or None
-              for t in ("w", "kv")}
+    # the layers kept in full precision, as indices from 0 ("0,3"; base_row's None: every layer quantized)
+    facts |= {f"{t}_keep_layers": ",".join(map(str, sorted(resolved(cfg.get(f"{t}_keep_layers"), n_layers))))
+              for t in ("w", "kv") if cfg.get(f"{t}_keep_layers")}
     if cfg.kv_semantics == "simulated" and method.quantizes_kv:
         (kv_scales.install_simulated if method.kv_scales is not None else simulated.install)(model, method, cfg.attn)
     elif (attention := method.attention_implementation(cfg.attn)) is not None:
@@ -68,6 +68,7 @@ def base_row(cfg, method, run_id: str) -> dict:
         "k_bits": b.k, "v_bits": b.v,
         "w_group_size": cfg.w_group_size, "a_group_size": cfg.a_group_size,
         "kv_group_size": cfg.kv_group_size, "kv_semantics": cfg.kv_semantics,
+        "w_keep_layers": None, "kv_keep_layers": None,   # prepare's facts name the kept layers
         "dtype": str(loading.resolve_dtype(cfg.dtype, loading.resolve_device(cfg.device))).removeprefix("torch."),
         "attn": cfg.attn, "seed": cfg.seed, "trust_remote_code": cfg.model.get("trust_remote_code", False),
         "config_hash": run_id, "git_commit": results.git_commit(),
