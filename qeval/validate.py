@@ -197,12 +197,11 @@ def check_against_model(cfg, arch_cfg, method_cls) -> None:
     check_fused_decode(cfg, arch_cfg)
 
 
-def check_keep_layers(cfg, arch_cfg) -> None:
+def check_keep_layers(cfg, arch_cfg, recipe) -> None:
     """``w_keep_layers`` / ``kv_keep_layers``: indices of the model's decoder layers, each once, for a
     target that is quantized, and a KV cache that can hold a full-precision layer."""
     n = arch_cfg.get_text_config().num_hidden_layers
     b = Bits.from_config(cfg)
-    recipe = build_recipe(cfg, arch_cfg, registered_attention=True)
     for key, quantized, what in (("w_keep_layers", min(b.w, b.a) < FULL_PRECISION_BITS, "w_bits and a_bits"),
                                  ("kv_keep_layers", min(b.k, b.v) < FULL_PRECISION_BITS, "kv_bits")):
         keep = list(cfg.get(key) or [])
@@ -226,7 +225,7 @@ def check_keep_layers(cfg, arch_cfg) -> None:
                               f"backend=torch, or []")
 
 
-def check_fused_weights(cfg, arch_cfg) -> None:
+def check_fused_weights(cfg, arch_cfg, recipe) -> None:
     """W and WA runs on an architecture whose weights the Linear swap cannot reach (fused MoE
     expert tensors) are refused before load: the architecture is built on the meta device."""
     b = Bits.from_config(cfg)
@@ -241,7 +240,7 @@ def check_fused_weights(cfg, arch_cfg) -> None:
             model = AutoModelForCausalLM.from_config(arch_cfg, trust_remote_code=loading.trusts_remote_code(cfg.model))
     except Exception:   # noqa: BLE001 - an architecture that cannot be built on meta: the loaded model is checked
         return
-    refuse_fused_weights(model, build_recipe(cfg, arch_cfg, registered_attention=True), cfg.model.name)
+    refuse_fused_weights(model, recipe, cfg.model.name)
 
 
 def check_attention_route(cfg, arch_cfg, method_cls) -> None:
@@ -323,14 +322,14 @@ def validate(cfg):
     for part, view in views:
         with speaking_as(part):
             check_against_model(view, arch, METHODS[part.name])
-    check_fused_weights(cfg, arch)
-    check_keep_layers(cfg, arch)
+    recipe = build_recipe(cfg, arch)   # the run's parts, as the run builds them
+    check_fused_weights(cfg, arch, recipe)
+    check_keep_layers(cfg, arch, recipe)
     # before the tasks: their data may be large
     kv_scales.check(cfg, arch)   # kv_scale=static calibrates too, whatever the parts
     for part, view in views:
         with speaking_as(part):
             calibration.check_published(view, METHODS[part.name])
-    recipe = build_recipe(cfg, arch)
     if recipe.needs_calibration:
         calibration.check(recipe.calibration_view(), recipe.calibrator(), arch)
     facts = loading.ModelFacts(arch, cfg.model)

@@ -125,6 +125,17 @@ def test_awq_w4_with_a_uniform_kv4_cache_is_awqs_weights_with_uniforms_cache(tmp
     assert torch.equal(got, want)
 
 
+def kivi_by_hand(theirs, g=8, r=16, bits=2):
+    """KIVI on an evicting cache's kept tokens, in position order: keys per channel in groups of G
+    in whole blocks of R, values per token in groups of G, all but the newest R."""
+    w = theirs.keys.shape[-2]
+    k, v = theirs.keys.clone(), theirs.values.clone()
+    f = w // r * r
+    k[..., :f, :] = fake_quantize(k[..., :f, :], bits, -2, g)
+    v[..., :w - r, :] = fake_quantize(v[..., :w - r, :], bits, -1, g)
+    return k, v, f
+
+
 def h2o_layers(handle, prompt):
     cache = handle.new_cache(torch.ones_like(prompt))
     with torch.no_grad():
@@ -140,17 +151,12 @@ def test_h2o_with_kivi2_keeps_h2os_tokens_and_quantizes_them_as_kivi(tmp_path):
     h2o, _ = prepare(cfg_of(tmp_path / "b", "method=h2o", *[b.replace("evict.", "method.") for b in budget]))
     prompt = ids(seed=9)
     got, alone = h2o_layers(composed, prompt), h2o_layers(h2o, prompt)
-    g, r, bits = 8, 16, 2
+    r = 16
     for mine, theirs in zip(got.layers, alone.layers):
         # the prefill attends in full precision, so H2O keeps the same tokens in the same slots
         assert torch.equal(mine.pos, theirs.pos)
         w = theirs.keys.shape[-2]                     # 24 kept: 12 heavy + 12 recent, in position order
-        # KIVI on the kept tokens: keys per channel in groups of G, in whole blocks of R; values per
-        # token in groups of G, all but the newest R
-        k, v = theirs.keys.clone(), theirs.values.clone()
-        f = w // r * r
-        k[..., :f, :] = fake_quantize(k[..., :f, :], bits, -2, g)
-        v[..., :w - r, :] = fake_quantize(v[..., :w - r, :], bits, -1, g)
+        k, v, f = kivi_by_hand(theirs)
         assert torch.equal(mine.keys, k) and torch.equal(mine.values, v)
         assert int(mine.raw_keys.sum()) == mine.raw_keys[..., 0].numel() * (w - f)
         assert int(mine.raw_values.sum()) == mine.raw_values[..., 0].numel() * r
@@ -187,15 +193,10 @@ def test_streaming_with_kivi2_keeps_the_sinks_and_window_and_quantizes_them_as_k
         with torch.no_grad():
             handle.model(input_ids=prompt, **{cache_kwarg(handle.model): cache})
         caches.append(cache)
-    g, r, bits = 8, 16, 2
     for mine, theirs in zip(*(c.layers for c in caches)):
         mine.settle()                          # what the next step would quantize first
-        w = theirs.keys.shape[-2]              # 4 sinks + 20 recent, in position order
-        assert w == 24
-        k, v = theirs.keys.clone(), theirs.values.clone()
-        f = w // r * r
-        k[..., :f, :] = fake_quantize(k[..., :f, :], bits, -2, g)
-        v[..., :w - r, :] = fake_quantize(v[..., :w - r, :], bits, -1, g)
+        assert theirs.keys.shape[-2] == 24     # 4 sinks + 20 recent, in position order
+        k, v, _ = kivi_by_hand(theirs)
         assert torch.equal(mine.keys, k) and torch.equal(mine.values, v)
         assert mine.packed_bytes() < theirs.packed_bytes()
     logits = decode_logits(composed.model, composed.new_cache(torch.ones_like(prompt)), prompt, steps=20)
