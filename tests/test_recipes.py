@@ -136,21 +136,26 @@ def kivi_by_hand(theirs, g=8, r=16, bits=2):
     return k, v, f
 
 
-def h2o_layers(handle, prompt):
+def prefilled(handle, prompt):
+    """The handle's cache after a prefill of ``prompt``."""
     cache = handle.new_cache(torch.ones_like(prompt))
     with torch.no_grad():
         handle.model(input_ids=prompt, **{cache_kwarg(handle.model): cache})
-    assert all(isinstance(layer, H2OLayer) for layer in cache.layers)
     return cache
 
 
+def evicting_with_kivi_and_alone(tmp_path, policy, knobs, prompt):
+    """Prefilled caches of ``evict=<policy> kv=kivi kv_bits=2`` and of the policy alone, same knobs."""
+    composed, _ = prepare(cfg_of(tmp_path / "a", f"evict={policy}", "kv=kivi", "kv_bits=2", *KIVI, *knobs))
+    assert composed.method.name == f"kivi+{policy}"
+    alone, _ = prepare(cfg_of(tmp_path / "b", f"method={policy}", *[k.replace("evict.", "method.") for k in knobs]))
+    return composed, prefilled(composed, prompt), prefilled(alone, prompt)
+
+
 def test_h2o_with_kivi2_keeps_h2os_tokens_and_quantizes_them_as_kivi(tmp_path):
-    budget = ["evict.heavy_ratio=0.3", "evict.recent_ratio=0.3"]
-    composed, _ = prepare(cfg_of(tmp_path / "a", "evict=h2o", "kv=kivi", "kv_bits=2", *KIVI, *budget))
-    assert composed.method.name == "kivi+h2o"
-    h2o, _ = prepare(cfg_of(tmp_path / "b", "method=h2o", *[b.replace("evict.", "method.") for b in budget]))
-    prompt = ids(seed=9)
-    got, alone = h2o_layers(composed, prompt), h2o_layers(h2o, prompt)
+    _, got, alone = evicting_with_kivi_and_alone(tmp_path, "h2o", ["evict.heavy_ratio=0.3", "evict.recent_ratio=0.3"],
+                                                 ids(seed=9))
+    assert all(isinstance(layer, H2OLayer) for layer in got.layers)
     r = 16
     for mine, theirs in zip(got.layers, alone.layers):
         # the prefill attends in full precision, so H2O keeps the same tokens in the same slots
@@ -172,9 +177,7 @@ def test_h2o_with_kivi2_decodes_with_the_budget_held_and_every_aged_token_quanti
     logits = decode_logits(composed.model, cache, prompt, steps=20)
     assert torch.isfinite(logits).all()
     for layer in cache.layers:
-        kept = layer.valid.clone()
-        if layer.free is not None:
-            kept.scatter_(2, layer.free, False)
+        kept = layer.kept()
         assert int(kept[0, 0].sum()) == 24                    # the budget: 12 heavy + 12 recent
         # KIVI's residual bound holds per head: fewer than R keys and at most R values unquantized
         assert int((layer.raw_keys & kept).sum(-1).max()) < 16
@@ -182,17 +185,9 @@ def test_h2o_with_kivi2_decodes_with_the_budget_held_and_every_aged_token_quanti
 
 
 def test_streaming_with_kivi2_keeps_the_sinks_and_window_and_quantizes_them_as_kivi(tmp_path):
-    window = ["evict.n_sink=4", "evict.recent_budget=20"]
-    composed, _ = prepare(cfg_of(tmp_path / "a", "evict=streaming", "kv=kivi", "kv_bits=2", *KIVI, *window))
-    assert composed.method.name == "kivi+streaming"
-    alone, _ = prepare(cfg_of(tmp_path / "b", "method=streaming", *[w.replace("evict.", "method.") for w in window]))
     prompt = ids(seed=17)
-    caches = []
-    for handle in (composed, alone):
-        cache = handle.new_cache(torch.ones_like(prompt))
-        with torch.no_grad():
-            handle.model(input_ids=prompt, **{cache_kwarg(handle.model): cache})
-        caches.append(cache)
+    composed, *caches = evicting_with_kivi_and_alone(tmp_path, "streaming", ["evict.n_sink=4", "evict.recent_budget=20"],
+                                                     prompt)
     for mine, theirs in zip(*(c.layers for c in caches)):
         mine.settle()                          # what the next step would quantize first
         assert theirs.keys.shape[-2] == 24     # 4 sinks + 20 recent, in position order

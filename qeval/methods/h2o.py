@@ -154,17 +154,20 @@ class H2OLayer(RowSelectable, DynamicLayer):
         if self.aging is not None:
             self._age()
 
+    def kept(self) -> torch.Tensor:
+        """(B, H, W) bool: the slot holds a kept token (the slot evicted this step on the dense
+        path, waiting for the next token, holds none)."""
+        kept = self.valid.clone()
+        if self.free is not None:
+            kept.scatter_(2, self.free, False)
+        return kept
+
     def _age(self) -> None:
         """Quantize the kept tokens that aged out of the KV part's full-precision window."""
-        if self.dense:
-            valid = torch.ones_like(self.raw_keys)
-            if self.free is not None:   # the slot evicted this step is not a kept token
-                valid.scatter_(2, self.free, False)
-            self.aging.step(self, self.pos, valid)
-        else:
-            w = self._valid.shape[-1]
-            # slots are in position order on this path
-            self.aging.step(self, torch.arange(w, device=self._valid.device).expand_as(self._valid), self._valid)
+        kept = self.kept()
+        # dense: ``pos`` orders the slots; otherwise slots are in position order
+        newness = self.pos if self.dense else torch.arange(kept.shape[-1], device=kept.device).expand_as(kept)
+        self.aging.step(self, newness, kept)
 
     def _evict_dense(self) -> None:
         """``evict`` when every slot is valid and budgets are equal: the same kept set, with the
@@ -268,10 +271,7 @@ class H2OLayer(RowSelectable, DynamicLayer):
         if not self.is_initialized or self.keys.numel() == 0:
             return 0
         if self.aging is not None:
-            kept = self.valid.clone()
-            if self.free is not None:
-                kept.scatter_(2, self.free, False)
-            return self.aging.packed_bytes(self, kept)
+            return self.aging.packed_bytes(self, self.kept())
         kept = int(self.valid.sum()) - (0 if self.free is None else self.free.numel())
         return kept * self.keys.shape[-1] * 2 * FP16_BYTES
 
