@@ -25,7 +25,7 @@ from qeval.errors import ConfigError
 from qeval.kv.attention import routes_registered_attention
 from qeval.methods import METHODS
 from qeval.methods.base import Bits
-from qeval.methods.build import build_method
+from qeval.methods.build import build_parts
 from qeval.model import loading
 from qeval.overrides import (
     _did_you_mean,
@@ -39,6 +39,7 @@ from qeval.quant import formats as F
 from qeval.quant.primitives import FULL_PRECISION_BITS
 from qeval.recipe.build import build_recipe, part_views
 from qeval.recipe.check import check as check_recipe
+from qeval.recipe.slot_names import KV as KV_SLOT
 from qeval.schema import check as check_schema
 from qeval.tasks import CHECKS, TASKS
 
@@ -219,8 +220,8 @@ def check_keep_layers(cfg, arch_cfg, recipe) -> None:
     if cfg.get("kv_keep_layers"):
         shown = f"kv_keep_layers=[{', '.join(map(str, cfg.kv_keep_layers))}]"
         if recipe.evict is not None:
-            raise ConfigError(f"{shown}: method {recipe.evict.name} evicts in every layer's cache; allowed: []")
-        if getattr(recipe.kv, "kv_backend", "torch") == "triton":
+            raise ConfigError(f"{shown}: method {recipe.evict.spec.name} evicts in every layer's cache; allowed: []")
+        if recipe.kv_backend == "triton":
             raise ConfigError(f"{shown}: backend=triton decodes every layer on packed words; allowed: "
                               f"backend=torch, or []")
 
@@ -268,12 +269,13 @@ def check_fused_decode(cfg, arch_cfg) -> None:
     function; a model that never calls it would get only the new token from the cache. Under
     ``backend=auto`` such a model's cache stays on torch (the row's ``kv_backend`` says so);
     asked for explicitly, it is refused."""
-    if cfg.get("backend", "auto") != "triton" or "KV" not in METHODS[cfg.method.name].targets:
+    if cfg.get("backend", "auto") != "triton" or routes_registered_attention(arch_cfg):
         return
     kind = arch_cfg.get_text_config().model_type
-    # the method built as the run builds it: only it knows whether its layout fits the kernels
-    if routes_registered_attention(arch_cfg) or getattr(
-            build_method(cfg, registered_attention=True), "kv_backend", "torch") != "triton":
+    if KV_SLOT not in METHODS[cfg.method.name].parts:
+        return
+    # the KV part built as the run builds it: only it knows whether its layout fits the kernels
+    if build_parts(cfg, (KV_SLOT,), registered_attention=True)[KV_SLOT].columns().get("kv_backend") != "triton":
         return
     raise ConfigError(f"backend=triton: method {cfg.method.name} decodes on packed words in a registered "
                       f"attention function, which model {cfg.model.name} ({kind}) never calls; "
@@ -306,7 +308,7 @@ def validate(cfg):
     for part, view in views:
         with speaking_as(part):
             check_config(view, METHODS[part.name])
-    check_recipe(cfg, [(part, build_method(view, registered_attention=True)) for part, view in views])
+    check_recipe(cfg, [(part, build_parts(view, part.slots, registered_attention=True)) for part, view in views])
     check_model_available(cfg.model)
     try:
         arch = loading.model_config(cfg.model)

@@ -61,14 +61,14 @@ def stub_kernels(patch=setattr) -> list[str]:
 def make_method(name: str, bits: int):
     from omegaconf import OmegaConf
 
-    from qeval.methods import METHODS
+    from qeval.recipe.build import shorthand
     from qeval.methods.base import Bits, Knobs
     from qeval.validate import CONFIG_DIR
     cfg = OmegaConf.load(Path(CONFIG_DIR) / "method" / f"{name}.yaml")
-    method = METHODS[name](cfg, Knobs(Bits(16, 16, bits, bits), kv_semantics="cache", backend="triton"))
+    method = shorthand(name, cfg, Knobs(Bits(16, 16, bits, bits), kv_semantics="cache", backend="triton"))
     if method.kv_backend != "triton":
         raise SystemExit(f"{name}: the packed backend is not available here")
-    method.fused.active = True   # as once its attention function is registered
+    method.kv._fused.active = True   # as once its attention function is registered
     return method
 
 
@@ -89,7 +89,7 @@ def time_layer(method, batch: int, context: int, steps: int, device: str,
         t0 = time.perf_counter()
         layer.update(k1, v1)
         t1 = time.perf_counter()
-        pending = method.fused.take(0)
+        pending = method.kv._fused.take(0)
         pending.decode(q, None)
         decodes.append(time.perf_counter() - t1)
         updates.append(t1 - t0)

@@ -124,15 +124,14 @@ def section_w_e2e(args) -> list[dict]:
     from omegaconf import OmegaConf
 
     from qeval.methods.base import Bits, Knobs
-    from qeval.methods.group import Group
-    from qeval.methods.uniform import Uniform
+    from qeval.recipe.build import shorthand
     from qeval.model.linear import quantize_linears
     uniform = OmegaConf.create({"name": "uniform", "symmetric": False, "w_granularity": "per_channel",
                                 "a_granularity": "per_token", "kv_granularity": "per_token"})
     configs = {"fp16": None,
-               "w4_g128": Group(OmegaConf.create({"name": "group", "symmetric": False}),
-                                Knobs(Bits(4, 16), w_group_size=128)),
-               "w8a8": Uniform(uniform, Knobs(Bits(8, 8)))}
+               "w4_g128": shorthand("group", OmegaConf.create({"name": "group", "symmetric": False}),
+                                    Knobs(Bits(4, 16), w_group_size=128)),
+               "w8a8": shorthand("uniform", uniform, Knobs(Bits(8, 8)))}
     rows = []
     prompt, new = 128, 128
     for name, method in configs.items():

@@ -138,9 +138,9 @@ def _kivi(bits: int):
     from omegaconf import OmegaConf
 
     from qeval.methods.base import Bits, Knobs
-    from qeval.methods.kivi import KIVI
+    from qeval.recipe.build import shorthand
     cfg = OmegaConf.create({"name": "kivi", "group_size": GROUP, "residual_length": RESIDUAL})
-    return KIVI(cfg, Knobs(Bits(16, 16, bits, bits), kv_semantics="cache", backend="triton"))
+    return shorthand("kivi", cfg, Knobs(Bits(16, 16, bits, bits), kv_semantics="cache", backend="triton"))
 
 
 def _generate_seconds(model, method, batch: int, prompt: int, new: int) -> float:

@@ -28,7 +28,7 @@ from transformers import DynamicCache, QuantizedCache
 ROOT = Path(__file__).resolve().parent.parent
 
 from qeval.kv.cache import cache_kwarg
-from qeval.methods import METHODS
+from qeval.recipe.build import shorthand
 from qeval.methods.base import Bits, Knobs
 from qeval.model import loading
 from qeval.model.handle import Handle
@@ -45,7 +45,7 @@ def method_cache_factory(model, name: str, bits: int):
     """() -> a fresh qeval cache for ``name`` at ``bits`` (H2O: 16), with its attention function set."""
     cfg = OmegaConf.load(ROOT / "qeval" / "configs" / "method" / f"{name}.yaml")
     b = 16 if name == "h2o" else bits
-    method = METHODS[name](cfg, Knobs(Bits(16, 16, b, b), kv_semantics="cache"))
+    method = shorthand(name, cfg, Knobs(Bits(16, 16, b, b), kv_semantics="cache"))
     attention = method.attention_implementation("sdpa")
     handle = Handle(model, None, method, "cache")
 

@@ -179,9 +179,9 @@ def _kivi_method(backend: str, bits: int):
     from omegaconf import OmegaConf
 
     from qeval.methods.base import Bits, Knobs
-    from qeval.methods.kivi import KIVI
+    from qeval.recipe.build import shorthand
     cfg = OmegaConf.create({"name": "kivi", "group_size": kvb.GROUP, "residual_length": kvb.RESIDUAL})
-    return KIVI(cfg, Knobs(Bits(16, 16, bits, bits), kv_semantics="cache", backend=backend))
+    return shorthand("kivi", cfg, Knobs(Bits(16, 16, bits, bits), kv_semantics="cache", backend=backend))
 
 
 def _sync(device: str) -> None:

@@ -19,6 +19,11 @@ def make_method(name: str, bits: int = 16, semantics: str = "cache", **overrides
     return make_from_yaml(name, bits, semantics, **(CONTRACT[name][0] | overrides))
 
 
+def make_part(name: str, bits: int = 16, semantics: str = "cache", **overrides):
+    """The KV or evict part of ``name`` at its contract settings (its own API: GEAR's ``compress``)."""
+    return make_from_yaml(name, bits, semantics, **(CONTRACT[name][0] | overrides)).parts[0][1].popitem()[1]
+
+
 def make_handle(name: str, bits: int = 16, semantics: str = "cache", attn: str = "sdpa", **overrides):
     model, tok = tiny_model("llama", attn=attn)
     method = make_method(name, bits, semantics, **overrides)

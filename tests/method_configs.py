@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 from qeval.methods import METHODS
 from qeval.methods.base import Bits, Formats, Knobs
 from qeval.quant.formats import lookup
+from qeval.recipe.recipe import Recipe
+from qeval.recipe.build import shorthand
 from qeval.validate import CONFIG_DIR
 
 # name -> (overrides for tiny models, KV bits it is tested at, the semantics it supports)
@@ -58,15 +60,33 @@ def make_method(name: str, kv_bits: int = 16, semantics: str = "cache", backend:
                 w_bits: int = 16, a_bits: int = 16, k_bits: int | None = None, v_bits: int | None = None,
                 w_group_size: int | None = 128, a_group_size: int | None = None,
                 kv_group_size: int | None = None, w_format: str = "int", a_format: str = "int",
-                kv_format: str = "int", **overrides):
-    """A method instance from its YAML and the run's knobs (``k_bits``/``v_bits`` override
-    ``kv_bits``, and a non-int ``*_format`` sets its own bits, as on the command line)."""
+                kv_format: str = "int", **overrides) -> Recipe:
+    """``method=<name>`` as a run holds it, a recipe of the method's parts, from its YAML and the
+    run's knobs (``k_bits``/``v_bits`` override ``kv_bits``, and a non-int ``*_format`` sets its
+    own bits, as on the command line)."""
     k, v = kv_bits if k_bits is None else k_bits, kv_bits if v_bits is None else v_bits
     bits = Bits(*(lookup(f).width(b) for b, f in ((w_bits, w_format), (a_bits, a_format), (k, kv_format),
                                                       (v, kv_format))))
-    knobs = Knobs(bits, w_group_size, a_group_size, kv_group_size, semantics, backend,
-                  Formats(w_format, a_format, kv_format))
-    return METHODS[name](method_params(name, **overrides), knobs)
+    formats = Formats(w_format, a_format, kv_format)
+    knobs = Knobs(bits, w_group_size, a_group_size, kv_group_size, semantics, backend, formats)
+    cfg = OmegaConf.create({"w_bits": w_bits, "a_bits": a_bits, "kv_bits": kv_bits, "k_bits": k_bits,
+                            "v_bits": v_bits, "w_group_size": w_group_size, "a_group_size": a_group_size,
+                            "kv_group_size": kv_group_size, "w_format": w_format, "a_format": a_format,
+                            "kv_format": kv_format, "kv_semantics": semantics, "backend": backend})
+    return from_knobs(name, method_params(name, **overrides), knobs, cfg)
+
+
+def from_knobs(name: str, params, knobs: Knobs, cfg=None) -> Recipe:
+    """``method=<name>`` with node ``params`` and ``knobs``, as the recipe a run holds."""
+    return shorthand(name, params, knobs, cfg)
+
+
+def make_part(name: str, *args, **kwargs):
+    """The one part of a single-target method (KIVI's KV part, GPTQ's weight part ...), built as
+    :func:`make_method` builds it."""
+    (_, parts), = make_method(name, *args, **kwargs).parts
+    (part,) = parts.values()
+    return part
 
 
 def make_contract_method(name: str, semantics: str = "cache", **overrides):

@@ -121,7 +121,7 @@ def test_folding_the_scales_leaves_the_full_precision_output_unchanged(family, o
     with torch.no_grad():
         before = model(input_ids=ids, use_cache=False).logits
     method = make_method("awq", w_bits=BITS, w_group_size=GROUP, auto_clip=False)
-    result = method.calibrate(model, samples())
+    result = method.weight.calibrate(model, samples())
     with torch.no_grad():
         after = model(input_ids=ids, use_cache=False).logits
     # per layer (two): the norm before attention and before the MLP, up -> down, and v -> o
@@ -135,10 +135,10 @@ def test_a_saved_result_rebuilds_the_same_weights_on_a_fresh_model():
     model, _ = tiny_model("llama")
     fresh = copy.deepcopy(model)
     method = make_method("awq", w_bits=BITS, w_group_size=GROUP)
-    result = method.calibrate(model, samples())
+    result = method.weight.calibrate(model, samples())
     assert result["clip"], "v, o, gate, up, down are clipped"
     assert not any(".q_proj" in n or ".k_proj" in n for n, _ in result["clip"])
-    make_method("awq", w_bits=BITS, w_group_size=GROUP).apply_calibration(fresh, result)
+    make_method("awq", w_bits=BITS, w_group_size=GROUP).weight.apply_calibration(fresh, result)
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -159,11 +159,11 @@ def authors_cache(result) -> dict:
 def test_an_awq_cache_file_rebuilds_qevals_own_calibrated_model_exactly(tmp_path):
     model, _ = tiny_model("llama")
     fresh = copy.deepcopy(model)
-    result = make_method("awq", w_bits=BITS, w_group_size=GROUP).calibrate(model, samples())
+    result = make_method("awq", w_bits=BITS, w_group_size=GROUP).weight.calibrate(model, samples())
     path = tmp_path / "llama-w3-g32.pt"
     torch.save(authors_cache(result), path)
     method = make_method("awq", w_bits=BITS, w_group_size=GROUP, scales_file=str(path))
-    method.apply_calibration(fresh, method.read_scales_file(path))
+    method.weight.apply_calibration(fresh, method.calibrator().read_scales_file(path))
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
     ids = torch.cat(samples(2, seed=7))
@@ -182,7 +182,7 @@ def test_the_saved_result_is_a_scales_file_and_a_run_from_it_names_the_file(tmp_
               "task=quant_error", f"results_dir={tmp_path}"]
     model, _ = loading.load(compose_cfg(*common).model, "cpu", "float32", "sdpa", 0)
     method = make_method("awq", w_bits=BITS, w_group_size=GROUP)
-    store.write(tmp_path / "saved", method.calibrate(model, samples()), {})
+    store.write(tmp_path / "saved", method.weight.calibrate(model, samples()), {})
     path = tmp_path / "saved" / store.RESULT
     cfg = compose_cfg(*common, f"method.scales_file={path}")
     handle, facts = prepare(cfg)
@@ -199,7 +199,7 @@ def test_the_saved_result_is_a_scales_file_and_a_run_from_it_names_the_file(tmp_
 
 def bad_cache(tmp_path, edit) -> str:
     model, _ = tiny_model("llama")
-    result = make_method("awq", w_bits=BITS, w_group_size=GROUP, auto_clip=False).calibrate(model, samples(1))
+    result = make_method("awq", w_bits=BITS, w_group_size=GROUP, auto_clip=False).weight.calibrate(model, samples(1))
     result["clip"] = [("model.layers.0.mlp.down_proj", torch.ones(64, 4, 1))]
     cache = authors_cache(result)
     edit(cache)
@@ -221,9 +221,9 @@ def bad_cache(tmp_path, edit) -> str:
 def test_a_cache_that_does_not_fit_the_model_is_one_line_naming_file_and_entry(tmp_path, edit, message):
     path = bad_cache(tmp_path, edit)
     method = make_method("awq", w_bits=BITS, w_group_size=GROUP, scales_file=path)
-    result = method.read_scales_file(path)             # the structure is fine: only the model can tell
+    result = method.calibrator().read_scales_file(path)             # the structure is fine: only the model can tell
     with pytest.raises(ConfigError) as e:
-        method.apply_calibration(tiny_model("llama")[0], result)
+        method.weight.apply_calibration(tiny_model("llama")[0], result)
     assert str(e.value).startswith(f"method.scales_file={path}: {message}") and "\n" not in str(e.value)
 
 

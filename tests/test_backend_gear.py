@@ -4,7 +4,7 @@ greedy generations equal backend=torch's (CPU: Triton's interpreter; GPU: compil
 
 import pytest
 import torch
-from method_configs import method_params
+from method_configs import from_knobs, method_params
 from packed_backend_helpers import (
     DEV,
     check_beams_equal_torch,
@@ -24,7 +24,6 @@ from qeval.kv.cache import (
 )
 from qeval.kv.sequence import SequenceState
 from qeval.methods.base import Bits, Knobs
-from qeval.methods.gear import GEAR
 from qeval.methods.gear_packed import PackedGEARLayer, pack_block
 from qeval.methods.kivi_packed import PackedKIVILayer
 from qeval.model.handle import Handle
@@ -40,7 +39,7 @@ def model_and_tokenizer():
 
 def gear(backend: str, k_bits=2, v_bits=2, semantics="cache", **overrides):
     cfg = method_params("gear", **({"group_size": 16, "stream_block": 16} | overrides))
-    return GEAR(cfg, Knobs(Bits(16, 16, k_bits, v_bits), kv_semantics=semantics, backend=backend))
+    return from_knobs("gear", cfg, Knobs(Bits(16, 16, k_bits, v_bits), kv_semantics=semantics, backend=backend))
 
 
 @pytest.mark.parametrize("k_bits,v_bits", [(2, 2), (4, 2)])  # K4V2: mixed widths
@@ -132,7 +131,7 @@ def test_packed_backbone_is_the_torch_backbone(which):
     mask = outlier_mask(x, 0.05)
     method = gear("triton")
     (words, scale, zero), q = pack_block(x, 2, 16, which, mask)
-    assert torch.equal(q, method.quantizer(which)(x, mask))
+    assert torch.equal(q, method.kv.quantizer(which)(x, mask))
     # the words the kernel reads dequantize to that very Q
     dequantize = kv_pack.dequantize_keys if which == "k" else kv_pack.dequantize_values
     assert torch.equal(dequantize(words, scale, zero, 2, 16), q)

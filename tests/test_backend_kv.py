@@ -3,7 +3,7 @@ greedy generations equal backend=torch's (CPU: Triton's interpreter; GPU: compil
 
 import pytest
 import torch
-from method_configs import method_params
+from method_configs import from_knobs, method_params
 from packed_backend_helpers import (
     DEV,
     check_beams_equal_torch,
@@ -19,7 +19,6 @@ from qeval.kv.cache import (
     packed_layout_bytes,
 )
 from qeval.methods.base import Bits, Knobs
-from qeval.methods.kivi import KIVI
 from qeval.methods.kivi_packed import PackedKIVILayer
 from qeval.model.handle import Handle
 
@@ -30,8 +29,8 @@ def model_and_tokenizer():
 
 
 def kivi(backend: str, k_bits=2, v_bits=2, G=16, R=16):
-    return KIVI(method_params("kivi", group_size=G, residual_length=R),
-                Knobs(Bits(16, 16, k_bits, v_bits), kv_semantics="cache", backend=backend))
+    return from_knobs("kivi", method_params("kivi", group_size=G, residual_length=R),
+                      Knobs(Bits(16, 16, k_bits, v_bits), kv_semantics="cache", backend=backend))
 
 
 @pytest.mark.parametrize("k_bits,v_bits", [(2, 2), (4, 8)])  # K4V8: mixed widths

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from method_configs import method_params
+from method_configs import from_knobs, method_params
 from omegaconf import OmegaConf
 
 from qeval.errors import ConfigError
 from qeval.methods.base import Bits, Knobs
-from qeval.methods.group import Group
-from qeval.methods.uniform import Uniform
 from qeval.model import loading
 from qeval.model.handle import Handle
 from qeval.model.linear import PackedQuantLinear, QuantLinear, quantize_linears
@@ -27,11 +25,11 @@ PROMPTS = ["The pass key is 4217. Remember it.", "Go on:"]
 
 def group(w, a=16, g=32, symmetric=False, zero_point="integer"):
     params = method_params("group", symmetric=symmetric, zero_point=zero_point)
-    return Group(params, Knobs(Bits(w, a), w_group_size=g))
+    return from_knobs("group", params, Knobs(Bits(w, a), w_group_size=g))
 
 
 def uniform(w, a=16, **over):
-    return Uniform(method_params("uniform", **over), Knobs(Bits(w, a)))
+    return from_knobs("uniform", method_params("uniform", **over), Knobs(Bits(w, a)))
 
 
 @pytest.fixture(scope="module")

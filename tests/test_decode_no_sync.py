@@ -12,16 +12,14 @@ cover blocks packed in a decode step, for one row of a left-padded batch while t
 
 import pytest
 import torch
-from method_configs import method_params
+from method_configs import from_knobs, method_params
 from packed_backend_helpers import DEV, load_tiny
 from triton.runtime.jit import KernelInterface
 
 from qeval.kernels import kv_decode_attention, kv_pack
 from qeval.kv.cache import cache_kwarg
 from qeval.methods.base import Bits, Knobs
-from qeval.methods.gear import GEAR
 from qeval.methods.gear_packed import PackedGEARLayer
-from qeval.methods.kivi import KIVI
 from qeval.methods.kivi_packed import PackedKIVILayer
 from qeval.model.handle import Handle
 
@@ -89,13 +87,13 @@ def launches(monkeypatch):
 
 
 def kivi():
-    return KIVI(method_params("kivi", group_size=16, residual_length=16),
-                Knobs(Bits(16, 16, 2, 2), kv_semantics="cache", backend="triton"))
+    return from_knobs("kivi", method_params("kivi", group_size=16, residual_length=16),
+                      Knobs(Bits(16, 16, 2, 2), kv_semantics="cache", backend="triton"))
 
 
 def gear():
-    return GEAR(method_params("gear", group_size=16, stream_block=16),
-                Knobs(Bits(16, 16, 2, 2), kv_semantics="cache", backend="triton"))
+    return from_knobs("gear", method_params("gear", group_size=16, stream_block=16),
+                      Knobs(Bits(16, 16, 2, 2), kv_semantics="cache", backend="triton"))
 
 
 @pytest.mark.parametrize("make,layer_cls", [(kivi, PackedKIVILayer), (gear, PackedGEARLayer)],

@@ -168,7 +168,7 @@ def test_rows_name_the_format_and_where_its_scales_sit(knobs, setting, scales):
     knobs = dict(knobs)
     kv_scale = knobs.pop("kv_scale", "dynamic")   # a run knob, not a method parameter
     m = make_method("uniform", **knobs)
-    m.knobs.kv_scale = kv_scale
+    m.kv.knobs.kv_scale = kv_scale   # one knobs object, shared by the parts
     row = m.describe()
     assert row["kv_scale"] == (kv_scale if knobs.get("kv_format", "int").startswith("fp8") else None)
     assert row["setting"] == setting

@@ -5,14 +5,13 @@ pinned against a transcription of it."""
 
 import pytest
 import torch
-from kv_method_helpers import make_method
-from method_configs import check_params, method_params
+from kv_method_helpers import make_method, make_part
+from method_configs import check_params, from_knobs, method_params
 from omegaconf import OmegaConf
 
 from qeval.errors import ConfigError
 from qeval.kv.sequence import SequenceState
 from qeval.methods.base import Bits, Knobs
-from qeval.methods.gear import GEAR
 from qeval.quant.decompose import (
     gear_compress,
     levels,
@@ -35,7 +34,7 @@ def _x(seed=0, n=64, d=16):
 @pytest.mark.parametrize("backbone", ["kivi", "uniform"])
 @pytest.mark.parametrize("which", ["k", "v"])
 def test_no_outliers_and_rank_zero_is_exactly_the_backbone(backbone, which):
-    m = make_method("gear", bits=2, backbone=backbone, outlier_ratio=0.0, rank_prefill=0, rank_decode=0)
+    m = make_part("gear", bits=2, backbone=backbone, outlier_ratio=0.0, rank_prefill=0, rank_decode=0)
     x = _x()
     q = m.quantizer(which)
     y, n_out, r = gear_compress(x, 2, q, 0.0, 0, 3)
@@ -46,7 +45,7 @@ def test_no_outliers_and_rank_zero_is_exactly_the_backbone(backbone, which):
 @pytest.mark.parametrize("backbone", ["kivi", "uniform"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_error_never_exceeds_the_backbones(bits, backbone, seed):
-    m = make_method("gear", bits=bits, backbone=backbone)
+    m = make_part("gear", bits=bits, backbone=backbone)
     x = _x(seed)
     for which in ("k", "v"):
         q = m.quantizer(which)
@@ -59,7 +58,7 @@ def test_error_never_exceeds_the_backbones(bits, backbone, seed):
 def test_three_bits_use_seven_levels():
     assert [levels(b) for b in (2, 3, 4, 8)] == [3, 7, 15, 255]
     x = torch.linspace(-1, 1, 64).reshape(1, 1, 2, 32)
-    m = make_method("gear", bits=3, backbone="uniform", outlier_ratio=0.0, rank_prefill=0)
+    m = make_part("gear", bits=3, backbone="uniform", outlier_ratio=0.0, rank_prefill=0)
     y = m.quantizer("v")(x, None)
     assert len(torch.unique(y[0, 0, 0])) == 8              # codes 0..7: 7 steps between min and max
     assert int(quantize(x, 3, -1).codes.max()) == 7
@@ -73,7 +72,7 @@ def test_outliers_are_top_and_bottom_and_stored_exactly():
     assert int(mask[0, 0].sum()) == 2 * k
     top = x[0, 0].flatten().topk(k).indices
     assert mask[0, 0].flatten()[top].all()
-    m = make_method("gear", bits=2, backbone="kivi")
+    m = make_part("gear", bits=2, backbone="kivi")
     y, _, _ = gear_compress(x, 2, m.quantizer("k"), 0.02, 0, 3)
     assert torch.equal(y[mask], x[mask])
 
@@ -87,10 +86,10 @@ def test_low_rank_recovers_a_low_rank_error_and_never_grows_it():
 
 
 def test_streaming_blocks_and_prefill_rank():
-    m = make_method("gear", bits=2, stream_block=16)
+    m = make_part("gear", bits=2, stream_block=16)
     ranks = []
     compress = m.compress
-    m.compress = lambda x, which, first: ranks.append((which, x.shape[-2], m.rank(first, *x.shape[-2:]))) or compress(x, which, first)
+    m.compress = lambda x, which, first: ranks.append((which, x.shape[-2], m._rank(first, *x.shape[-2:]))) or compress(x, which, first)
     layer = m.make_cache_layer(0, SequenceState())
     layer.update(torch.randn(1, 2, 37, 16), torch.randn(1, 2, 37, 16))
     for _ in range(20):
@@ -198,7 +197,7 @@ def test_reference_rule_reproduces_the_reference_at_two_bits(seed):
     torch.manual_seed(seed)
     x = torch.randn(1, 4, 32, 16)
     x[..., 3] *= 6
-    m = make_method("gear", bits=2, backbone="kivi", group_size=8, outlier_ratio=0.1,
+    m = make_part("gear", bits=2, backbone="kivi", group_size=8, outlier_ratio=0.1,
                     outlier_rule="reference_code", rank_prefill=0)
     assert reference_outliers_per_side(0.1, 4, 32, 16) == 3        # of 32 tokens per key channel
     for which in "kv":
@@ -219,28 +218,28 @@ def test_reference_rule_keeps_every_key_when_its_count_exceeds_the_block():
     assert mask.all()
     mask, _ = reference_outliers(x, 0.5, "v")
     assert (mask.reshape(1, 4, 8, 16).transpose(1, 2).reshape(8, 64).sum(-1) == 32).all()
-    m = make_method("gear", bits=2, outlier_ratio=0.5, outlier_rule="reference_code", group_size=8, rank_prefill=0)
+    m = make_part("gear", bits=2, outlier_ratio=0.5, outlier_rule="reference_code", group_size=8, rank_prefill=0)
     assert torch.equal(m.compress(x, "k", True)[0], x)
 
 
 @pytest.mark.parametrize("backbone", ["kivi", "uniform"])
 def test_the_paper_rule_is_the_default_and_unchanged(backbone):
-    m = make_method("gear", bits=2, backbone=backbone)
-    assert m.params.outlier_rule == "paper" and m.outliers("k") is None
-    assert m.describe()["method.outlier_rule"] == "paper"
+    m = make_part("gear", bits=2, backbone=backbone)
+    assert m.params.outlier_rule == "paper" and m._outliers("k") is None
+    assert make_method("gear", bits=2, backbone=backbone).describe()["method.outlier_rule"] == "paper"
     x = _x()
     for which in "kv":
         q = m.quantizer(which)
         mask = outlier_mask(x, 0.02)
-        bare = make_method("gear", bits=2, backbone=backbone, rank_prefill=0).compress(x, which, True)[0]
+        bare = make_part("gear", bits=2, backbone=backbone, rank_prefill=0).compress(x, which, True)[0]
         assert torch.equal(bare, torch.where(mask, x, q(x, mask)))          # exact outliers, kept out of min/max
         assert torch.equal(m.compress(x, which, True)[0], gear_compress(x, 2, q, 0.02, 4, 3)[0])
 
 
 def test_reference_rule_runs_in_both_semantics_and_is_recorded():
     kw = {"outlier_rule": "reference_code", "outlier_ratio": 0.5, "group_size": 8, "stream_block": 16}
-    m = make_method("gear", 2, "cache", **kw)
-    assert m.describe()["method.outlier_rule"] == "reference_code"
+    m = make_part("gear", 2, "cache", **kw)
+    assert make_method("gear", 2, "cache", **kw).describe()["method.outlier_rule"] == "reference_code"
     torch.manual_seed(0)
     k, v = torch.randn(1, 2, 37, 16), torch.randn(1, 2, 37, 16)
     layer = m.make_cache_layer(0, SequenceState())
@@ -249,9 +248,9 @@ def test_reference_rule_runs_in_both_semantics_and_is_recorded():
     keys, values = layer.keys, layer.values
     assert torch.equal(keys[:, :, :32], m.compress(k[:, :, :32], "k", True)[0])
     assert torch.equal(values[:, :, :32], m.compress(v[:, :, :32], "v", True)[0])
-    paper = make_method("gear", 2, "cache", **(kw | {"outlier_rule": "paper"}))
+    paper = make_part("gear", 2, "cache", **(kw | {"outlier_rule": "paper"}))
     assert not torch.equal(keys[:, :, :32], paper.compress(k[:, :, :32], "k", True)[0])
-    sk, sv = make_method("gear", 2, "simulated", **kw).quantize_kv(k, v)
+    sk, sv = make_part("gear", 2, "simulated", **kw).quantize_kv(k, v)
     assert torch.equal(sk, m.compress(k, "k", True)[0]) and torch.equal(sv, m.compress(v, "v", True)[0])
 
 
@@ -273,8 +272,8 @@ def test_outlier_rule_check(backend):
 
 def test_reference_rule_runs_on_torch_when_triton_is_resolved():
     """backend=auto resolves to triton on CUDA; the packed cache holds the paper's outliers only."""
-    m = GEAR(method_params("gear", outlier_rule="reference_code", group_size=8),
-             Knobs(Bits(16, 16, 2, 2), kv_semantics="cache", backend="triton"))
+    m = from_knobs("gear", method_params("gear", outlier_rule="reference_code", group_size=8),
+                   Knobs(Bits(16, 16, 2, 2), kv_semantics="cache", backend="triton"))
     assert m.kv_backend == "torch" and m.describe()["kv_backend"] == "torch"
 
 

@@ -327,7 +327,7 @@ def test_the_whole_sequential_pass_is_the_references_bit_for_bit(bits, group_siz
     g = torch.Generator().manual_seed(1)
     samples = [torch.randint(4, 90, (1, 48), generator=g) for _ in range(6)]
     make_method("gptq", w_bits=bits, w_group_size=group_size, act_order=act_order, static_groups=static, sym=sym,
-                true_sequential=true_sequential).calibrate(model, samples)
+                true_sequential=true_sequential).weight.calibrate(model, samples)
     reference_sequential(ref, samples, true_sequential=true_sequential, bits=bits, group_size=group_size,
                          act_order=act_order, static_groups=static, sym=sym)
     for (name, a), b in zip(model.named_parameters(), ref.parameters()):
@@ -347,9 +347,9 @@ def test_triton_packs_gptqs_own_codes_and_agrees_with_torch(group_size, act_orde
     common = {"w_bits": 4, "w_group_size": group_size, "act_order": act_order, "static_groups": static}
     packed = make_method("gptq", backend="triton", **common)
     g = torch.Generator().manual_seed(0)
-    result = packed.calibrate(model, [torch.randint(4, 90, (1, 64), generator=g) for _ in range(4)])
+    result = packed.weight.calibrate(model, [torch.randint(4, 90, (1, 64), generator=g) for _ in range(4)])
     torch_method = make_method("gptq", **common)
-    torch_method.apply_calibration(ref, result)
+    torch_method.weight.apply_calibration(ref, result)
     facts = {"torch": quantize_linears(ref, torch_method, "torch"), "triton": quantize_linears(model, packed, "triton")}
     assert facts["triton"]["linear_backend"] == "wq_gemm"
     layers = {n: m for n, m in model.named_modules() if isinstance(m, PackedQuantLinear)}
@@ -371,12 +371,12 @@ def test_act_order_groups_run_on_torch_under_auto_and_are_refused_by_triton():
     model, _ = loading.load(OmegaConf.load(CONFIG_DIR / "model/tiny-random.yaml"), "cpu", "float32", "sdpa", 0)
     method = make_method("gptq", backend="triton", w_bits=4, w_group_size=64, act_order=True)
     fresh = copy.deepcopy(model)
-    result = method.calibrate(model, [torch.arange(4, 68)[None]])
+    result = method.weight.calibrate(model, [torch.arange(4, 68)[None]])
     with pytest.raises(ConfigError, match="backend=triton: method.act_order=true with w_group_size=64: act-order's "
                                           "groups are not contiguous"):
         quantize_linears(model, method, "triton")
     # auto on CUDA: the layer stays on the torch path with GPTQ's weight
-    method.apply_calibration(fresh, result)
+    method.weight.apply_calibration(fresh, result)
     q_proj = fresh.get_submodule("model.layers.0.self_attn.q_proj")
     kept = _make_linear(q_proj, method, False, "triton", strict=False)
     assert isinstance(kept, QuantLinear) and torch.equal(kept.weight, q_proj.weight)

@@ -47,7 +47,7 @@ def kept(layer, row=0, head=0) -> torch.Tensor:
 
 
 def _layer(heavy, recent, mask=None):
-    m = make_method("h2o", heavy_budget=heavy, recent_budget=recent)
+    m = make_method("h2o", heavy_budget=heavy, recent_budget=recent).evict
     return m, m.make_cache_layer(0, SequenceState(mask))
 
 

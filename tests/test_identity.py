@@ -3,7 +3,7 @@ left-padded batch, under sdpa and eager."""
 
 import pytest
 import torch
-from method_configs import method_params
+from method_configs import from_knobs, method_params
 from tiny_models import tiny_model
 from transformers import DynamicCache
 
@@ -13,15 +13,13 @@ from qeval.kv.cache import (
     cache_kwarg,  # noqa: E402
 )
 from qeval.methods.base import Bits, Knobs
-from qeval.methods.group import Group
-from qeval.methods.uniform import Uniform
 from qeval.model.linear import QuantLinear, quantize_linears
 
 PROMPTS = ["The pass key is 12345. Remember it.", "Hi"]  # different lengths: left padding
 
 
-def method16(cls=Uniform):
-    return cls(method_params(cls.name), Knobs(Bits(16, 16, 16, 16), w_group_size=32, kv_group_size=8))
+def method16(name="uniform"):
+    return from_knobs(name, method_params(name), Knobs(Bits(16, 16, 16, 16), w_group_size=32, kv_group_size=8))
 
 
 def run(model, tok, cache_factory):
@@ -34,11 +32,11 @@ def run(model, tok, cache_factory):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("cls", [Uniform, Group])
-def test_kv16_cache_semantics_is_identity(attn, cls):
+@pytest.mark.parametrize("name", ["uniform", "group"])
+def test_kv16_cache_semantics_is_identity(attn, name):
     model, tok = tiny_model("llama", attn)
     ref_logits, ref_out = run(model, tok, lambda m: DynamicCache(config=model.config))
-    m16 = method16(cls)
+    m16 = method16(name)
     logits, out = run(model, tok, lambda m: QevalCache(m16, model.config.num_hidden_layers, m))
     assert torch.equal(logits, ref_logits)
     assert torch.equal(out, ref_out)
@@ -54,15 +52,15 @@ def test_kv16_simulated_semantics_is_identity(attn):
     assert torch.equal(out, ref_out)
 
 
-@pytest.mark.parametrize("cls", [Uniform, Group])
-def test_w16_a16_linear_is_identity(cls):
+@pytest.mark.parametrize("name", ["uniform", "group"])
+def test_w16_a16_linear_is_identity(name):
     model, tok = tiny_model("llama")
     linear = model.model.layers[0].mlp.down_proj
     x = torch.randn(3, 5, linear.in_features)
-    q = QuantLinear(linear, method16(cls), quantize_input=True)
+    q = QuantLinear(linear, method16(name), quantize_input=True)
     assert torch.equal(q(x), linear(x))
     # at 16 bits nothing is swapped, so the whole model is untouched
-    assert quantize_linears(model, method16(cls)) == {}
+    assert quantize_linears(model, method16(name)) == {}
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
 
 

@@ -30,7 +30,7 @@ def _drive(layer, prompt: int, steps: int, b: int = 1, pad=None):
 
 
 def test_keys_are_flushed_only_in_whole_blocks_of_real_tokens():
-    m = make_method("kivi", bits=2, group_size=8, residual_length=16)
+    m = make_method("kivi", bits=2, group_size=8, residual_length=16).kv
     seen = []
     compress = m._compress_keys
     m._compress_keys = lambda k, first: seen.append(k.shape[-2]) or compress(k, first)
@@ -50,7 +50,7 @@ def test_keys_are_flushed_only_in_whole_blocks_of_real_tokens():
 
 
 def test_key_groups_count_from_each_rows_first_real_token():
-    m = make_method("kivi", bits=2, group_size=8, residual_length=16)
+    m = make_method("kivi", bits=2, group_size=8, residual_length=16).kv
     mask = torch.tensor([[0] * 5 + [1] * 20, [1] * 25])
     layer = m.make_cache_layer(0, SequenceState(mask))
     _drive(layer, prompt=25, steps=0, b=2)

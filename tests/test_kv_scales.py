@@ -63,7 +63,7 @@ def test_the_static_scale_is_amax_over_max_of_the_kv_the_calibration_data_produc
     model, tok = tiny_model("llama")
     k_amax, v_amax = hooked_amax(model, samples(tok))
     m = make_method("uniform", kv_format=fmt)
-    result = Calibration(m, "static").calibrate(model, samples(tok))
+    result = Calibration(m.kv, "static").calibrate(model, samples(tok))
     # the same float32 operations on the same inputs: equal bit for bit
     assert torch.equal(result["k_amax"], k_amax) and torch.equal(result["v_amax"], v_amax)
     top = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}[fmt]
@@ -90,7 +90,7 @@ def test_a_static_cache_holds_float8_made_with_the_fixed_scale_and_saturates_bey
     m = make_method("uniform", kv_format=fmt)
     k_amax, v_amax = hooked_amax(model, samples(tok))
     # half the calibration amax, so the prompts' largest K/V lie beyond it and must saturate
-    m.kv_scales = KVScales.from_amax(k_amax / 2, v_amax / 2, fmt, kind)
+    m.kv.kv_scales = KVScales.from_amax(k_amax / 2, v_amax / 2, fmt, kind)
     cache, ref = static_cache_run(model, tok, m)
     top = fp8.MAX[fmt]
     for i, (layer, want) in enumerate(zip(cache.layers, ref.layers)):
@@ -109,7 +109,7 @@ def test_a_static_cache_holds_float8_made_with_the_fixed_scale_and_saturates_bey
 def test_simulated_static_quantization_is_per_layer_and_equals_the_caches_codes():
     model, tok = tiny_model("llama")
     m = make_method("uniform", kv_format="fp8_e4m3", semantics="simulated")
-    Calibration(m, "static").calibrate(model, samples(tok))
+    Calibration(m.kv, "static").calibrate(model, samples(tok))
     k = torch.randn(2, 2, 7, 16) * 3
     got0, _ = m.quantize_kv(k, k, None, layer_idx=0)
     got1, _ = m.quantize_kv(k, k, None, layer_idx=1)
@@ -123,7 +123,7 @@ def test_simulated_static_quantization_is_per_layer_and_equals_the_caches_codes(
 def test_one_scale_per_layer_and_tensor_leaves_the_bytes_at_half_of_fp16():
     model, tok = tiny_model("llama")
     m = make_method("uniform", kv_format="fp8_e4m3")
-    Calibration(m, "static").calibrate(model, samples(tok))
+    Calibration(m.kv, "static").calibrate(model, samples(tok))
     cache, ref = static_cache_run(model, tok, m)
     n = sum(l.keys.numel() + l.values.numel() for l in ref.layers)
     # one byte per element plus one float32 for K and one for V per layer

@@ -29,7 +29,10 @@ from qeval.kv.cache import (
     packed_layout_bytes,
 )
 from qeval.methods import METHODS
+from qeval.methods.eviction import EvictPart
+from qeval.methods.parts import ActPart, Calibrated, KVPart, TransformPart, WeightPart
 from qeval.model.handle import Handle
+from qeval.recipe.slot_names import ACT, EVICT, KV, TRANSFORM, WEIGHT
 from qeval.validate import CONFIG_DIR, options
 
 PROMPTS = ["The grass is green. The sky is blue. The sun is yellow. Here we go again.", "Short one."]
@@ -81,7 +84,7 @@ def test_rows_carry_parameters_and_labels(name):
     row = method.describe()
     assert {f"method.{k}" for k in method_params(name) if k != "name"} <= set(row)
     assert {"target", "setting", "kv_budget"} <= set(row)
-    if method.evicts:
+    if method.evict is not None:
         assert row["target"] in ("KV-evict", "fp16") and (row["kv_budget"] is not None or "tok" in row["setting"])
     elif method.quantizes_kv:
         assert row["target"] == "KV" and row["kv_budget"] is None
@@ -115,7 +118,7 @@ def test_the_cache_comes_from_the_method_when_it_needs_one(name, semantics):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_sixteen_bit_quantizers_need_no_cache_and_evictors_always_do(name):
     method = make_method(name, 16, **CONTRACT[name][0])
-    assert method.needs_cache == method.evicts
+    assert method.needs_cache == (method.evict is not None)
 
 
 def test_held_and_packed_bytes_are_measured_from_the_cache():
@@ -127,3 +130,27 @@ def test_held_and_packed_bytes_are_measured_from_the_cache():
     model(**enc, **{cache_kwarg(model): cache})
     assert held_bytes(cache) == sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
     assert 0 < packed_layout_bytes(cache, method) < held_bytes(cache)
+
+
+PROTOCOLS = {WEIGHT: WeightPart, ACT: ActPart, KV: KVPart, EVICT: EvictPart, TRANSFORM: TransformPart}
+MAX_PUBLIC_MEMBERS = 12
+
+
+def _public(obj) -> set[str]:
+    return {n for n in dir(obj) if not n.startswith("_")}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_each_part_is_small_and_answers_only_for_its_own_target(name):
+    """A method is parts, one per slot it fills: each is its slot's protocol, has at most 12 public
+    members, and none of another target's (a weight part cannot be asked for a KV cache)."""
+    (_, parts), = make_contract_method(name).parts
+    assert tuple(parts) == METHODS[name].slots
+    for slot, part in parts.items():
+        mine = PROTOCOLS[slot]
+        assert isinstance(part, mine)
+        public = _public(part)
+        assert len(public) <= MAX_PUBLIC_MEMBERS, f"{name}'s {slot} part: {sorted(public)}"
+        foreign = set().union(*(_public(p) for s, p in PROTOCOLS.items() if not issubclass(mine, p)))
+        foreign -= _public(mine) | (_public(Calibrated) if isinstance(part, Calibrated) else set())
+        assert not public & foreign, f"{name}'s {slot} part answers for another target: {sorted(public & foreign)}"

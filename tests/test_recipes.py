@@ -93,7 +93,7 @@ def test_smoothquant_then_gptq_w8a8_smooths_then_runs_gptq_on_the_smoothed_model
     # stage reads (the weight method's preset), then GPTQ's weights and per-token activations
     recipe = build_recipe(cfg)
     (_, sq, sq_view), (_, gptq, _) = recipe.calibrator().steps
-    assert sq.name == "smoothquant" and gptq.name == "gptq"
+    assert sq.spec.name == "smoothquant" and gptq.spec.name == "gptq"
     model, tok = loading.load(cfg.model, "cpu", "float32", "sdpa", 0)
     samples = calibration_data.load_samples(calibration_data.resolve(recipe.calibration_view()), tok)
     sq.calibrate(model, samples)

@@ -23,7 +23,7 @@ from transformers import AutoConfig
 from qeval.calibration import fold
 from qeval.calibration.layers import decoder_layers
 from qeval.errors import ConfigError
-from qeval.methods.smoothquant import SmoothQuant, act_scales, smoothing_scales
+from qeval.methods.smoothquant import SMOOTHQUANT, act_scales, smoothing_scales
 from qeval.model.linear import quantize_linears
 from qeval.validate import CONFIG_DIR, validate
 
@@ -47,7 +47,7 @@ def test_smoothing_leaves_the_full_precision_logits_unchanged(family):
     before = logits(model, ids)
     norm = copy.deepcopy(next(m for n, m in model.named_modules() if n.endswith("layers.0." + (
         "input_layernorm" if family == "llama" else "self_attn_layer_norm"))).weight)
-    make_method("smoothquant", w_bits=16).calibrate(model, samples())
+    make_method("smoothquant", w_bits=16).transforms[0].calibrate(model, samples())
     after = logits(model, ids)
     changed = next(m for n, m in model.named_modules() if n.endswith("layers.0." + (
         "input_layernorm" if family == "llama" else "self_attn_layer_norm"))).weight
@@ -61,7 +61,7 @@ def test_smoothing_leaves_the_full_precision_logits_unchanged(family):
 def test_alpha_half_balances_activation_and_weight_maxima_per_channel():
     model, _ = tiny_model("llama", dtype=torch.float64)
     data = samples()
-    make_method("smoothquant", w_bits=16, alpha=0.5).calibrate(model, data)
+    make_method("smoothquant", w_bits=16, alpha=0.5).transforms[0].calibrate(model, data)
     after = act_scales(model, data)            # the smoothed model's own input maxima
     prefix, layers = decoder_layers(model)
     for i, layer in enumerate(layers):
@@ -98,7 +98,7 @@ def test_w8a8_error_on_outlier_channels_is_lower_after_smoothing():
     plain, smooth = copy.deepcopy(fp), copy.deepcopy(fp)
     quantize_linears(plain, make_method("uniform", w_bits=8, a_bits=8), "torch")
     sq = make_method("smoothquant", w_bits=8, a_bits=8)
-    sq.calibrate(smooth, samples())
+    sq.transforms[0].calibrate(smooth, samples())
     quantize_linears(smooth, sq, "torch")
     kl_plain, kl_smooth = kl(ref, logits(plain, ids)), kl(ref, logits(smooth, ids))
     assert kl_smooth < 0.5 * kl_plain, (kl_smooth, kl_plain)
@@ -111,17 +111,17 @@ def test_w8a8_error_on_outlier_channels_is_lower_after_smoothing():
 def test_architectures_it_cannot_fold_into_are_one_line_errors(family, message):
     cfg = OmegaConf.create({"model": {"name": "m"}})
     with pytest.raises(ConfigError) as e:
-        SmoothQuant.check_architecture(cfg, AutoConfig.for_model(family))
+        SMOOTHQUANT.check_architecture(cfg, AutoConfig.for_model(family))
     assert str(e.value) == message
     with pytest.raises(ConfigError, match="do_layer_norm_before=false"):
-        SmoothQuant.check_architecture(cfg, AutoConfig.for_model("opt", do_layer_norm_before=False))
+        SMOOTHQUANT.check_architecture(cfg, AutoConfig.for_model("opt", do_layer_norm_before=False))
 
 
 def test_one_calibration_serves_every_alpha_and_bit_width():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         a = compose("config", overrides=["method=smoothquant", "w_bits=8", "a_bits=8"])
         b = compose("config", overrides=["method=smoothquant", "w_bits=4", "a_bits=8", "method.alpha=0.8"])
-    assert SmoothQuant.calibration_identity(a) == SmoothQuant.calibration_identity(b)
+    assert SMOOTHQUANT.calibration_identity(a) == SMOOTHQUANT.calibration_identity(b)
 
 
 def fake_quant_absmax(t, n_bits=8):
@@ -146,10 +146,10 @@ def test_an_act_scales_file_or_a_qllm_eval_rep_file_gives_qevals_own_smoothed_mo
     model, _ = tiny_model("llama")
     fresh, rep_model = copy.deepcopy(model), copy.deepcopy(model)
     method = make_method("smoothquant", w_bits=8, a_bits=8, alpha=0.8)
-    result = method.calibrate(model, samples())
+    result = method.transforms[0].calibrate(model, samples())
     # the authors' act_scales/*.pt: the dict itself (generate_act_scales.py: torch.save(act_scales, path))
     torch.save(dict(result["act_scales"]), tmp_path / "act_scales.pt")
-    method.apply_calibration(fresh, method.read_scales_file(tmp_path / "act_scales.pt"))
+    method.transforms[0].apply_calibration(fresh, SMOOTHQUANT.read_scales_file(tmp_path / "act_scales.pt"))
     # Qllm-Eval's rep file: the smoothing scales themselves in llm-awq's format (apply_rep.py apply_awq)
     prefix, layers = decoder_layers(rep_model)
     rep = {"scale": [], "clip": []}
@@ -159,7 +159,7 @@ def test_an_act_scales_file_or_a_qllm_eval_rep_file_gives_qevals_own_smoothed_mo
             s = smoothing_scales(act, [layer.get_submodule(n).weight for n in g.linears], 0.8)
             rep["scale"].append((f"{prefix}.{i}.{g.prev}", tuple(f"{prefix}.{i}.{n}" for n in g.linears), s))
     torch.save(rep, tmp_path / "rep.pt")
-    method.apply_calibration(rep_model, method.read_scales_file(tmp_path / "rep.pt"))
+    method.calibrator().apply_calibration(rep_model, method.calibrator().read_scales_file(tmp_path / "rep.pt"))
     ids = torch.cat(samples(2, seed=3))
     out = {}
     for key, m in (("act_scales", fresh), ("rep", rep_model)):
@@ -184,7 +184,7 @@ def test_an_act_scales_file_for_another_model_is_one_line_naming_the_entry(tmp_p
     torch.save(scales, tmp_path / "a.pt")
     method = make_method("smoothquant", w_bits=8, a_bits=8, scales_file=str(tmp_path / "a.pt"))
     with pytest.raises(ConfigError) as e:
-        method.apply_calibration(model, method.read_scales_file(tmp_path / "a.pt"))
+        method.calibrator().apply_calibration(model, method.calibrator().read_scales_file(tmp_path / "a.pt"))
     assert str(e.value).startswith(f"method.scales_file={tmp_path / 'a.pt'}: {message}"), str(e.value)
     assert "\n" not in str(e.value)
 

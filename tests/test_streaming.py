@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from omegaconf import OmegaConf
+from method_configs import from_knobs
 from tolerances import network_rounding
 from transformers import DynamicCache
 
@@ -15,9 +16,10 @@ from qeval.errors import ConfigError
 from qeval.kv.cache import cache_kwarg
 from qeval.kv.sequence import SequenceState
 from qeval.methods import METHODS
+from qeval.recipe.recipe import Recipe
 from qeval.methods.base import Bits, Knobs
 from qeval.methods.eviction import FP16_BYTES
-from qeval.methods.streaming import StreamingLLM
+from qeval.methods.streaming import StreamingEvict
 from qeval.model import loading
 from qeval.model.handle import Handle
 
@@ -32,10 +34,10 @@ def tiny():
     return loading.load(cfg, "cpu", "float32", "sdpa", 0)
 
 
-def make(n_sink=4, recent_ratio=0.2, recent_budget=None) -> StreamingLLM:
+def make(n_sink=4, recent_ratio=0.2, recent_budget=None) -> Recipe:
     params = OmegaConf.create({"name": "streaming", "n_sink": n_sink, "recent_ratio": recent_ratio,
                                "recent_budget": recent_budget})
-    return StreamingLLM(params, Knobs(Bits(16, 16, 16, 16)))
+    return from_knobs("streaming", params, Knobs(Bits(16, 16, 16, 16)))
 
 
 @torch.no_grad()
@@ -174,7 +176,7 @@ def test_the_padded_mask_hides_pad_and_filler_slots_and_every_query_sees_itself(
     layer.update(k[:, :, :3], k[:, :, :3])                 # row 0 keeps positions 0 and 2
     assert layer.compacted and layer.valid.tolist() == [[True, True], [False, False]]
     layer.update(k[:, :, 3:], k[:, :, 3:])
-    method.pending.take(0)
+    method.evict.pending.take(0)
     allowed = layer.allowed(3)[:, 0]                        # (B, q, held + q)
     assert allowed[0].tolist() == [[True, True, True, False, False],
                                    [True, True, True, True, False],
@@ -290,4 +292,4 @@ def test_rows_are_labelled_by_the_budget_kept():
     assert make(recent_ratio=0.2).labels() == {"target": "KV-evict", "setting": "KV 20%", "kv_budget": 0.2}
     assert make(n_sink=4, recent_budget=8).labels() == {"target": "KV-evict", "setting": "KV 12 tok",
                                                         "kv_budget": None}
-    assert METHODS["streaming"] is StreamingLLM and StreamingLLM.evicts
+    assert METHODS["streaming"].parts == {"evict": StreamingEvict} and METHODS["streaming"].evicts

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from method_configs import method_params
+from method_configs import from_knobs, method_params
 from omegaconf import OmegaConf
 from tiny_models import FAMILIES, OWN_ATTENTION, runs_registered_attention, tiny_model
 from transformers import DynamicCache
@@ -19,7 +19,6 @@ from qeval.kv.cache import (
     packed_layout_bytes,
 )
 from qeval.methods.base import Bits, Knobs
-from qeval.methods.uniform import Uniform
 from qeval.model.linear import QuantLinear, quantize_linears
 from qeval.quant.primitives import relative_error
 
@@ -28,7 +27,7 @@ CFG = method_params("uniform")
 
 
 def method(w=16, a=16, kv=16):
-    return Uniform(CFG, Knobs(Bits(w, a, kv, kv)))
+    return from_knobs("uniform", CFG, Knobs(Bits(w, a, kv, kv)))
 
 
 def logits_of(model, tok, cache=None):
@@ -138,7 +137,7 @@ def test_left_padding_does_not_change_a_sequence():
     model, tok = tiny_model("llama")
     for gran in ("per_token", "per_tensor"):
         cfg = OmegaConf.merge(CFG, {"kv_granularity": gran})
-        m = Uniform(cfg, Knobs(Bits(16, 16, 3, 3)))
+        m = from_knobs("uniform", cfg, Knobs(Bits(16, 16, 3, 3)))
         n = model.config.num_hidden_layers
 
         def gen(prompts):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from qeval.methods.base import Method
+from qeval.methods.kivi import KIVIKV
+from qeval.methods.spec import Spec
 from qeval.validate import CONFIG_DIR, ConfigError, check_config
 
 # (command-line overrides, text the one-line error must contain)
@@ -298,14 +299,12 @@ def test_a_sweep_of_lists_is_parsed_by_hydras_grammar(tmp_path, monkeypatch, cap
 
 
 def test_kv_only_methods_refuse_weights():
-    class KVOnly(Method):
-        name = "kvonly"
-        targets = frozenset({"KV"})
+    kv_only = Spec("kvonly", {"kv": KIVIKV})
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["w_bits=4"])
     with pytest.raises(ConfigError, match="w_bits=4: method kvonly quantizes only the KV cache"):
-        check_config(cfg, KVOnly)
+        check_config(cfg, kv_only)
 
 
 @pytest.mark.parametrize("args,expected", [(["method=unifrom"], "did you mean 'uniform'"),
@@ -336,4 +335,4 @@ def test_auto_backend_keeps_the_cache_on_torch_where_attention_ignores_registere
         cfg = compose("config", overrides=["model=tiny-random", "method=kivi", "kv_bits=2",
                                            f"model.random_config.model_type={model_type}",
                                            f"results_dir={tmp_path}"])
-    assert build.build_method(cfg).kv_backend == expected
+    assert build.build_parts(cfg, ("kv",))["kv"].columns()["kv_backend"] == expected

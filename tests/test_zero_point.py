@@ -210,7 +210,7 @@ def test_methods_use_their_convention_on_every_target(name, zero_point):
     assert m.describe()["zero_point"] == m.describe()["method.zero_point"] == zero_point
     x = groups("outliers", torch.float32)
     k, v = x.reshape(2, 2, 4, 256), -x.reshape(2, 2, 4, 256)
-    assert torch.equal(m.quantize_weight(x), m.w_gran.apply(x, 3, False, zero_point=zero_point))
+    assert torch.equal(m.quantize_weight(x), m.weight.rounding.gran.apply(x, 3, False, zero_point=zero_point))
     assert torch.equal(m.quantize_activation(x), fake_quantize(x, 3, -1, None, zero_point=zero_point))
     kq, vq = m.quantize_kv(k, v)
     assert torch.equal(kq, fake_quantize(k, 3, -1, None, zero_point=zero_point))

@@ -165,7 +165,7 @@ class Calibration:
         self.method, self.kind = method, kind
 
     def _apply(self, k_amax, v_amax) -> None:
-        self.method.kv_scales = KVScales.from_amax(k_amax, v_amax, self.method.formats.kv.name, self.kind)
+        self.method.kv_scales = KVScales.from_amax(k_amax, v_amax, self.method.knobs.formats.kv.name, self.kind)
 
     def calibrate(self, model, samples: list[torch.Tensor]) -> dict:
         k_amax, v_amax = kv_amax(model, samples)

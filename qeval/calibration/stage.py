@@ -1,5 +1,5 @@
 """The calibration stage of a run, between model load and the Linear swap, for a method that asks
-for it (``method.needs_calibration``): reuse a saved result or compute one and save it, then the
+for it (``recipe.needs_calibration``): reuse a saved result or compute one and save it, then the
 method applies it to the model. The data is read (and a missing dataset reported in one line)
 before any weights load; nothing here knows which method it serves.
 
@@ -26,9 +26,10 @@ def _dtype(cfg) -> str:
     return str(loading.resolve_dtype(cfg.dtype, loading.resolve_device(cfg.device))).removeprefix("torch.")
 
 
-def calibrates(cfg, method_cls) -> bool:
-    """``needs_calibration`` from the config alone (validation has no method instance)."""
-    return method_cls.calibrates and min(cfg.w_bits, cfg.a_bits) < FULL_PRECISION_BITS
+def calibrates(cfg, spec) -> bool:
+    """Whether method ``spec`` (its row of :data:`qeval.methods.METHODS`) calibrates on ``cfg``
+    (its view of the run): it is calibrated and quantizes weights or activations."""
+    return spec.calibrates and min(cfg.w_bits, cfg.a_bits) < FULL_PRECISION_BITS
 
 
 def scales_file(cfg) -> str | None:
@@ -36,20 +37,20 @@ def scales_file(cfg) -> str | None:
     return cfg.method.get("scales_file")
 
 
-def check_published(cfg, method_cls) -> None:
+def check_published(cfg, spec) -> None:
     """A published file (``method.scales_file``) is refused where nothing would read it."""
-    if scales_file(cfg) and not calibrates(cfg, method_cls):
+    if scales_file(cfg) and not calibrates(cfg, spec):
         # nothing is quantized, so nothing would read the file: a row would name a file it never used
-        raise ConfigError(f"method.scales_file={scales_file(cfg)}: method {method_cls.name} applies it only when "
+        raise ConfigError(f"method.scales_file={scales_file(cfg)}: method {spec.name} applies it only when "
                           f"it quantizes (w_bits={cfg.w_bits}, a_bits={cfg.a_bits}); allowed: null, or bits "
                           f"below {FULL_PRECISION_BITS}")
 
 
 def check(cfg, calibrator, arch) -> None:
     """The calibration keys, and the dataset's availability unless a saved result makes it moot.
-    ``cfg``: the config the stage reads (the calibrated part's view); ``calibrator``: the part,
-    or the chain of parts (:class:`qeval.recipe.calibration.Chain`)."""
-    if not calibrates(cfg, calibrator) or scales_file(cfg):
+    ``cfg``: the config the stage reads (the calibrated part's view); ``calibrator``: the
+    calibrated parts (:class:`qeval.recipe.calibration.Chain`), asked only for a run that calibrates."""
+    if scales_file(cfg):
         return
     spec = data.resolve(cfg)
     text = arch.get_text_config()

@@ -3,7 +3,7 @@ model, method identity and calibration data hash the same.
 
 The hash covers the model's identity (name, path or hub id, revision, the random config and seed of
 a randomly initialised model) and its dtype, what the method says its result depends on
-(:meth:`qeval.methods.base.Method.calibration_identity`) and what the samples are
+(``calibration_identity`` of the method's row, :class:`qeval.methods.spec.Spec`) and what the samples are
 (:meth:`qeval.calibration.data.Spec.identity`); not the device, the tasks or where a local copy of
 the data lives. A directory holds ``result.pt`` (the method's result, ``torch.save``) and
 ``calibration.json`` (the identity, the token count, the seconds it took, the code that wrote it,
@@ -53,8 +53,10 @@ def model_identity(cfg, dtype: str) -> dict:
     return ident
 
 
-def identity(cfg, method_cls, spec: Spec, dtype: str) -> dict:
-    return {"model": model_identity(cfg, dtype), "method": method_cls.calibration_identity(cfg),
+def identity(cfg, calibrator, spec: Spec, dtype: str) -> dict:
+    """``calibrator``: what the stage runs (the recipe's calibrated parts, or ``kv_scale=static``'s
+    amax), asked for what its result depends on."""
+    return {"model": model_identity(cfg, dtype), "method": calibrator.calibration_identity(cfg),
             "calibration": spec.identity()}
 
 

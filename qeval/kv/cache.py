@@ -65,10 +65,17 @@ class StoreQuantizedLayer(DynamicLayer):
         return self.method.kv_packed_bytes(self.keys, self.values)
 
 
+def _encode(rounding, x: torch.Tensor, pad: torch.Tensor | None):
+    """float8 codes (B, H, T, D) and float32 scales (B, H or 1, T, n) of a chunk of K or V: a
+    per-sequence scale (B, 1, 1, 1) is held once per token, so chunks concatenate on T."""
+    codes, scale = rounding.encode_fp8(x, pad)
+    return codes, scale.expand(*scale.shape[:2], x.shape[-2], scale.shape[-1]).contiguous()
+
+
 class FP8StoredLayer(StoreQuantizedLayer):
     """``cache`` semantics with K/V held as FP8: ``keys`` / ``values`` are the float8 codes
     (B, H, T, D) and ``k_scale`` / ``v_scale`` their float32 scales (B, H or 1, T, n), so the bytes
-    held are the codes' and the scales' (``method.encode_kv``). Every step reads the stored tokens
+    held are the codes' and the scales' (the part's roundings' ``encode_fp8``). Every step reads the stored tokens
     back through :func:`qeval.quant.formats.fp8.decode`, equal to ``method.quantize_kv`` of the
     same tokens, and attends to its own tokens in full precision, like :class:`StoreQuantizedLayer`.
     """
@@ -85,7 +92,8 @@ class FP8StoredLayer(StoreQuantizedLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         pad = self.seq.pad(self.get_seq_length(), key_states.shape[-2], key_states.shape[0])
-        (kc, ks), (vc, vs) = self.method.encode_kv(key_states, value_states, pad)
+        (kc, ks), (vc, vs) = (_encode(self.method.k_rounding, key_states, pad),
+                              _encode(self.method.v_rounding, value_states, pad))
         if self.keys is None:
             self.keys, self.k_scale, self.values, self.v_scale = kc, ks, vc, vs
             return key_states, value_states
@@ -135,7 +143,7 @@ class StaticFP8Layer(FP8StoredLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        fmt = self.method.formats.kv.name
+        fmt = self.method.knobs.formats.kv.name
         kc, vc = fp8.encode(key_states, self.k_scale, fmt), fp8.encode(value_states, self.v_scale, fmt)
         if self.keys is None:
             self.keys, self.values = kc, vc

@@ -38,9 +38,13 @@ from qeval.calibration.layers import (
     run_layer,
     watching,
 )
-from qeval.errors import ConfigError, check_divides
+from qeval.errors import ConfigError
 from qeval.model.keep import resolved
-from qeval.methods.base import Bits, Method
+from qeval.methods.base import Bits
+from qeval.methods.gptq import check_weight_groups, refuse_other_targets
+from qeval.methods.parts import Calibrated
+from qeval.methods.round import RoundWeight
+from qeval.methods.spec import Spec, default_identity
 from qeval.methods.uniform import check_zero_point
 from qeval.quant.granularity import Granularity
 from qeval.quant.primitives import fake_quantize
@@ -126,54 +130,43 @@ def apply_awq(model, result: dict) -> None:
         apply_clip(modules[name], max_val)
 
 
-class AWQ(Method):
-    name = "awq"
-    slots = (WEIGHT,)
-    targets = frozenset({"W"})
-    calibrates = True
+def check(cfg) -> None:
+    p, b = cfg.method, Bits.from_config(cfg)
+    check_zero_point(cfg)
+    # types and ranges are the schema's (qeval.schema.nodes); the open bound is here
+    if p.max_shrink == 1:
+        raise ConfigError(f"method.max_shrink={p.max_shrink}: allowed: a number in [0, 1)")
+    refuse_other_targets(cfg, "awq")
+    if p.get("scales_file") is not None and b.w < 16:
+        read_scales_file(p.scales_file)     # before any weights load
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        p, b = cfg.method, Bits.from_config(cfg)
-        check_zero_point(cfg)
-        # types and ranges are the schema's (qeval.schema.nodes); the open bound is here
-        if p.max_shrink == 1:
-            raise ConfigError(f"method.max_shrink={p.max_shrink}: allowed: a number in [0, 1)")
-        for key, bits in (("a_bits", b.a), ("kv_bits", min(b.k, b.v))):
-            if bits < 16:
-                raise ConfigError(f"{key}={bits}: method awq quantizes weights only; allowed: 16 "
-                                  f"(method=smoothquant or method=uniform quantize activations)")
-        if p.get("scales_file") is not None and b.w < 16:
-            cls.read_scales_file(p.scales_file)     # before any weights load
 
-    @classmethod
-    def read_scales_file(cls, path) -> dict:
-        """An llm-awq ``awq_cache`` file as this method's result (structure checked)."""
-        return published.awq_entries(published.load(path, published.AWQ_SHAPE), path) | {"source": str(path)}
+def read_scales_file(path) -> dict:
+    """An llm-awq ``awq_cache`` file as this method's result (structure checked)."""
+    return published.awq_entries(published.load(path, published.AWQ_SHAPE), path) | {"source": str(path)}
 
-    @classmethod
-    def calibration_identity(cls, cfg) -> dict:
-        ident = super().calibration_identity(cfg)
-        ident["method"].pop("scales_file", None)    # a computed result never depends on it
-        return ident
 
-    @classmethod
-    def check_model(cls, cfg, linear_widths, head_dim) -> None:
-        if Bits.from_config(cfg).w < 16:
-            check_divides("w_group_size", cfg.w_group_size, linear_widths, cfg.model.name, "the Linear input width")
+def calibration_identity(cfg) -> dict:
+    ident = default_identity(cfg)
+    ident["method"].pop("scales_file", None)    # a computed result never depends on it
+    return ident
 
-    @classmethod
-    def check_architecture(cls, cfg, arch) -> None:
-        fold.check_architecture(cfg, arch, cls.name)
 
-    def __init__(self, params, knobs):
-        super().__init__(params, knobs)
-        self.w_gran = Granularity(axis=-1, group_size=knobs.w_group_size)
+def check_architecture(cfg, arch) -> None:
+    fold.check_architecture(cfg, arch, "awq")
+
+
+class AWQWeight(RoundWeight, Calibrated):
+    """Round-to-nearest weights in groups of ``w_group_size``, after the searched scales and clips."""
+
+    def __init__(self, spec, params, knobs):
+        super().__init__(spec, params, knobs, Granularity(axis=-1, group_size=knobs.w_group_size))
 
     def _pseudo_quantize(self, w: torch.Tensor) -> torch.Tensor:
         """``pseudo_quantize_tensor`` in groups along the last dimension (the search's quantizer)."""
-        return fake_quantize(w, self.bits.w, -1, None if w.dim() == 4 else self.knobs.w_group_size,
-                             self.symmetric, None, self.zero_point)
+        r = self.rounding
+        return fake_quantize(w, r.bits, -1, None if w.dim() == 4 else self.knobs.w_group_size,
+                             r.symmetric, None, r.zero_point)
 
     @torch.no_grad()
     def calibrate(self, model, samples):
@@ -215,3 +208,8 @@ class AWQ(Method):
 
     def apply_calibration(self, model, result) -> None:
         apply_awq(model, result)
+
+
+AWQ = Spec("awq", {WEIGHT: AWQWeight}, calibrates=True, check=check, check_model=check_weight_groups,
+           check_architecture=check_architecture, calibration_identity=calibration_identity,
+           read_scales_file=read_scales_file)

@@ -61,7 +61,8 @@ import torch
 
 from qeval.errors import ConfigError, check_divides
 from qeval.kv.blocks import BlockCompressedLayer, per_row_real
-from qeval.methods.base import Method
+from qeval.methods.parts import KVPart
+from qeval.methods.spec import Spec
 from qeval.methods.kivi import fake_quantize_keys, fake_quantize_values
 from qeval.quant.decompose import gear_compress, reference_outliers
 from qeval.quant.primitives import FULL_PRECISION_BITS, fake_quantize, packed_bytes
@@ -72,104 +73,107 @@ OUTLIER_RULES = ("paper", "reference_code")
 OUTLIER_BYTES = 2 + 4   # fp16 value + int32 index per stored outlier
 
 
-class GEAR(Method):
-    name = "gear"
-    slots = (KV,)
-    targets = frozenset({"KV"})
-    allowed_bits = (2, 3, 4, 5, 6, 7, 8, 16)
-    semantics = ("cache", "simulated")
+def check(cfg) -> None:
+    m = cfg.method
+    # types, ranges and choices are the schema's (qeval.schema.nodes)
+    if m.outlier_ratio == 1:
+        raise ConfigError(f"method.outlier_ratio={m.outlier_ratio}: must be a fraction in [0, 1) (GEAR: 0.02)")
+    if m.outlier_rule != "paper" and cfg.get("backend") == "triton":
+        raise ConfigError(f"method.outlier_rule={m.outlier_rule}: backend=triton allows only paper "
+                          "(the packed cache holds a fixed outlier count per head); use backend=torch")
+    if m.backbone == "kivi" and m.stream_block % m.group_size:
+        raise ConfigError(f"method.stream_block={m.stream_block}: must be a positive multiple of "
+                          f"method.group_size={m.group_size} (the KIVI backbone groups keys over tokens)")
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        m = cfg.method
-        # types, ranges and choices are the schema's (qeval.schema.nodes)
-        if m.outlier_ratio == 1:
-            raise ConfigError(f"method.outlier_ratio={m.outlier_ratio}: must be a fraction in [0, 1) (GEAR: 0.02)")
-        if m.outlier_rule != "paper" and cfg.get("backend") == "triton":
-            raise ConfigError(f"method.outlier_rule={m.outlier_rule}: backend=triton allows only paper "
-                              "(the packed cache holds a fixed outlier count per head); use backend=torch")
-        if m.backbone == "kivi" and m.stream_block % m.group_size:
-            raise ConfigError(f"method.stream_block={m.stream_block}: must be a positive multiple of "
-                              f"method.group_size={m.group_size} (the KIVI backbone groups keys over tokens)")
 
-    @classmethod
-    def check_model(cls, cfg, linear_widths, head_dim) -> None:
-        if cfg.method.backbone == "kivi":  # the KIVI backbone groups values along the head dimension
-            check_divides("method.group_size", cfg.method.group_size, [head_dim], cfg.model.name, "head_dim")
+def check_model(cfg, linear_widths, head_dim) -> None:
+    if cfg.method.backbone == "kivi":  # the KIVI backbone groups values along the head dimension
+        check_divides("method.group_size", cfg.method.group_size, [head_dim], cfg.model.name, "head_dim")
 
-    def __init__(self, params, knobs):
-        super().__init__(params, knobs)
-        self.backbone = params.backbone
-        self.group_size = int(params.group_size)
-        self.outlier_ratio = float(params.outlier_ratio)
-        self.iterations = int(params.power_iterations)
-        self.outlier_rule = params.outlier_rule
+
+class GEARKV(KVPart):
+    def __init__(self, spec, params, knobs):
+        super().__init__(spec, params, knobs)
+        self._bits = knobs.bits
+        self._g = int(params.group_size)
         # backend=triton: codes, outliers and factors really held, fused decode (gear_packed); the
         # uniform backbone, the reference code's outlier rule or a layout the kernels cannot hold runs
         # on torch, and the row says so
-        self.kv_backend = "torch"
-        if (knobs.backend == "triton" and knobs.kv_semantics == "cache" and knobs.registered_attention and self.backbone == "kivi"
-                and self.outlier_rule == "paper"):
+        self._backend = "torch"
+        if (knobs.backend == "triton" and knobs.kv_semantics == "cache" and knobs.registered_attention
+                and params.backbone == "kivi" and params.outlier_rule == "paper"):
             # imported only here: triton is an optional, Linux-only dependency
-            from qeval.methods import gear_packed, kivi_packed
-            if kivi_packed.layout_problem(self.bits.k, self.bits.v, self.group_size) is None:
-                self.kv_backend, self.fused = "triton", kivi_packed.FusedDecode()
-                self.packed_layer, self.register_fused = gear_packed.PackedGEARLayer, kivi_packed.register
+            from qeval.methods import kivi_packed
+            if kivi_packed.layout_problem(self._bits.k, self._bits.v, self._g) is None:
+                self._backend, self._fused = "triton", kivi_packed.FusedDecode()
 
-    def rank(self, first: bool, n: int, d: int) -> int:
+    def _rank(self, first: bool, n: int, d: int) -> int:
         if self.params.rank_ratio is not None:
             return round(self.params.rank_ratio * min(n, d))
         return int(self.params.rank_prefill if first else self.params.rank_decode)
 
     def quantizer(self, which: str):
         """The backbone as ``f(x, exclude) -> x_hat`` for keys or values."""
-        bits = self.bits.k if which == "k" else self.bits.v
-        g = self.group_size
-        if self.backbone == "uniform":
+        bits = self._bits.k if which == "k" else self._bits.v
+        g = self._g
+        if self.params.backbone == "uniform":
             return lambda x, ex: fake_quantize(x, bits, -1, None, exclude=ex)
         if which == "k":
             return lambda x, ex: fake_quantize_keys(x, bits, g, ex)
         return lambda x, ex: fake_quantize_values(x, bits, g, ex)
 
-    def outliers(self, which: str):
+    def _outliers(self, which: str):
         """The outlier rule for keys or values as :func:`gear_compress` takes it (None: the paper's)."""
-        if self.outlier_rule == "paper":
+        if self.params.outlier_rule == "paper":
             return None
-        return lambda x: reference_outliers(x, self.outlier_ratio, which)
+        return lambda x: reference_outliers(x, float(self.params.outlier_ratio), which)
 
     def _packed(self, x: torch.Tensor, bits: int, n_out: int, rank: int) -> int:
         b, h, n, d = x.shape
-        groups = (x.numel() // self.group_size if self.backbone == "kivi" and n % self.group_size == 0
+        groups = (x.numel() // self._g if self.params.backbone == "kivi" and n % self._g == 0
                   else x.numel() // d)
         return (packed_bytes(x.numel() - n_out, bits, None, groups) + n_out * OUTLIER_BYTES
                 + b * h * rank * (n + d) * 2)
 
     def compress(self, x: torch.Tensor, which: str, first: bool) -> tuple[torch.Tensor, int]:
-        bits = self.bits.k if which == "k" else self.bits.v
+        """Keys or values (``which``) of one streaming block (``first``: the prefill's) -> (their
+        reconstruction, the bytes a packed layout holds)."""
+        bits = self._bits.k if which == "k" else self._bits.v
         if bits >= FULL_PRECISION_BITS:
             return x, x.numel() * 2
-        y, n_out, r = gear_compress(x, bits, self.quantizer(which), self.outlier_ratio,
-                                    self.rank(first, *x.shape[-2:]), self.iterations, self.outliers(which))
+        y, n_out, r = gear_compress(x, bits, self.quantizer(which), float(self.params.outlier_ratio),
+                                    self._rank(first, *x.shape[-2:]), int(self.params.power_iterations),
+                                    self._outliers(which))
         return y, self._packed(x, bits, n_out, r)
 
-    def quantize_kv(self, k, v, pad=None):
+    def quantize_kv(self, k, v, pad=None, layer_idx=None):
         return per_row_real(k, v, pad, lambda kb, vb: (self.compress(kb, "k", True)[0],
                                                        self.compress(vb, "v", True)[0]))
 
     def make_cache_layer(self, layer_idx, seq):
-        if self.kv_backend == "triton":
-            return self.packed_layer(self, seq, layer_idx, self.fused)
+        if self._backend == "triton":
+            from qeval.methods.gear_packed import PackedGEARLayer
+            return PackedGEARLayer(self, seq, layer_idx, self._fused)
         nb = int(self.params.stream_block)
         return BlockCompressedLayer(seq, keys=(nb, 0, lambda x, first: self.compress(x, "k", first)),
                                     values=(nb, 0, lambda x, first: self.compress(x, "v", first)))
 
+    def kv_packed_bytes(self, keys, values) -> int:
+        """Per-token integer codes at the run's bits (the layers report their own bytes held)."""
+        return sum(packed_bytes(x.numel(), bits, None, x.numel() // x.shape[-1])
+                   for x, bits in ((keys, self._bits.k), (values, self._bits.v)))
+
     def attention_implementation(self, base: str) -> str | None:
-        if self.kv_backend == "triton":
-            return self.register_fused(self.fused, base, "gear_packed")
+        if self._backend == "triton":
+            from qeval.methods.kivi_packed import register
+            return register(self._fused, base, "gear_packed")
         return None
 
-    def describe(self) -> dict:
-        return super().describe() | {"kv_backend": self.kv_backend}
+    def columns(self) -> dict:
+        return {"zero_point": "real", "kv_backend": self._backend}
 
-    def aging_problem(self) -> str | None:
+    def aging(self):
         return "it compresses streaming blocks (outliers and a low-rank fit over each block's tokens) that eviction would break"
+
+
+GEAR = Spec("gear", {KV: GEARKV}, check=check, check_model=check_model)

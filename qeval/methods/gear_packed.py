@@ -179,8 +179,9 @@ class PackedGEARLayer(PackedKVLayer):
             packed, q = pack_block(xx, bits, self.G, which, exclude)
             box.append(packed)
             return q
-        q, mask, u, w = gear_decompose(x, quantizer, m.outlier_ratio, m.rank(first, n, D), m.iterations)
-        slots = 2 * outliers_per_side(m.outlier_ratio, n, D) if m.outlier_ratio > 0 else 0
+        ratio = float(m.params.outlier_ratio)
+        q, mask, u, w = gear_decompose(x, quantizer, ratio, m._rank(first, n, D), int(m.params.power_iterations))
+        slots = 2 * outliers_per_side(ratio, n, D) if ratio > 0 else 0
         sidx, sval = sparse_outliers(x, q, mask, slots)
         return {"packed": box[0], "sidx": sidx, "sval": sval, "u": u, "w": w,
                 "rank": 0 if u is None else u.shape[-1], "shape": tuple(x.shape), "bits": bits,

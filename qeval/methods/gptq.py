@@ -41,9 +41,13 @@ from qeval.calibration.layers import (
     watching,
 )
 from qeval.errors import ConfigError, check_divides
-from qeval.methods.base import Bits, Method
+from qeval.methods.base import Bits
+from qeval.methods.parts import Calibrated, WeightPart
+from qeval.methods.spec import Spec, default_identity
 from qeval.model.keep import resolved
+from qeval.quant.formats import INT
 from qeval.quant.granularity import Granularity
+from qeval.quant.rounding import Rounding
 from qeval.recipe.slot_names import WEIGHT
 
 
@@ -174,60 +178,64 @@ def true_sequential_stages(lins: dict) -> list[list[str]]:
     return [[n for n in stage if n in lins] for stage in TRUE_SEQUENTIAL]
 
 
-class GPTQ(Method):
-    name = "gptq"
-    slots = (WEIGHT,)
-    targets = frozenset({"W"})
-    calibrates = True
+def refuse_other_targets(cfg, name: str) -> None:
+    """A weight method's shorthand run quantizes nothing but weights."""
+    b = Bits.from_config(cfg)
+    for key, bits in (("a_bits", b.a), ("kv_bits", min(b.k, b.v))):
+        if bits < 16:
+            raise ConfigError(f"{key}={bits}: method {name} quantizes weights only; allowed: 16 "
+                              f"(method=smoothquant or method=uniform quantize activations)")
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        p, b = cfg.method, Bits.from_config(cfg)
-        # types and ranges are the schema's (qeval.schema.nodes); the open bound is here
-        if p.damp == 0:
-            raise ConfigError(f"method.damp={p.damp}: allowed: a number in (0, 1] (a fraction of the mean of diag H)")
-        for key, bits in (("a_bits", b.a), ("kv_bits", min(b.k, b.v))):
-            if bits < 16:
-                raise ConfigError(f"{key}={bits}: method gptq quantizes weights only; allowed: 16 "
-                                  f"(method=smoothquant or method=uniform quantize activations)")
-        if cfg.backend == "triton" and b.w < 16 and p.act_order and cfg.w_group_size and not p.static_groups:
-            raise ConfigError(f"backend=triton: method.act_order=true with w_group_size={cfg.w_group_size}: "
-                              "act-order's groups are not contiguous along the input, which the packed layout "
-                              "needs; allowed: backend=torch or backend=auto, method.static_groups=true, "
-                              "method.act_order=false, or w_group_size=null")
 
-    @classmethod
-    def calibration_identity(cls, cfg) -> dict:
-        ident = super().calibration_identity(cfg)
-        for key in ("static_groups", "sym", "true_sequential"):
-            if not ident["method"].get(key):   # results saved before the option existed still match
-                ident["method"].pop(key, None)
-        return ident
+def check(cfg) -> None:
+    p, b = cfg.method, Bits.from_config(cfg)
+    # types and ranges are the schema's (qeval.schema.nodes); the open bound is here
+    if p.damp == 0:
+        raise ConfigError(f"method.damp={p.damp}: allowed: a number in (0, 1] (a fraction of the mean of diag H)")
+    refuse_other_targets(cfg, "gptq")
+    if cfg.backend == "triton" and b.w < 16 and p.act_order and cfg.w_group_size and not p.static_groups:
+        raise ConfigError(f"backend=triton: method.act_order=true with w_group_size={cfg.w_group_size}: "
+                          "act-order's groups are not contiguous along the input, which the packed layout "
+                          "needs; allowed: backend=torch or backend=auto, method.static_groups=true, "
+                          "method.act_order=false, or w_group_size=null")
 
-    @classmethod
-    def check_architecture(cls, cfg, arch) -> None:
-        """``true_sequential`` stages a layer by the reference's Llama names."""
-        if not cfg.method.get("true_sequential") or Bits.from_config(cfg).w >= 16:
-            return
-        from transformers import AutoModelForCausalLM
-        with torch.device("meta"):
-            layers = decoder_layers(AutoModelForCausalLM.from_config(arch))[1]
-        have = set(linears(layers[0]))
-        want = {n for stage in TRUE_SEQUENTIAL for n in stage}
-        if have != want:
-            raise ConfigError(f"method.true_sequential=true: model {cfg.model.name}'s layers hold "
-                              f"{', '.join(sorted(have))}; allowed: false, or a model with the reference's "
-                              f"Llama-style Linears ({', '.join(sorted(want))})")
 
-    @classmethod
-    def check_model(cls, cfg, linear_widths, head_dim) -> None:
-        if Bits.from_config(cfg).w < 16:
-            check_divides("w_group_size", cfg.w_group_size, linear_widths, cfg.model.name, "the Linear input width")
+def calibration_identity(cfg) -> dict:
+    ident = default_identity(cfg)
+    for key in ("static_groups", "sym", "true_sequential"):
+        if not ident["method"].get(key):   # results saved before the option existed still match
+            ident["method"].pop(key, None)
+    return ident
 
-    def __init__(self, params, knobs):
-        super().__init__(params, knobs)
-        self.zero_point = "gptq"
-        self.w_gran = Granularity(axis=-1, group_size=knobs.w_group_size)
+
+def check_architecture(cfg, arch) -> None:
+    """``true_sequential`` stages a layer by the reference's Llama names."""
+    if not cfg.method.get("true_sequential") or Bits.from_config(cfg).w >= 16:
+        return
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        layers = decoder_layers(AutoModelForCausalLM.from_config(arch))[1]
+    have = set(linears(layers[0]))
+    want = {n for stage in TRUE_SEQUENTIAL for n in stage}
+    if have != want:
+        raise ConfigError(f"method.true_sequential=true: model {cfg.model.name}'s layers hold "
+                          f"{', '.join(sorted(have))}; allowed: false, or a model with the reference's "
+                          f"Llama-style Linears ({', '.join(sorted(want))})")
+
+
+def check_weight_groups(cfg, linear_widths, head_dim) -> None:
+    """``w_group_size`` divides every Linear's input width (GPTQ's and AWQ's groups)."""
+    if Bits.from_config(cfg).w < 16:
+        check_divides("w_group_size", cfg.w_group_size, linear_widths, cfg.model.name, "the Linear input width")
+
+
+class GPTQWeight(WeightPart, Calibrated):
+    def __init__(self, spec, params, knobs):
+        super().__init__(spec, params, knobs)
+        self._bits = knobs.bits.w
+        # the layout the packed kernels read: GPTQ's asymmetric grid, its zero held as an integer code
+        self.rounding = Rounding("w", self._bits, Granularity(axis=-1, group_size=knobs.w_group_size), INT,
+                                 False, "gptq")
         self._held: set[int] = set()    # storage of the weights GPTQ has written
         # backend=triton: storage -> its codes packed (or why they cannot be), until the swap takes them
         self._packed: dict[int, object] = {}
@@ -243,14 +251,14 @@ class GPTQ(Method):
         from qeval.quant.packed import PACKABLE_BITS, PackedWeight, pack_codes
         n_out, n_in = q.codes.shape
         G = self.knobs.w_group_size or n_in
-        if self.bits.w not in PACKABLE_BITS:
-            return f"w_bits={self.bits.w}: the packed kernels hold {PACKABLE_BITS}"
+        if self._bits not in PACKABLE_BITS:
+            return f"w_bits={self._bits}: the packed kernels hold {PACKABLE_BITS}"
         if not torch.equal(q.g_idx, torch.arange(n_in, device=q.g_idx.device) // G):
             return (f"method.act_order=true with w_group_size={self.knobs.w_group_size}: act-order's groups are "
                     "not contiguous along the input (method.static_groups=true keeps them so)")
         # (out, groups) -> (groups, out); scale * code + offset is what the held weight computed
-        return PackedWeight(pack_codes(q.codes.to(torch.int32), self.bits.w), q.scale.float().t().contiguous(),
-                            q.offset().float().t().contiguous(), self.bits.w, G, n_in, n_out, 0)
+        return PackedWeight(pack_codes(q.codes.to(torch.int32), self._bits), q.scale.float().t().contiguous(),
+                            q.offset().float().t().contiguous(), self._bits, G, n_in, n_out, 0)
 
     def pack_weight(self, w: torch.Tensor, layout: dict):
         """The packed weight of a Linear GPTQ quantized: its codes, scales and zeros as they are
@@ -284,7 +292,7 @@ class GPTQ(Method):
                 with watching(part, lambda n, x, h=hessians: h[n].add(x)):
                     run_layer(layer, inputs)
                 for n, m in part.items():
-                    q = gptq_quantize(m.weight.data, hessians[n].H, self.bits.w, self.knobs.w_group_size,
+                    q = gptq_quantize(m.weight.data, hessians[n].H, self._bits, self.knobs.w_group_size,
                                       p.block_size, p.damp, p.act_order, p.static_groups, bool(p.get("sym")))
                     out[names[n]] = {k: v.cpu() for k, v in asdict(q).items()}
                     self._hold(m, q)
@@ -299,14 +307,19 @@ class GPTQ(Method):
 
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
         """The weight GPTQ wrote during calibration, as it is."""
-        if self.bits.w >= 16:
+        if self._bits >= 16:
             return w
         if w.data_ptr() not in self._held:
             raise RuntimeError("method gptq: this weight was not quantized during calibration (only the "
                                "Linears of the decoder layers are)")
         return w
 
-    def scale_granularity(self, target: str) -> str | None:
-        if target != "w" or self.bits.w >= 16:
-            return None
-        return f"group{self.knobs.w_group_size}" if self.knobs.w_group_size else "per_channel"
+    def weight_packed_bytes(self, w: torch.Tensor) -> int:
+        return self.rounding.packed_bytes(w.shape)
+
+    def columns(self) -> dict:
+        return {"zero_point": "gptq", "w_scale_granularity": self.rounding.scale_label()}
+
+
+GPTQ = Spec("gptq", {WEIGHT: GPTQWeight}, calibrates=True, check=check, check_model=check_weight_groups,
+            check_architecture=check_architecture, calibration_identity=calibration_identity)

@@ -14,36 +14,40 @@ MX and NVFP4 are refused: their 32- or 16-element blocks are their grouping (``m
 from __future__ import annotations
 
 from qeval.errors import check_divides
-from qeval.methods.base import Bits, Method
+from qeval.methods.base import Bits
+from qeval.methods.round import RoundAct, RoundKV, RoundWeight
+from qeval.methods.spec import Spec
 from qeval.methods.uniform import check_zero_point
 from qeval.quant.formats import INT, STORED
 from qeval.quant.granularity import Granularity
 from qeval.recipe.slot_names import ACT, KV, WEIGHT
 
 
-class Group(Method):
-    name = "group"
-    slots = (WEIGHT, ACT, KV)
-    allowed_bits = (2, 3, 4, 5, 6, 7, 8, 16)
-    allowed_formats = (INT, *STORED)
+def check_model(cfg, linear_widths, head_dim) -> None:
+    name = cfg.model.name
+    bits = Bits.from_config(cfg)
+    if bits.w < 16:
+        check_divides("w_group_size", cfg.w_group_size, linear_widths, name, "the Linear input width")
+    if bits.a < 16:
+        check_divides("a_group_size", cfg.a_group_size, linear_widths, name, "the Linear input width")
+    if min(bits.k, bits.v) < 16:
+        check_divides("kv_group_size", cfg.kv_group_size, [head_dim], name, "head_dim")
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        check_zero_point(cfg)
 
-    @classmethod
-    def check_model(cls, cfg, linear_widths, head_dim) -> None:
-        name = cfg.model.name
-        bits = Bits.from_config(cfg)
-        if bits.w < 16:
-            check_divides("w_group_size", cfg.w_group_size, linear_widths, name, "the Linear input width")
-        if bits.a < 16:
-            check_divides("a_group_size", cfg.a_group_size, linear_widths, name, "the Linear input width")
-        if min(bits.k, bits.v) < 16:
-            check_divides("kv_group_size", cfg.kv_group_size, [head_dim], name, "head_dim")
+class GroupWeight(RoundWeight):
+    def __init__(self, spec, params, knobs):
+        super().__init__(spec, params, knobs, Granularity(axis=-1, group_size=knobs.w_group_size))
 
-    def __init__(self, params, knobs):
-        super().__init__(params, knobs)
-        self.w_gran = Granularity(axis=-1, group_size=knobs.w_group_size)
-        self.a_gran = Granularity(axis=-1, group_size=knobs.a_group_size)
-        self.k_gran = self.v_gran = Granularity(axis=-1, group_size=knobs.kv_group_size)
+
+class GroupAct(RoundAct):
+    def __init__(self, spec, params, knobs):
+        super().__init__(spec, params, knobs, Granularity(axis=-1, group_size=knobs.a_group_size))
+
+
+class GroupKV(RoundKV):
+    def __init__(self, spec, params, knobs):
+        super().__init__(spec, params, knobs, Granularity(axis=-1, group_size=knobs.kv_group_size))
+
+
+GROUP = Spec("group", {WEIGHT: GroupWeight, ACT: GroupAct, KV: GroupKV}, allowed_formats=(INT, *STORED),
+             check=check_zero_point, check_model=check_model)

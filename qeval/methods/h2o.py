@@ -35,11 +35,11 @@ from qeval.kv.attention import PendingLayers
 from qeval.kv.rows import RowSelectable
 from qeval.kv.sequence import SequenceState
 from qeval.methods import h2o_attention
-from qeval.methods.eviction import FP16_BYTES, EvictionMethod
+from qeval.methods.eviction import FP16_BYTES, EvictPart, eviction_spec
 
 
 class H2OLayer(RowSelectable, DynamicLayer):
-    def __init__(self, method: "H2O", layer_idx: int, seq: SequenceState):
+    def __init__(self, method: "H2OEvict", layer_idx: int, seq: SequenceState):
         super().__init__()
         self.method, self.layer_idx, self.seq = method, layer_idx, seq
         self.length = 0                  # logical tokens seen (positions, generate() slicing)
@@ -298,21 +298,18 @@ class H2OLayer(RowSelectable, DynamicLayer):
         raise NotImplementedError("an evicting KV layer cannot be cropped (evicted tokens are gone)")
 
 
-class H2O(EvictionMethod):
-    name = "h2o"
-    quantizes_kept = True
+def check(cfg) -> None:
+    m = cfg.method   # types and ranges are the schema's (qeval.schema.nodes)
+    if m.heavy_budget is None and m.recent_budget is None and m.heavy_ratio + m.recent_ratio > 1:
+        # the two windows are parts of one prompt: more than all of it is a typo, not a budget
+        raise ConfigError(f"method.heavy_ratio={m.heavy_ratio}: with method.recent_ratio={m.recent_ratio} "
+                          f"the budget is {m.heavy_ratio + m.recent_ratio:g} of the prompt; allowed: "
+                          f"heavy_ratio + recent_ratio <= 1")
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        m = cfg.method   # types and ranges are the schema's (qeval.schema.nodes)
-        if m.heavy_budget is None and m.recent_budget is None and m.heavy_ratio + m.recent_ratio > 1:
-            # the two windows are parts of one prompt: more than all of it is a typo, not a budget
-            raise ConfigError(f"method.heavy_ratio={m.heavy_ratio}: with method.recent_ratio={m.recent_ratio} "
-                              f"the budget is {m.heavy_ratio + m.recent_ratio:g} of the prompt; allowed: "
-                              f"heavy_ratio + recent_ratio <= 1")
 
-    def __init__(self, params, knobs):
-        super().__init__(params, knobs)
+class H2OEvict(EvictPart):
+    def __init__(self, spec, params, knobs):
+        super().__init__(spec, params, knobs)
         self.pending = PendingLayers()   # the layer that took this step, for the attention function
 
     def budgets(self, prompt_lengths: list[int]) -> tuple[list[int], list[int]]:
@@ -335,3 +332,6 @@ class H2O(EvictionMethod):
 
     def attention_implementation(self, base: str) -> str | None:
         return h2o_attention.register(self, base)
+
+
+H2O = eviction_spec("h2o", H2OEvict, quantizes_kept=True, check=check)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from qeval.errors import ConfigError, check_divides
 from qeval.kv.blocks import BlockCompressedLayer, per_row_real
-from qeval.methods.base import Method
+from qeval.methods.parts import KVPart
+from qeval.methods.spec import Spec
 from qeval.quant.primitives import (
     FULL_PRECISION_BITS,
     QParams,
@@ -82,94 +83,88 @@ def key_packed_bytes(n_elements: int, bits: int, group_size: int) -> int:
     return packed_bytes(n_elements, bits, group_size)
 
 
-class KIVI(Method):
-    name = "kivi"
-    slots = (KV,)
-    targets = frozenset({"KV"})
-    allowed_bits = (2, 4, 8, 16)
-    semantics = ("cache", "simulated")
+def check(cfg) -> None:
+    # types and ranges are the schema's (qeval.schema.nodes)
+    g, r = cfg.method.group_size, cfg.method.residual_length
+    if r % g:
+        raise ConfigError(f"method.residual_length={r}: must be a positive multiple of "
+                          f"method.group_size={g} (keys are flushed in whole groups)")
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        # types and ranges are the schema's (qeval.schema.nodes)
-        g, r = cfg.method.group_size, cfg.method.residual_length
-        if r % g:
-            raise ConfigError(f"method.residual_length={r}: must be a positive multiple of "
-                              f"method.group_size={g} (keys are flushed in whole groups)")
 
-    def __init__(self, params, knobs):
-        super().__init__(params, knobs)
-        self.group_size = int(params.group_size)
-        self.residual_length = int(params.residual_length)
+def check_model(cfg, linear_widths, head_dim) -> None:
+    # values are grouped along the head dimension
+    check_divides("method.group_size", cfg.method.group_size, [head_dim], cfg.model.name, "head_dim")
+
+
+class KIVIKV(KVPart):
+    def __init__(self, spec, params, knobs):
+        super().__init__(spec, params, knobs)
+        self._g, self._r = int(params.group_size), int(params.residual_length)
+        self._bits = knobs.bits
         # backend=triton: int32 codes in the cache and fused decode attention (kivi_packed); a
         # layout the kernels cannot hold (e.g. 16-bit keys) runs on torch, and the row says so
-        self.kv_backend = "torch"
+        self._backend = "torch"
         if knobs.backend == "triton" and knobs.kv_semantics == "cache" and knobs.registered_attention:
             # imported only here: triton is an optional, Linux-only dependency
             from qeval.methods import kivi_packed
-            if kivi_packed.layout_problem(self.bits.k, self.bits.v, self.group_size) is None:
-                self.kv_backend, self.fused = "triton", kivi_packed.FusedDecode()
-                self.packed_layer, self.register_fused = kivi_packed.PackedKIVILayer, kivi_packed.register
-
-    @classmethod
-    def check_model(cls, cfg, linear_widths, head_dim) -> None:
-        # values are grouped along the head dimension
-        check_divides("method.group_size", cfg.method.group_size, [head_dim], cfg.model.name, "head_dim")
+            if kivi_packed.layout_problem(self._bits.k, self._bits.v, self._g) is None:
+                self._backend, self._fused = "triton", kivi_packed.FusedDecode()
 
     def _check_head_dim(self, d: int) -> None:
-        if d % self.group_size:
-            raise ConfigError(f"method.group_size={self.group_size}: must divide the model's head_dim={d} "
+        if d % self._g:
+            raise ConfigError(f"method.group_size={self._g}: must divide the model's head_dim={d} "
                               f"(values are grouped along the head dimension)")
 
     # -- simulated -----------------------------------------------------------------------------
-    def quantize_kv(self, k, v, pad=None):
+    def quantize_kv(self, k, v, pad=None, layer_idx=None):
         self._check_head_dim(k.shape[-1])
         return per_row_real(k, v, pad, lambda kb, vb: (
-            fake_quantize_keys(kb, self.bits.k, self.group_size),
-            fake_quantize_values(vb, self.bits.v, self.group_size)))
+            fake_quantize_keys(kb, self._bits.k, self._g),
+            fake_quantize_values(vb, self._bits.v, self._g)))
 
     # -- cache ---------------------------------------------------------------------------------
     def _compress_keys(self, k: torch.Tensor, first: bool) -> tuple[torch.Tensor, int]:
-        if self.bits.k >= FULL_PRECISION_BITS:
+        if self._bits.k >= FULL_PRECISION_BITS:
             return k, k.numel() * 2
-        return fake_quantize(k, self.bits.k, -2, self.group_size), key_packed_bytes(k.numel(), self.bits.k, self.group_size)
+        return fake_quantize(k, self._bits.k, -2, self._g), key_packed_bytes(k.numel(), self._bits.k, self._g)
 
     def _compress_values(self, v: torch.Tensor, first: bool) -> tuple[torch.Tensor, int]:
         self._check_head_dim(v.shape[-1])
-        if self.bits.v >= FULL_PRECISION_BITS:
+        if self._bits.v >= FULL_PRECISION_BITS:
             return v, v.numel() * 2
-        return fake_quantize(v, self.bits.v, -1, self.group_size), packed_bytes(v.numel(), self.bits.v, self.group_size)
+        return fake_quantize(v, self._bits.v, -1, self._g), packed_bytes(v.numel(), self._bits.v, self._g)
 
     def make_cache_layer(self, layer_idx, seq):
-        if self.kv_backend == "triton":
-            return self.packed_layer(self, seq, layer_idx, self.fused)
-        r = self.residual_length
+        if self._backend == "triton":
+            from qeval.methods.kivi_packed import PackedKIVILayer
+            return PackedKIVILayer(self, seq, layer_idx, self._fused)
+        r = self._r
         # keys: whole blocks of R once R tokens wait; values: token by token, R newest kept
         return BlockCompressedLayer(seq, keys=(r, 0, self._compress_keys), values=(1, r, self._compress_values))
 
     def attention_implementation(self, base: str) -> str | None:
-        if self.kv_backend == "triton":
-            return self.register_fused(self.fused, base)
+        if self._backend == "triton":
+            from qeval.methods.kivi_packed import register
+            return register(self._fused, base)
         return None
 
-    def describe(self) -> dict:
-        return super().describe() | {"kv_backend": self.kv_backend}
+    def columns(self) -> dict:
+        return {"zero_point": "real", "kv_backend": self._backend}
 
-    def aging_rules(self):
+    def aging(self):
         """Under an evicting cache (:mod:`qeval.kv.aging`): keys flushed in whole blocks of R once R
         kept tokens wait, per channel in groups of G; values per token once older than the newest
         R kept tokens, in groups of G channels."""
         from qeval.kv.aging import Aging, Rule
-        g, r, b = self.group_size, self.residual_length, self.bits
+        g, r, b = self._g, self._r, self._bits
         return Aging(
             Rule(0, r, lambda x, exclude: fake_quantize(x, b.k, -2, g, exclude=exclude),
                  lambda shape: key_packed_bytes(shape.numel(), b.k, g)),
             Rule(r, 1, lambda x, exclude: fake_quantize(x, b.v, -1, g, exclude=exclude),
                  lambda shape: packed_bytes(shape.numel(), b.v, g)))
 
-    def aging_problem(self) -> str | None:
-        return None
-
     def kv_packed_bytes(self, keys, values) -> int:
-        return (packed_bytes(keys.numel(), self.bits.k, self.group_size)
-                + packed_bytes(values.numel(), self.bits.v, self.group_size))
+        return packed_bytes(keys.numel(), self._bits.k, self._g) + packed_bytes(values.numel(), self._bits.v, self._g)
+
+
+KIVI = Spec("kivi", {KV: KIVIKV}, allowed_bits=(2, 4, 8, 16), check=check, check_model=check_model)

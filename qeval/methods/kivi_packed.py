@@ -111,8 +111,8 @@ class PackedKVLayer(RowSelectable, DynamicLayer):
     def __init__(self, method, seq: SequenceState, layer_idx: int, fused: FusedDecode):
         super().__init__()
         self.method, self.seq, self.layer_idx, self.fused = method, seq, layer_idx, fused
-        self.G = method.group_size
-        self.kb, self.vb = method.bits.k, method.bits.v
+        self.G = int(method.params.group_size)
+        self.kb, self.vb = method.knobs.bits.k, method.knobs.bits.v
 
     @abstractmethod
     def settle(self) -> None:
@@ -235,7 +235,7 @@ class PackedKIVILayer(PackedKVLayer):
 
     def __init__(self, method, seq: SequenceState, layer_idx: int, fused: FusedDecode):
         super().__init__(method, seq, layer_idx, fused)
-        self.R = method.residual_length
+        self.R = int(method.params.residual_length)
 
     def settle(self) -> None:
         """Pack every block that is due (KIVI's flush after attention); idempotent."""

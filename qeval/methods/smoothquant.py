@@ -34,7 +34,10 @@ from qeval.calibration import fold, published
 from qeval.calibration.layers import decoder_layers, watching
 from qeval.errors import ConfigError
 from qeval.methods.awq import apply_awq
-from qeval.methods.base import Bits, Method
+from qeval.methods.base import Bits
+from qeval.methods.parts import TransformPart
+from qeval.methods.round import RoundAct, RoundWeight
+from qeval.methods.spec import Spec
 from qeval.methods.uniform import A_GRANULARITIES, W_GRANULARITIES, check_zero_point
 from qeval.recipe.slot_names import ACT, TRANSFORM, WEIGHT
 
@@ -68,46 +71,39 @@ def act_scales(model, samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-class SmoothQuant(Method):
-    name = "smoothquant"
-    slots = (TRANSFORM, WEIGHT, ACT)   # the smoothing, then uniform's W and A
-    targets = frozenset({"W", "WA"})
-    calibrates = True
+def check(cfg) -> None:
+    check_zero_point(cfg)
+    b = Bits.from_config(cfg)
+    if min(b.k, b.v) < 16:
+        raise ConfigError(f"kv_bits={min(b.k, b.v)}: method smoothquant quantizes weights and activations; "
+                          f"allowed: 16")
+    if cfg.method.get("scales_file") is not None and min(b.w, b.a) < 16:
+        read_scales_file(cfg.method.scales_file)     # before any weights load
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        check_zero_point(cfg)
-        b = Bits.from_config(cfg)
-        if min(b.k, b.v) < 16:
-            raise ConfigError(f"kv_bits={min(b.k, b.v)}: method smoothquant quantizes weights and activations; "
-                              f"allowed: 16")
-        if cfg.method.get("scales_file") is not None and min(b.w, b.a) < 16:
-            cls.read_scales_file(cfg.method.scales_file)     # before any weights load
 
-    @classmethod
-    def read_scales_file(cls, path) -> dict:
-        """The authors' act_scales, or Qllm-Eval's llm-awq-format smoothing scales, as this method's
-        result (structure checked)."""
-        allowed = f"{published.ACT_SHAPE}, or {published.AWQ_SHAPE}"
-        obj = published.load(path, allowed)
-        if published.kind(obj) == published.AWQ:
-            return published.awq_entries(obj, path) | {"source": str(path)}
-        return {"act_scales": published.act_scales(obj, path), "source": str(path)}
+def read_scales_file(path) -> dict:
+    """The authors' act_scales, or Qllm-Eval's llm-awq-format smoothing scales, as this method's
+    result (structure checked)."""
+    allowed = f"{published.ACT_SHAPE}, or {published.AWQ_SHAPE}"
+    obj = published.load(path, allowed)
+    if published.kind(obj) == published.AWQ:
+        return published.awq_entries(obj, path) | {"source": str(path)}
+    return {"act_scales": published.act_scales(obj, path), "source": str(path)}
 
-    @classmethod
-    def check_architecture(cls, cfg, arch) -> None:
-        fold.check_architecture(cfg, arch, cls.name)
 
-    @classmethod
-    def calibration_identity(cls, cfg) -> dict:
-        # act_scales are statistics of the full-precision model: neither alpha nor the bits (nor a
-        # scales_file, which replaces them) enter them
-        return {"method": cls.name, "statistic": "max |x| per input channel of every Linear"}
+def check_architecture(cfg, arch) -> None:
+    fold.check_architecture(cfg, arch, "smoothquant")
 
-    def __init__(self, params, knobs):
-        super().__init__(params, knobs)
-        self.w_gran = W_GRANULARITIES["per_channel"]
-        self.a_gran = A_GRANULARITIES["per_token"]
+
+def calibration_identity(cfg) -> dict:
+    # act_scales are statistics of the full-precision model: neither alpha nor the bits (nor a
+    # scales_file, which replaces them) enter them
+    return {"method": "smoothquant", "statistic": "max |x| per input channel of every Linear"}
+
+
+class Smoothing(TransformPart):
+    """Migrates activation outliers into the weights: per input channel, scales from calibration
+    divide the inputs (folded into the norm before) and multiply the weights."""
 
     def calibrate(self, model, samples):
         result = {"act_scales": act_scales(model, samples)}
@@ -133,3 +129,22 @@ class SmoothQuant(Method):
                 fcs = [layer.get_submodule(n).weight for n in g.linears]
                 act = result["act_scales"][f"{prefix}.{i}.{g.linears[0]}"]
                 fold.fold(layer, g, smoothing_scales(act, fcs, self.params.alpha))
+
+
+class SmoothQuantWeight(RoundWeight):
+    """Weights per output channel, as the authors' W8A8 linear."""
+
+    def __init__(self, spec, params, knobs):
+        super().__init__(spec, params, knobs, W_GRANULARITIES["per_channel"])
+
+
+class SmoothQuantAct(RoundAct):
+    """Activations per token, as the authors' W8A8 linear."""
+
+    def __init__(self, spec, params, knobs):
+        super().__init__(spec, params, knobs, A_GRANULARITIES["per_token"])
+
+
+SMOOTHQUANT = Spec("smoothquant", {TRANSFORM: Smoothing, WEIGHT: SmoothQuantWeight, ACT: SmoothQuantAct},
+                   calibrates=True, check=check, check_architecture=check_architecture,
+                   calibration_identity=calibration_identity, read_scales_file=read_scales_file)

@@ -22,7 +22,7 @@ budgets) or ``recent_budget`` tokens when set; the sinks come on top of it.
   the layer's validity mask instead of transformers' (which reads slot j as a position). Until a
   row first evicts, nothing has moved and the model's own mask serves.
 
-Only ``cache`` semantics and ``kv_bits=16`` (:class:`EvictionMethod`).
+Only ``cache`` semantics and ``kv_bits=16`` (:class:`EvictPart`).
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from qeval.kv.attention import PendingLayers, register_attention
 from qeval.kv.attention import attention_mask as masked
 from qeval.kv.rows import RowSelectable
 from qeval.kv.sequence import SequenceState
-from qeval.methods.eviction import EvictionMethod
+from qeval.methods.eviction import EvictPart, eviction_spec
 
 
 class StreamingLayer(RowSelectable, DynamicLayer):
     is_croppable = False
 
-    def __init__(self, method: StreamingLLM, layer_idx: int, seq: SequenceState):
+    def __init__(self, method: "StreamingEvict", layer_idx: int, seq: SequenceState):
         super().__init__()
         self.method, self.layer_idx, self.seq = method, layer_idx, seq
         self.length = 0                  # logical tokens seen, pads included (positions, generate() slicing)
@@ -198,12 +198,9 @@ class StreamingLayer(RowSelectable, DynamicLayer):
         raise NotImplementedError("an evicting KV layer cannot be cropped (evicted tokens are gone)")
 
 
-class StreamingLLM(EvictionMethod):
-    name = "streaming"
-    quantizes_kept = True
-
-    def __init__(self, params, knobs):
-        super().__init__(params, knobs)
+class StreamingEvict(EvictPart):
+    def __init__(self, spec, params, knobs):
+        super().__init__(spec, params, knobs)
         self.pending = PendingLayers()   # the padded path's layer that took this step, for the attention
 
     def windows(self, prompt_lengths: list[int]) -> list[int]:
@@ -236,3 +233,6 @@ class StreamingLLM(EvictionMethod):
             return attention
 
         return register_attention("streaming", base, make)
+
+
+STREAMING = eviction_spec("streaming", StreamingEvict, quantizes_kept=True)

@@ -15,7 +15,9 @@ group of ``*_granularity``; MX and NVFP4 bring their own blocks, which replace t
 from __future__ import annotations
 
 from qeval.errors import ConfigError
-from qeval.methods.base import Bits, Formats, Method
+from qeval.methods.base import Bits, Formats
+from qeval.methods.round import RoundAct, RoundKV, RoundWeight
+from qeval.methods.spec import Spec
 from qeval.quant.formats import FORMATS
 from qeval.quant.granularity import Granularity
 from qeval.quant.primitives import ZERO_POINTS
@@ -35,29 +37,35 @@ def check_zero_point(cfg) -> None:
         raise ConfigError(f"method.zero_point={cfg.method.zero_point}: allowed: {', '.join(ZERO_POINTS)}")
 
 
-class Uniform(Method):
-    name = "uniform"
-    slots = (WEIGHT, ACT, KV)
-    allowed_bits = (1, 2, 3, 4, 5, 6, 7, 8, 16)
-    allowed_formats = tuple(FORMATS.values())
+def check(cfg) -> None:
+    for key, table in (("w_granularity", W_GRANULARITIES), ("a_granularity", A_GRANULARITIES),
+                       ("kv_granularity", KV_GRANULARITIES)):
+        if cfg.method[key] not in table:
+            raise ConfigError(f"method.{key}={cfg.method[key]}: allowed: {', '.join(table)}")
+    check_zero_point(cfg)
+    bits = Bits.from_config(cfg)
+    own_blocks = Formats.from_config(cfg).kv.block is not None   # MX / NVFP4 ignore the granularity
+    if (cfg.method.kv_granularity == "per_channel" and cfg.kv_semantics == "cache" and min(bits.k, bits.v) < 16
+            and not own_blocks):
+        # one decode token per stored chunk makes per-channel statistics lossless (min == max)
+        raise ConfigError("method.kv_granularity=per_channel: with kv_semantics=cache each decode token "
+                          "would be its own group and lossless; use kv_semantics=simulated or method=kivi")
 
-    @classmethod
-    def check(cls, cfg) -> None:
-        for key, table in (("w_granularity", W_GRANULARITIES), ("a_granularity", A_GRANULARITIES),
-                           ("kv_granularity", KV_GRANULARITIES)):
-            if cfg.method[key] not in table:
-                raise ConfigError(f"method.{key}={cfg.method[key]}: allowed: {', '.join(table)}")
-        check_zero_point(cfg)
-        bits = Bits.from_config(cfg)
-        own_blocks = Formats.from_config(cfg).kv.block is not None   # MX / NVFP4 ignore the granularity
-        if (cfg.method.kv_granularity == "per_channel" and cfg.kv_semantics == "cache" and min(bits.k, bits.v) < 16
-                and not own_blocks):
-            # one decode token per stored chunk makes per-channel statistics lossless (min == max)
-            raise ConfigError("method.kv_granularity=per_channel: with kv_semantics=cache each decode token "
-                              "would be its own group and lossless; use kv_semantics=simulated or method=kivi")
 
-    def __init__(self, params, knobs):
-        super().__init__(params, knobs)
-        self.w_gran = W_GRANULARITIES[params.w_granularity]
-        self.a_gran = A_GRANULARITIES[params.a_granularity]
-        self.k_gran = self.v_gran = KV_GRANULARITIES[params.kv_granularity]
+class UniformWeight(RoundWeight):
+    def __init__(self, spec, params, knobs):
+        super().__init__(spec, params, knobs, W_GRANULARITIES[params.w_granularity])
+
+
+class UniformAct(RoundAct):
+    def __init__(self, spec, params, knobs):
+        super().__init__(spec, params, knobs, A_GRANULARITIES[params.a_granularity])
+
+
+class UniformKV(RoundKV):
+    def __init__(self, spec, params, knobs):
+        super().__init__(spec, params, knobs, KV_GRANULARITIES[params.kv_granularity])
+
+
+UNIFORM = Spec("uniform", {WEIGHT: UniformWeight, ACT: UniformAct, KV: UniformKV},
+               allowed_bits=(1, 2, 3, 4, 5, 6, 7, 8, 16), allowed_formats=tuple(FORMATS.values()), check=check)

@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 from qeval.kv.cache import QevalCache, cache_kwarg, held_bytes, packed_layout_bytes
 from qeval.logs import Progress
-from qeval.methods.base import Method
+from qeval.recipe.recipe import Recipe
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Stats:
     kv_bytes_held: int = 0        # the largest cache measured, in bytes of its tensors
     kv_bytes_packed: int = 0      # what a packed layout of that cache would need
 
-    def observe_cache(self, cache, method: Method) -> None:
+    def observe_cache(self, cache, method: Recipe) -> None:
         held = held_bytes(cache)
         if held > self.kv_bytes_held:
             self.kv_bytes_held = held
@@ -34,7 +34,7 @@ class Stats:
 class Handle:
     model: torch.nn.Module
     tokenizer: object
-    method: Method
+    method: Recipe
     kv_semantics: str = "cache"
     stats: Stats = field(default_factory=Stats)
     run_dir: object = None        # the run directory, where tasks may keep per-sample outputs

@@ -33,7 +33,6 @@ from transformers.quantizers.base import get_keys_to_not_convert
 from qeval.calibration.layers import decoder_layers
 from qeval.errors import ConfigError
 from qeval.model.keep import layer_of, resolved
-from qeval.methods.base import Method
 from qeval.quant.formats import fp8
 from qeval.quant.primitives import FULL_PRECISION_BITS
 
@@ -43,7 +42,7 @@ BACKENDS = ("auto", "torch", "triton")
 class QuantLinear(nn.Module):
     """A Linear whose weight was quantized once and whose input is quantized per call (WA)."""
 
-    def __init__(self, linear: nn.Linear, method: Method, quantize_input: bool):
+    def __init__(self, linear: nn.Linear, method, quantize_input: bool):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(method.quantize_weight(linear.weight.data), requires_grad=False)
@@ -71,7 +70,7 @@ class FP8WeightLinear(nn.Module):
     float32 scales (``weight_scale``, (out or 1, n groups)), decoded to the original weight's dtype
     in every forward: equal to ``method.quantize_weight`` bit for bit."""
 
-    def __init__(self, linear: nn.Linear, method: Method, quantize_input: bool, stored):
+    def __init__(self, linear: nn.Linear, method, quantize_input: bool, stored):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         codes, scale = stored
@@ -106,69 +105,71 @@ class UnsupportedLayout(ValueError):
     """The method's quantization is not one the packed kernels hold; the message says why."""
 
 
-def packed_layout(method: Method, quantize_input: bool) -> dict:
-    """The :func:`qeval.quant.packed.pack_weight` arguments that reproduce ``method``'s weights."""
+def packed_layout(weight, act=None) -> dict:
+    """The :func:`qeval.quant.packed.pack_weight` arguments that reproduce the ``weight`` part's
+    weights, with ``act`` the part quantizing their inputs (None: weight-only)."""
     from qeval.quant.packed import PACKABLE_BITS
-    b, wg, ag = method.bits, method.w_gran, method.a_gran
-    f = method.formats
-    if not f.w.is_integer or (quantize_input and not f.a.is_integer):
-        raise UnsupportedLayout(f"w_format={f.w}, a_format={f.a}: the packed kernels hold integer codes")
-    if b.w not in PACKABLE_BITS:
-        raise UnsupportedLayout(f"w_bits={b.w}: the packed kernels hold {PACKABLE_BITS}")
+    w = weight.rounding
+    a = None if act is None else act.rounding
+    wg = w.gran
+    if not w.fmt.is_integer or (a is not None and not a.fmt.is_integer):
+        raise UnsupportedLayout(f"w_format={w.fmt}, a_format={a.fmt if a else 'int'}: the packed kernels hold "
+                                "integer codes")
+    if w.bits not in PACKABLE_BITS:
+        raise UnsupportedLayout(f"w_bits={w.bits}: the packed kernels hold {PACKABLE_BITS}")
     if wg.per_sequence or wg.axis not in (None, -1):
         raise UnsupportedLayout(f"weight granularity {wg}: the kernels group along the input dimension")
-    if quantize_input and (b.a > 8 or b.a < 2 or ag.per_sequence or ag.axis != -1 or ag.group_size is not None):
-        raise UnsupportedLayout(f"a_bits={b.a} with activation granularity {ag}: the int8 GEMMs take "
-                                "2-8 bit activations quantized per token (a_group_size=null)")
-    if quantize_input and method.zero_point != "real":
-        # qeval.kernels.act_quant computes real-zero codes in float32; integer-zero activations
-        # (computed in the model's dtype) would come out differently
-        raise UnsupportedLayout(f"method.zero_point={method.zero_point} with a_bits={b.a}: the int8 GEMMs "
-                                "quantize activations with zero_point=real only")
-    return {"bits": b.w, "group_size": wg.group_size, "symmetric": method.symmetric,
-            "per_tensor": wg.axis is None, "zero_point": method.zero_point}
+    if a is not None:
+        ag = a.gran
+        if a.bits > 8 or a.bits < 2 or ag.per_sequence or ag.axis != -1 or ag.group_size is not None:
+            raise UnsupportedLayout(f"a_bits={a.bits} with activation granularity {ag}: the int8 GEMMs take "
+                                    "2-8 bit activations quantized per token (a_group_size=null)")
+        if a.zero_point != "real":
+            # qeval.kernels.act_quant computes real-zero codes in float32; integer-zero activations
+            # (computed in the model's dtype) would come out differently
+            raise UnsupportedLayout(f"method.zero_point={a.zero_point} with a_bits={a.bits}: the int8 GEMMs "
+                                    "quantize activations with zero_point=real only")
+    return {"bits": w.bits, "group_size": wg.group_size, "symmetric": w.symmetric,
+            "per_tensor": wg.axis is None, "zero_point": w.zero_point}
 
 
-def reproduces(p, w: torch.Tensor, method: Method) -> bool:
-    """Whether packed ``p`` dequantizes to ``method``'s own fake-quantized ``w``: bit for bit, or for
-    an integer zero point within :func:`qeval.quant.packed.integer_zero_gap` (the rounding of
-    ``-z * scale``, nonzero only when the scale has more significant bits than float16's)."""
+def reproduces(p, w: torch.Tensor, weight) -> bool:
+    """Whether packed ``p`` dequantizes to the ``weight`` part's own fake-quantized ``w``: bit for
+    bit, or for an integer zero point within :func:`qeval.quant.packed.integer_zero_gap` (the
+    rounding of ``-z * scale``, nonzero only when the scale has more significant bits than
+    float16's)."""
     from qeval.quant.packed import dequantize_packed, integer_zero_gap
-    got, want = dequantize_packed(p, w.dtype), method.quantize_weight(w)
-    if method.zero_point == "real":
+    got, want = dequantize_packed(p, w.dtype), weight.quantize_weight(w)
+    if weight.rounding.zero_point == "real":
         return torch.equal(got, want)
     return bool(((got.float() - want.float()).abs() <= integer_zero_gap(p)).all())
-
-
-def _packing_part(quantizer, quantize_input: bool) -> Method:
-    """The method whose layout the kernels hold: a recipe's (``packing_part``), or a method itself."""
-    choose = getattr(quantizer, "packing_part", None)
-    return quantizer if choose is None else choose(quantize_input)
 
 
 class PackedQuantLinear(nn.Module):
     """A Linear held packed and run by the Triton kernels (W: weight-only GEMM, WA: int8 GEMMs)."""
 
-    def __init__(self, linear: nn.Linear, method: Method, quantize_input: bool):
+    def __init__(self, linear: nn.Linear, recipe, quantize_input: bool):
         super().__init__()
         from qeval.quant.packed import pack_weight, param_dtype_for
         from qeval.kernels.w4a8_gemm import GroupedInt8Weight
         from qeval.kernels.w8a8_gemm import Int8Weight
         w = linear.weight.data
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        method = _packing_part(method, quantize_input)
-        layout = packed_layout(method, quantize_input)
-        # a method holding its own codes (GPTQ) packs those; otherwise round-to-nearest of the weight
-        own = getattr(method, "pack_weight", None)
+        weight, act = recipe.packing_parts(quantize_input)
+        layout = packed_layout(weight, act)
+        # a part holding its own codes (GPTQ's) packs those; otherwise round-to-nearest of the weight
+        own = getattr(weight, "pack_weight", None)
         p = own(w, layout) if own is not None else pack_weight(w, **layout)
-        if not reproduces(p, w, method):
-            raise UnsupportedLayout(f"method={method.name}: its weights are not round-to-nearest min-max "
+        if not reproduces(p, w, weight):
+            raise UnsupportedLayout(f"method={weight.spec.name}: its weights are not round-to-nearest min-max "
                                     "in the packed layout")
         p = p.with_param_dtype(param_dtype_for(w.dtype))
         self.bias = linear.bias
-        self.method = method
+        self.w_bits = weight.rounding.bits
+        # the int8 GEMMs quantize each input as the act part would (per token, real zero)
+        self.a_bits, self.a_symmetric = (act.rounding.bits, act.rounding.symmetric) if act else (16, False)
         self.quantize_input = quantize_input
-        self.packed_bytes = method.weight_packed_bytes(w)
+        self.packed_bytes = weight.weight_packed_bytes(w)
         if not quantize_input:
             self.weight_store, self.kernel = p, "wq_gemm"
         elif p.group_size == p.in_features and p.bits == 8:
@@ -184,7 +185,7 @@ class PackedQuantLinear(nn.Module):
         if self.kernel == "wq_gemm":
             from qeval.kernels.wq_gemm import wq_matmul
             return wq_matmul(x, self.weight_store, self.bias)
-        a = dict(a_bits=self.method.bits.a, a_symmetric=self.method.symmetric)
+        a = dict(a_bits=self.a_bits, a_symmetric=self.a_symmetric)
         if self.kernel == "w8a8_gemm":
             from qeval.kernels.w8a8_gemm import w8a8_matmul
             return w8a8_matmul(x, self.weight_store, self.bias, **a)
@@ -192,9 +193,8 @@ class PackedQuantLinear(nn.Module):
         return w4a8_matmul(x, self.weight_store, self.bias, **a)
 
     def extra_repr(self) -> str:
-        b = self.method.bits
-        return (f"{self.in_features}, {self.out_features}, w_bits={b.w}, "
-                f"a_bits={b.a if self.quantize_input else 16}, kernel={self.kernel}")
+        return (f"{self.in_features}, {self.out_features}, w_bits={self.w_bits}, "
+                f"a_bits={self.a_bits if self.quantize_input else 16}, kernel={self.kernel}")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -206,7 +206,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _make_linear(module: nn.Linear, method: Method, quantize_input: bool, backend: str, strict: bool):
+def _make_linear(module: nn.Linear, method, quantize_input: bool, backend: str, strict: bool):
     if backend == "triton" and method.bits.w < FULL_PRECISION_BITS:
         try:
             return PackedQuantLinear(module, method, quantize_input)
@@ -243,7 +243,7 @@ def refuse_fused_weights(model: nn.Module, method, model_name: str) -> None:
                       f"swap would leave in full precision; allowed: w_bits=16 and a_bits=16 (KV methods run on it)")
 
 
-def quantize_linears(model: nn.Module, method: Method, backend: str = "auto", keep=()) -> dict:
+def quantize_linears(model: nn.Module, method, backend: str = "auto", keep=()) -> dict:
     """Swap Linears in place (W when w_bits < 16, WA when a_bits < 16); returns byte counts.
 
     ``weight_bytes_held`` is measured from the tensors the swapped layers hold (packed words plus

@@ -1,12 +1,12 @@
 """The run's :class:`~qeval.recipe.recipe.Recipe` from its config: each chosen part built as its
-method from its own view of the config (:meth:`qeval.recipe.slots.Part.view`)."""
+method from its own view of the config (:meth:`qeval.recipe.slots.Choice.view`)."""
 
 from __future__ import annotations
 
 from omegaconf import open_dict
 
 from qeval.methods.base import Bits, Formats
-from qeval.methods.build import build_method
+from qeval.methods.build import build_parts
 from qeval.recipe import slots
 from qeval.recipe.recipe import Recipe
 
@@ -28,5 +28,20 @@ def part_views(cfg):
 
 
 def build_recipe(cfg, arch=None, registered_attention: bool | None = None) -> Recipe:
-    built = [(part, build_method(view, arch, registered_attention)) for part, view in part_views(cfg)]
+    built = [(choice, build_parts(view, choice.slots, arch, registered_attention))
+             for choice, view in part_views(cfg)]
     return Recipe(cfg, built, Bits.from_config(cfg), Formats.from_config(cfg))
+
+
+def shorthand(name: str, params, knobs, cfg=None) -> Recipe:
+    """``method=<name>`` with node ``params`` and the run's ``knobs``, as a recipe of every part the
+    method has (scripts and tests that build a method without composing a run; ``cfg``: the run's
+    keys a calibration stage reads, when one calibrates)."""
+    from omegaconf import OmegaConf
+
+    from qeval.methods import METHODS
+    from qeval.recipe.slots import Choice
+    spec = METHODS[name]
+    cfg = OmegaConf.merge(cfg or {}, {"method": params})
+    parts = {slot: build(spec, params, knobs) for slot, build in spec.parts.items()}
+    return Recipe(cfg, [(Choice("method", name, spec.slots, params, whole=True), parts)], knobs.bits, knobs.formats)

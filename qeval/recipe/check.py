@@ -11,6 +11,7 @@ from __future__ import annotations
 from qeval.errors import ConfigError
 from qeval.methods import METHODS
 from qeval.methods.base import Bits, Formats
+from qeval.methods.parts import Calibrated
 from qeval.quant.primitives import FULL_PRECISION_BITS
 from qeval.recipe import slots
 from qeval.recipe.slots import ACT, EVICT, KV, TRANSFORM, WEIGHT
@@ -29,8 +30,8 @@ def _where(part) -> str:
 
 
 def check(cfg, built) -> None:
-    """``built``: (part, method) pairs of the recipe, as :func:`qeval.recipe.build.build_recipe`
-    makes them."""
+    """``built``: (choice, its parts by slot) pairs of the recipe, as
+    :func:`qeval.recipe.build.build_recipe` makes them."""
     chosen = [p for p, _ in built]
     if len(chosen) == 1 and chosen[0].whole:
         return   # a shorthand run: its method's own checks said everything
@@ -47,11 +48,11 @@ def check(cfg, built) -> None:
             others = ", ".join(_where(p) for p in chosen)
             raise ConfigError(f"{shown}: no part of this recipe quantizes {what} ({others}); allowed: "
                               f"{slot}=<{'|'.join(served(slot))}>, or {key}=16")
-    evict = next(((p, m) for p, m in built if EVICT in p.slots), None)
-    kv = next(((p, m) for p, m in built if KV in p.slots), None)
+    evict = next(((c, parts[EVICT]) for c, parts in built if EVICT in c.slots), None)
+    kv = next(((c, parts[KV]) for c, parts in built if KV in c.slots), None)
     if evict and kv and quantized[KV]:
         _check_aging(cfg, evict, kv)
-    calibrated = [(p, m) for p, m in built if m.calibrates and (
+    calibrated = [(p, m) for p, m in built if any(isinstance(x, Calibrated) for x in m.values()) and (
         (TRANSFORM in p.slots and (quantized[WEIGHT] or quantized[ACT]))
         or any(quantized.get(s, False) for s in p.slots))]
     if len(calibrated) > 1:
@@ -72,10 +73,10 @@ def _check_aging(cfg, evict, kv) -> None:
     if cfg.get("kv_scale", "dynamic") != "dynamic":
         raise ConfigError(f"kv_scale={cfg.kv_scale}: {both}: the tokens kept are quantized with scales from "
                           f"their own groups; allowed: dynamic")
-    if not em.quantizes_kept:
+    if not em.spec.quantizes_kept:
         keeps = sorted(n for n, c in METHODS.items() if c.evicts and c.quantizes_kept)
         raise ConfigError(f"{_where(ep)}: with {_where(kp)}: its cache does not hold quantized tokens yet; "
                           f"allowed: evict={' or evict='.join(keeps)}, or kv_bits=16")
-    if problem := km.aging_problem():
+    if isinstance(problem := km.aging(), str):
         raise ConfigError(f"{_where(kp)}: with {_where(ep)}: {problem}; allowed: kv=kivi, or kv=uniform / "
                           f"kv=group with per-token statistics")

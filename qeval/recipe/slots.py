@@ -46,8 +46,8 @@ SLOT_FORMAT = {WEIGHT: "w_format", ACT: "a_format", KV: "kv_format"}
 
 
 @dataclass(frozen=True)
-class Part:
-    """One chosen part: its method's name, the slots it fills, the config key that chose it
+class Choice:
+    """One choice of a part: its method's name, the slots it fills, the config key that chose it
     (``method``, ``weight``, ..., ``transform.smoothquant``) and its node."""
 
     key: str
@@ -83,13 +83,13 @@ def _nodes(cfg) -> tuple[dict[str, DictConfig], list[tuple[str, DictConfig]]]:
     return chosen, transforms
 
 
-def parts(cfg) -> list[Part]:
+def parts(cfg) -> list[Choice]:
     """The parts ``cfg`` chooses, in :data:`SLOTS` order (a shorthand ``method`` part first where
     it fills the transform slot)."""
     chosen, transforms = _nodes(cfg)
     name = cfg.method.name
     if not chosen and not transforms:
-        return [Part("method", name, serves(name), cfg.method, whole=True)]
+        return [Choice("method", name, serves(name), cfg.method, whole=True)]
     taken = set(chosen) | ({TRANSFORM} if transforms else set())
     left = tuple(s for s in serves(name) if s not in taken)
     given = [f"{s}={chosen[s].name}" for s in serves(name) if s in chosen]
@@ -98,10 +98,10 @@ def parts(cfg) -> list[Part]:
     if not left and name != DEFAULT_METHOD:
         raise ConfigError(f"method={name}: {' and '.join(given)} take{'s' if len(given) == 1 else ''} every "
                           f"target it quantizes; allowed: one of them (drop method={name} or the other)")
-    found = [Part(f"{TRANSFORM}.{n}", node.name, (TRANSFORM,), node) for n, node in transforms]
+    found = [Choice(f"{TRANSFORM}.{n}", node.name, (TRANSFORM,), node) for n, node in transforms]
     if left:
-        found.append(Part("method", name, left, cfg.method))
-    found += [Part(slot, node.name, (slot,), node) for slot, node in chosen.items()]
+        found.append(Choice("method", name, left, cfg.method))
+    found += [Choice(slot, node.name, (slot,), node) for slot, node in chosen.items()]
     order = {s: i for i, s in enumerate(SLOTS)}
     return sorted(found, key=lambda p: min(order[s] for s in p.slots))
 

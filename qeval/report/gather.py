@@ -12,7 +12,7 @@ checked against the row schema (:mod:`qeval.report.schema`). What does not fit i
 Labels come from the rows themselves: every method writes ``target`` (``fp16``, ``W``, ``WA``,
 ``KV``, ``KV-evict`` for an eviction method, ``mixed``), ``setting`` (a short label such as
 ``W4A8``, ``KV2`` or ``KV 20%`` for tables and legends) and ``kv_budget`` (the fraction of the
-prompt an evicting method keeps) with :meth:`qeval.methods.base.Method.labels`, so nothing here
+prompt an evicting method keeps) with :meth:`qeval.recipe.recipe.Recipe.labels`, so nothing here
 knows any method. Derived here: ``bits``, the bit width on the row's target axis (weights for
 W/WA, K/V for KV; 16 for fp16). Nothing is ever parsed from directory names.
 
