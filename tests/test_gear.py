@@ -20,6 +20,7 @@ from qeval.quant.decompose import (
     reference_outliers,
     reference_outliers_per_side,
 )
+from qeval.methods.kivi import fake_quantize_keys
 from qeval.quant.primitives import quantize, relative_error
 
 
@@ -126,24 +127,29 @@ def _reference_selection(input, sparsity, which):
     return output, (smallest_indices, smallest_value), (largest_indices, largest_value)
 
 
-def _reference_gears(input, quantize_bit, group_size, sparsity, which):
+def _reference_gears(input, quantize_bit, group_size, sparsity, which, levels=None):
     """The rest of ``gears_channelQ`` / ``gears_tokenQ`` (lines 285-295 / 321-332) with the
     quantizers they call, ``fake_groupwise_{channel,token}_asymmetric_quantization_cluster``
-    (lines 100-130 / 132-160), transcribed; the final ``.half()`` is left out to compare in fp32."""
+    (lines 100-130 / 132-160), transcribed; the final ``.half()`` is left out to compare in fp32.
+    ``levels``: None is the reference's ``quantize_bit ** 2 - 1``. Keys past the last whole group
+    of tokens are left as they are (lines 108-111, 121)."""
     output, (si, sv), (li, lv) = _reference_selection(input, sparsity, which)
     batch, num_head, seq_len, sep_dim = output.shape
-    cluster_num = quantize_bit ** 2 - 1
+    cluster_num = quantize_bit ** 2 - 1 if levels is None else levels
     x = output.permute(0, 2, 1, 3).contiguous().view(batch, seq_len, sep_dim * num_head)
+    residual = x[:, seq_len // group_size * group_size:, :] if which == "k" else None
     if which == "k":
         group_num = seq_len // group_size
-        fixed_input = x.view(batch, group_num, group_size, num_head * sep_dim)
+        fixed_input = x[:, :group_num * group_size, :].reshape(batch, group_num, group_size, num_head * sep_dim)
         mx, mn = fixed_input.max(dim=-2)[0].unsqueeze(-2), fixed_input.min(dim=-2)[0].unsqueeze(-2)
     else:
         fixed_input = x.view(batch, seq_len, (sep_dim * num_head) // group_size, group_size)
         mx, mn = fixed_input.max(dim=-1)[0].unsqueeze(-1), fixed_input.min(dim=-1)[0].unsqueeze(-1)
     scale = (mx - mn) / cluster_num
     q = torch.nn.functional.relu((fixed_input - mn) / scale).round_() * scale + mn
-    out = q.view(batch, seq_len, num_head, sep_dim).permute(0, 2, 1, 3)
+    if which == "k":
+        q = torch.cat((q.reshape(batch, -1, num_head * sep_dim), residual), dim=1)
+    out = q.reshape(batch, seq_len, num_head, sep_dim).permute(0, 2, 1, 3)
     if which == "k":
         out = out.permute(0, 1, 3, 2).contiguous().view(batch, sep_dim * num_head, seq_len)
         out.scatter_(-1, si, sv)
@@ -207,6 +213,38 @@ def test_reference_rule_reproduces_the_reference_at_two_bits(seed):
         y = m.compress(x, which, True)[0]
         torch.testing.assert_close(y, _reference_gears(x, 2, 8, 0.1, which), rtol=0, atol=1e-5)
         assert torch.equal(y[mask], x[mask])
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_the_level_count_is_2_to_the_bits_minus_1_which_the_reference_matches_only_at_2_and_4_bits(bits):
+    """The reference quantizes with ``bits**2 - 1`` levels: 9 codes at 3 bits (more than 3 bits
+    hold), 63 at 8. qeval keeps the paper's ``2**bits - 1`` (README, deviations): equal to the
+    transcription given those levels, and to the reference itself where the two counts agree."""
+    torch.manual_seed(bits)
+    x = torch.randn(1, 4, 32, 16)
+    m = make_part("gear", bits=bits, backbone="kivi", group_size=8, outlier_ratio=0.1,
+                  outlier_rule="reference_code", rank_prefill=0)
+    for which in "kv":
+        y = m.compress(x, which, True)[0]
+        # the reference's float32 arithmetic against qeval's: one rounding of a level step
+        torch.testing.assert_close(y, _reference_gears(x, bits, 8, 0.1, which, levels=2**bits - 1), rtol=0, atol=1e-5)
+        as_reference = _reference_gears(x, bits, 8, 0.1, which)
+        assert torch.allclose(y, as_reference, rtol=0, atol=1e-5) == (bits ** 2 == 2 ** bits)
+
+
+def test_keys_at_an_odd_length_are_all_quantized_where_the_reference_keeps_the_tail():
+    """37 tokens, groups of 8: the reference quantizes tokens 0-31 in four groups and leaves 32-36
+    in full precision; qeval (``simulated``, one pass) quantizes every token, the first 5 in a
+    group of their own, as KIVI groups keys (README, deviations). At a multiple of 8 they agree."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 37, 16)
+    m = make_part("gear", bits=2, backbone="kivi", group_size=8, outlier_ratio=0.0,
+                  outlier_rule="reference_code", rank_prefill=0)
+    ours, theirs = m.compress(x, "k", True)[0], _reference_gears(x, 2, 8, 0.0, "k")
+    assert torch.equal(theirs[:, :, 32:], x[:, :, 32:])
+    assert (ours[:, :, 32:] != x[:, :, 32:]).any()
+    assert torch.equal(ours, fake_quantize_keys(x, 2, 8))
+    torch.testing.assert_close(m.compress(x[:, :, :32], "k", True)[0], theirs[:, :, :32], rtol=0, atol=1e-5)
 
 
 def test_reference_rule_keeps_every_key_when_its_count_exceeds_the_block():

@@ -245,6 +245,15 @@ def test_rows_name_every_part_and_its_knobs(tmp_path):
     assert (row["target"], row["setting"]) == ("mixed", "W4A16K2V2")
 
 
+def test_the_zero_point_column_is_the_first_quantizing_parts(tmp_path):
+    """A transform quantizes nothing: the row's ``zero_point`` is the weight part's (GPTQ's own
+    grid), and the act part's convention is its knob."""
+    row = build_recipe(cfg_of(tmp_path, "transform=[smoothquant]", "weight=gptq", "act=uniform", "w_bits=8",
+                              "a_bits=8", "act.zero_point=real")).describe()
+    assert row["zero_point"] == "gptq" and row["act.zero_point"] == "real"
+    assert row["w_scale_granularity"] == "group128" and row["a_scale_granularity"] == "per_token"
+
+
 def test_the_new_syntax_runs_from_the_command_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "qeval", "model=toy", "weight=gptq", "kv=kivi", "w_bits=4",
                           "kv_bits=2", "task=passkey", "task.passkey.samples_per_cell=1", f"results_dir={tmp_path}"],
