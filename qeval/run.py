@@ -97,7 +97,7 @@ def record_failure(cfg, run_dir: Path, error: str, status: str = "failed", say: 
     except TypeError:
         target = setting = None
     try:   # the recipe's name where its parts can be built (a refused combination cannot)
-        name = build_recipe(cfg, registered_attention=True).name
+        name = build_recipe(cfg, fused_decode=True).name
     except Exception:
         name = cfg.method.name
     row = {"run_id": run_id, "config_hash": run_id, "model": cfg.model.name, "method": name,

@@ -22,10 +22,10 @@ from qeval import CONFIG_DIR  # noqa: F401  (re-exported: tests and scripts read
 from qeval.calibration import kv_scales
 from qeval.calibration import stage as calibration
 from qeval.errors import ConfigError
-from qeval.kv.attention import routes_registered_attention
+from qeval.kv.attention import routes_registered_attention, sliding_window
 from qeval.methods import METHODS
 from qeval.methods.base import Bits
-from qeval.methods.build import build_parts
+from qeval.methods.build import build_parts, fused_decode_problem
 from qeval.model import loading
 from qeval.overrides import (
     _did_you_mean,
@@ -195,6 +195,7 @@ def check_against_model(cfg, arch_cfg, method_cls) -> None:
     method_cls.check_model(cfg, widths, head_dim)
     method_cls.check_architecture(cfg, arch_cfg)
     check_attention_route(cfg, arch_cfg, method_cls)
+    check_eviction_window(cfg, arch_cfg, method_cls)
     check_fused_decode(cfg, arch_cfg)
 
 
@@ -226,6 +227,18 @@ def check_keep_layers(cfg, arch_cfg, recipe) -> None:
                               f"backend=torch, or []")
 
 
+def check_attention_implementation(cfg, arch_cfg) -> None:
+    """``attn=sdpa`` on an architecture transformers gives no sdpa path (Gemma-2, whose attention
+    soft-caps its scores; BLOOM) would fail while loading: refused before, naming ``eager``."""
+    if cfg.get("attn") != "sdpa":
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(arch_cfg), None)
+    if cls is not None and getattr(cls, "_supports_sdpa", True) is False:
+        raise ConfigError(f"attn=sdpa: model {cfg.model.name} ({arch_cfg.get_text_config().model_type}) has no "
+                          f"sdpa attention in transformers ({cls.__name__}); allowed: attn=eager")
+
+
 def check_fused_weights(cfg, arch_cfg, recipe) -> None:
     """W and WA runs on an architecture whose weights the Linear swap cannot reach (fused MoE
     expert tensors) are refused before load: the architecture is built on the meta device."""
@@ -254,7 +267,7 @@ def check_attention_route(cfg, arch_cfg, method_cls) -> None:
     if not (simulated_kv or method_cls.evicts) or routes_registered_attention(arch_cfg):
         return
     kind = arch_cfg.get_text_config().model_type
-    quantizers = sorted(n for n, c in METHODS.items() if "KV" in c.targets and not c.evicts)
+    quantizers = _kv_quantizers()
     if simulated_kv:
         raise ConfigError(f"kv_semantics=simulated: model {cfg.model.name} ({kind}) runs its own attention code, "
                           f"not transformers' AttentionInterface, so K/V would not be quantized; "
@@ -264,34 +277,55 @@ def check_attention_route(cfg, arch_cfg, method_cls) -> None:
                       f"allowed: a method that only quantizes K/V ({', '.join(quantizers)})")
 
 
+def check_eviction_window(cfg, arch_cfg, spec) -> None:
+    """An evicting cache attends through masks of its own (kept slots, sinks and window), which
+    replace the mask transformers builds; a sliding-window layer's window would be lost, and a
+    layer would see tokens its model never lets it see. Refused until the eviction masks apply it."""
+    if not spec.evicts or (window := sliding_window(arch_cfg)) is None:
+        return
+    kind = arch_cfg.get_text_config().model_type
+    raise ConfigError(f"method={cfg.method.name}: model {cfg.model.name} ({kind}) has sliding-window layers "
+                      f"(window {window}), whose window the evicting cache's own attention masks would not "
+                      f"apply; allowed: a KV method that quantizes ({', '.join(_kv_quantizers())}), or a model "
+                      f"whose layers attend to the whole sequence")
+
+
+def _kv_quantizers() -> list[str]:
+    return sorted(n for n, c in METHODS.items() if "KV" in c.targets and not c.evicts)
+
+
 def check_fused_decode(cfg, arch_cfg) -> None:
     """KV methods on packed words (KIVI, GEAR with backend=triton) decode in a registered attention
-    function; a model that never calls it would get only the new token from the cache. Under
-    ``backend=auto`` such a model's cache stays on torch (the row's ``kv_backend`` says so);
-    asked for explicitly, it is refused."""
-    if cfg.get("backend", "auto") != "triton" or routes_registered_attention(arch_cfg):
+    function of their own; a model that never calls it would get only the new token from the
+    cache, and a sliding-window layer would attend beyond its window. Under ``backend=auto`` such a
+    model's cache stays on torch (the row's ``kv_backend`` says so); asked for explicitly, it is
+    refused."""
+    if cfg.get("backend", "auto") != "triton" or (problem := fused_decode_problem(arch_cfg)) is None:
         return
     kind = arch_cfg.get_text_config().model_type
     if KV_SLOT not in METHODS[cfg.method.name].parts:
         return
     # the KV part built as the run builds it: only it knows whether its layout fits the kernels
-    if build_parts(cfg, (KV_SLOT,), registered_attention=True)[KV_SLOT].columns().get("kv_backend") != "triton":
+    if build_parts(cfg, (KV_SLOT,), fused_decode=True)[KV_SLOT].columns().get("kv_backend") != "triton":
         return
-    raise ConfigError(f"backend=triton: method {cfg.method.name} decodes on packed words in a registered "
-                      f"attention function, which model {cfg.model.name} ({kind}) never calls; "
+    raise ConfigError(f"backend=triton: method {cfg.method.name} decodes on packed words in an attention "
+                      f"function of its own, and model {cfg.model.name} ({kind}) {problem}; "
                       f"allowed: backend=torch or auto")
 
 
 @contextmanager
 def speaking_as(part):
     """A part's method checks its view, where its node is ``method``: a refusal names the key the
-    user wrote (``kv.group_size``, ``transform.smoothquant.alpha``), not ``method.``."""
+    user wrote (``kv.group_size``, ``transform.smoothquant.alpha``, ``evict=streaming``), not
+    ``method.`` or ``method=``."""
     try:
         yield
     except ConfigError as e:
         if part.key == "method":
             raise
-        raise ConfigError(re.sub(r"(?<![\w.])method\.", f"{part.key}.", str(e))) from e
+        msg = re.sub(r"(?<![\w.])method\.", f"{part.key}.", str(e))
+        chosen = f"{part.key}={part.name}" if "." not in part.key else f"transform=[{part.name}]"
+        raise ConfigError(re.sub(rf"(?<![\w.])method={re.escape(part.name)}\b", chosen, msg)) from e
 
 
 def validate(cfg):
@@ -308,7 +342,7 @@ def validate(cfg):
     for part, view in views:
         with speaking_as(part):
             check_config(view, METHODS[part.name])
-    check_recipe(cfg, [(part, build_parts(view, part.slots, registered_attention=True)) for part, view in views])
+    check_recipe(cfg, [(part, build_parts(view, part.slots, fused_decode=True)) for part, view in views])
     check_model_available(cfg.model)
     try:
         arch = loading.model_config(cfg.model)
@@ -324,6 +358,7 @@ def validate(cfg):
     for part, view in views:
         with speaking_as(part):
             check_against_model(view, arch, METHODS[part.name])
+    check_attention_implementation(cfg, arch)
     recipe = build_recipe(cfg, arch)   # the run's parts, as the run builds them
     check_fused_weights(cfg, arch, recipe)
     check_keep_layers(cfg, arch, recipe)

@@ -149,7 +149,8 @@ def test_slurm_launcher_becomes_a_valid_sbatch_script(monkeypatch, tmp_path):
         assert line in script, (line, script)
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "llama3.1-8b", "mixtral-8x7b", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("name", ["qwen2.5-7b", "qwen3-8b", "llama3.1-8b", "gemma2-9b", "gemma3-12b", "mixtral-8x7b",
+                                  "qwen3-30b-a3b"])
 def test_todays_model_configs_resolve_and_offline_name_the_prefetch_that_fetches_them(name, tmp_path):
     # HF_HUB_OFFLINE (tests/conftest.py): no checkpoint here, so validation stops before any load
     from qeval.errors import ConfigError

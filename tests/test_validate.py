@@ -110,8 +110,23 @@ BAD_INPUTS = [
      ("kv_format=nvfp4: its 16-element blocks do not divide head_dim=20 of model tiny-random; allowed: int, "
       "fp8_e4m3, fp8_e5m2")),
     (["method=kivi", "kv_bits=2", "backend=triton", "model.random_config.model_type=bloom"],
-     ("backend=triton: method kivi decodes on packed words in a registered attention function, which model "
-      "tiny-random (bloom) never calls; allowed: backend=torch or auto")),
+     ("backend=triton: method kivi decodes on packed words in an attention function of its own, and model "
+      "tiny-random (bloom) never calls it (its attention code does not use transformers' AttentionInterface); "
+      "allowed: backend=torch or auto")),
+    (["model.random_config.model_type=gemma2", "+model.random_config.head_dim=32"],
+     ("attn=sdpa: model tiny-random (gemma2) has no sdpa attention in transformers (Gemma2ForCausalLM); "
+      "allowed: attn=eager")),
+    (["method=h2o", "model.random_config.model_type=gemma3_text", "+model.random_config.sliding_window=8"],
+     ("method=h2o: model tiny-random (gemma3_text) has sliding-window layers (window 8), whose window the "
+      "evicting cache's own attention masks would not apply; allowed: a KV method that quantizes (gear, group, "
+      "kivi, uniform), or a model whose layers attend to the whole sequence")),
+    (["evict=streaming", "kv=kivi", "kv_bits=2", "model.random_config.model_type=mistral"],
+     ("evict=streaming: model tiny-random (mistral) has sliding-window layers (window 4096)")),
+    (["method=kivi", "kv_bits=2", "backend=triton", "model.random_config.model_type=gemma3_text",
+      "+model.random_config.sliding_window=8"],
+     ("backend=triton: method kivi decodes on packed words in an attention function of its own, and model "
+      "tiny-random (gemma3_text) has sliding-window layers (window 8), which the fused decode would let attend "
+      "to every held token; allowed: backend=torch or auto")),
     (["kv_bits=4", "kv_semantics=simulated", "model.random_config.model_type=bloom"],
      ("kv_semantics=simulated: model tiny-random (bloom) runs its own attention code, not transformers' "
       "AttentionInterface, so K/V would not be quantized; allowed: kv_semantics=cache")),
@@ -324,11 +339,12 @@ def test_command_line_exits_2_with_one_line_and_no_traceback(args, expected, tmp
     assert not (tmp_path / "runs").exists()  # nothing ran, nothing written
 
 
-@pytest.mark.parametrize("model_type,expected", [("bloom", "torch"), ("llama", "triton")])
-def test_auto_backend_keeps_the_cache_on_torch_where_attention_ignores_registered_functions(
+@pytest.mark.parametrize("model_type,expected", [("bloom", "torch"), ("llama", "triton"), ("gemma3_text", "torch")])
+def test_auto_backend_keeps_the_cache_on_torch_where_the_fused_decode_cannot_serve(
         model_type, expected, monkeypatch, tmp_path):
     # backend=auto on CUDA resolves to triton; a model whose attention never runs the registered
-    # decode-on-packed-words function (BLOOM) must then keep KIVI's cache on torch, not crash
+    # decode-on-packed-words function (BLOOM), or whose sliding-window layers it would let attend
+    # past their window (Gemma-3), must then keep KIVI's cache on torch, not crash or miscompute
     from qeval.methods import build
     monkeypatch.setattr(build, "resolve_backend", lambda backend, device: "triton")
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):

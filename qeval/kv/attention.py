@@ -100,6 +100,21 @@ def routes_registered_attention(arch_config) -> bool:
     return _routes[key]
 
 
+def sliding_window(arch_config) -> int | None:
+    """The attention window of the model's sliding-window layers, or None when every layer attends
+    to the whole sequence. Read from the text config as transformers reads it: ``layer_types``
+    naming ``sliding_attention`` layers (Gemma-2/3, Qwen2 with ``use_sliding_window``), or a
+    ``sliding_window`` applied to every layer by a config without layer types (Mistral-7B-v0.1)."""
+    text = arch_config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    if window is None or getattr(text, "use_sliding_window", True) is False:
+        return None
+    types = getattr(text, "layer_types", None)
+    if types and "sliding_attention" not in types:
+        return None
+    return int(window)
+
+
 def _module_reads_the_interface(arch_config) -> bool:
     """Whether the causal-LM class's modeling module looks attention functions up (True when it
     cannot be told: the loaded model is checked again)."""

@@ -89,7 +89,8 @@ class Knobs:
     backend: str = "torch"        # resolved top-level ``backend``: torch | triton (real low-bit KV)
     formats: Formats = field(default_factory=Formats)
     kv_scale: str = "dynamic"     # FP8 K/V scales: dynamic | static | static_per_head (per layer, calibrated)
-    # whether the model's attention runs registered attention functions (Falcon's, MPT's, BLOOM's
-    # do not): packed KV layers decode in one, so without it their cache stays on torch
-    registered_attention: bool = True
+    # whether a packed KV cache may decode in its own attention function: the model's attention runs
+    # registered functions (BLOOM's, MPT's do not) and no layer has a sliding window (the fused
+    # decode attends to every held token); otherwise the cache stays on torch
+    fused_decode: bool = True
     w_keep: tuple[int, ...] = ()  # decoder layers whose weights stay in full precision (qeval.model.keep)

@@ -100,7 +100,7 @@ class GEARKV(KVPart):
         # uniform backbone, the reference code's outlier rule or a layout the kernels cannot hold runs
         # on torch, and the row says so
         self._backend = "torch"
-        if (knobs.backend == "triton" and knobs.kv_semantics == "cache" and knobs.registered_attention
+        if (knobs.backend == "triton" and knobs.kv_semantics == "cache" and knobs.fused_decode
                 and params.backbone == "kivi" and params.outlier_rule == "paper"):
             # imported only here: triton is an optional, Linux-only dependency
             from qeval.methods import kivi_packed

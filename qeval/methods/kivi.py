@@ -104,7 +104,7 @@ class KIVIKV(KVPart):
         # backend=triton: int32 codes in the cache and fused decode attention (kivi_packed); a
         # layout the kernels cannot hold (e.g. 16-bit keys) runs on torch, and the row says so
         self._backend = "torch"
-        if knobs.backend == "triton" and knobs.kv_semantics == "cache" and knobs.registered_attention:
+        if knobs.backend == "triton" and knobs.kv_semantics == "cache" and knobs.fused_decode:
             # imported only here: triton is an optional, Linux-only dependency
             from qeval.methods import kivi_packed
             if kivi_packed.layout_problem(self._bits.k, self._bits.v, self._g) is None:

@@ -11,6 +11,7 @@ import string
 from functools import cached_property
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -67,7 +68,9 @@ def trusts_remote_code(model_cfg) -> bool:
 def model_config(model_cfg, vocab_size: int | None = None):
     """The architecture config, without weights: what validation reads before anything loads."""
     if model_cfg.get("random_config"):
-        kw = dict(model_cfg.random_config)
+        # plain containers all the way down: transformers checks nested fields (rope_parameters) as dicts
+        rc = model_cfg.random_config
+        kw = OmegaConf.to_container(rc, resolve=True) if isinstance(rc, DictConfig) else dict(rc)
         model_type = kw.pop("model_type")
         kw.setdefault("vocab_size", vocab_size or len(char_tokenizer()))
         return AutoConfig.for_model(model_type, **kw)

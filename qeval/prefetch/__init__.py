@@ -45,7 +45,7 @@ def calibration_spec(cfg):
 
     asked = cfg.calibration.name != data.AUTO
     try:   # the recipe's calibrated parts (a combination validation refuses reads nothing)
-        recipe = build_recipe(cfg, registered_attention=True)
+        recipe = build_recipe(cfg, fused_decode=True)
         view = recipe.calibration_view() if recipe.needs_calibration else None
     except Exception:
         view = None

@@ -27,8 +27,8 @@ def part_views(cfg):
     return out
 
 
-def build_recipe(cfg, arch=None, registered_attention: bool | None = None) -> Recipe:
-    built = [(choice, build_parts(view, choice.slots, arch, registered_attention))
+def build_recipe(cfg, arch=None, fused_decode: bool | None = None) -> Recipe:
+    built = [(choice, build_parts(view, choice.slots, arch, fused_decode))
              for choice, view in part_views(cfg)]
     return Recipe(cfg, built, Bits.from_config(cfg), Formats.from_config(cfg))
 

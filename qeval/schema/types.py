@@ -221,7 +221,8 @@ COUNT_KEY = re.compile(r"num_\w+|\w+_size|max_position_embeddings|n_\w+")
 @dataclass(frozen=True)
 class ArchConfig(Type):
     """A transformers config as keyword arguments: ``model_type`` names the architecture, every
-    other value is a scalar or a list of them, and the counts (layers, heads, sizes) are >= 1."""
+    other value is a scalar, a list of them or a mapping to them (``rope_parameters``), and the
+    counts (layers, heads, sizes) are >= 1."""
 
     allowed = "a mapping with model_type and the architecture's config keys"
 
@@ -230,11 +231,15 @@ class ArchConfig(Type):
             return f"{key}={shown(v)}: allowed: {self.allowed}"
         if not Str().fits(v.get("model_type")):
             return f"{key}.model_type={shown(v.get('model_type'))}: allowed: a transformers model type (llama, opt, ...)"
+        def scalar(y) -> bool:
+            return y is None or isinstance(y, (bool, str)) or is_number(y)
+
         for k, x in v.items():
-            scalar = x is None or isinstance(x, (bool, str)) or is_number(x)
-            if not (scalar or (isinstance(x, list) and all(y is None or isinstance(y, (bool, str)) or is_number(y)
-                                                           for y in x))):
-                return f"{key}.{k}={shown(x)}: allowed: a number, a string, true, false, null or a list of them"
+            # a mapping of scalars too: a nested config such as Llama-3.1's rope_parameters
+            if not (scalar(x) or (isinstance(x, list) and all(map(scalar, x)))
+                    or (isinstance(x, dict) and all(map(scalar, x.values())))):
+                return (f"{key}.{k}={shown(x)}: allowed: a number, a string, true, false, null, a list of them "
+                        f"or a mapping to them")
             if COUNT_KEY.fullmatch(str(k)) and x is not None and not Int(1).fits(x):
                 return f"{key}.{k}={shown(x)}: allowed: null or an integer >= 1"
         return None
