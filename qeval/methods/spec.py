@@ -37,7 +37,8 @@ def refuse_file(path) -> dict:
     raise ConfigError(f"{path}: this method reads no published calibration file")
 
 
-@dataclass(frozen=True)
+# eq=False: a row is itself (hashed by identity; its ``parts`` table is a dict)
+@dataclass(frozen=True, eq=False)
 class Spec:
     name: str
     # slot -> the part's class, called (spec, params, knobs); in slot order
