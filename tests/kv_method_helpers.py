@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from method_configs import CONTRACT
 from method_configs import make_method as make_from_yaml
+from method_configs import make_part as part_from_yaml
 from tiny_models import tiny_model
 from transformers import DynamicCache
 
@@ -21,7 +22,7 @@ def make_method(name: str, bits: int = 16, semantics: str = "cache", **overrides
 
 def make_part(name: str, bits: int = 16, semantics: str = "cache", **overrides):
     """The KV or evict part of ``name`` at its contract settings (its own API: GEAR's ``compress``)."""
-    return make_from_yaml(name, bits, semantics, **(CONTRACT[name][0] | overrides)).parts[0][1].popitem()[1]
+    return part_from_yaml(name, bits, semantics, **(CONTRACT[name][0] | overrides))
 
 
 def make_handle(name: str, bits: int = 16, semantics: str = "cache", attn: str = "sdpa", **overrides):
