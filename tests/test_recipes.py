@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from transformers import DynamicCache
 
 from qeval.calibration import data as calibration_data
+from qeval.errors import ConfigError
 from qeval.kv.cache import QevalCache, cache_kwarg
 from qeval.methods.h2o import H2OLayer
 from qeval.model import loading
@@ -281,3 +282,11 @@ def test_every_part_option_is_a_method_serving_that_slot_and_every_method_has_a_
             # the option reuses the method's own YAML: its knobs are written once
             text = (CONFIG_DIR / slot / f"{name}.yaml").read_text()
             assert f"/method@_here_: {name}" in text
+
+
+def test_a_recipe_built_without_validation_still_refuses_an_evicting_cache_it_cannot_quantize(tmp_path):
+    """GEAR's blocks span tokens eviction drops: validation refuses the pair before load, and a
+    recipe built directly (scripts, tests) refuses it too rather than hand the cache a reason
+    where its quantization rules belong."""
+    with pytest.raises(ConfigError, match=r"^kv=gear: with evict=h2o: it compresses streaming blocks"):
+        build_recipe(cfg_of(tmp_path, "evict=h2o", "kv=gear", "kv_bits=2"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from transformers.cache_utils import DynamicLayer
 
+from qeval.errors import ConfigError
 from qeval.methods.base import Bits, Formats, bit_labels
 from qeval.methods.eviction import FP16_BYTES
 from qeval.methods.parts import Calibrated
@@ -32,7 +33,12 @@ class Recipe:
         # kv_keep_layers resolved against the loaded model (qeval.run.prepare): K/V kept in full precision
         self.keep_kv: frozenset[int] = frozenset()
         if self.evict is not None and self.quantizes_kv:
-            self.evict.aging = self.kv.aging()   # the evicting cache quantizes what it keeps (qeval.kv.aging)
+            # the evicting cache quantizes what it keeps (qeval.kv.aging); validation refused the
+            # parts that cannot (qeval.recipe.check), so a reason here is a recipe built without it
+            aging = self.kv.aging()
+            if isinstance(aging, str):
+                raise ConfigError(f"kv={self.kv.spec.name}: with evict={self.evict.spec.name}: {aging}")
+            self.evict.aging = aging
 
     # -- what is active ------------------------------------------------------------------------
     def active(self, choice: Choice) -> bool:
